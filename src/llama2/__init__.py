@@ -1,0 +1,1 @@
+"""llama2: Meta Llama 2 on PyTorch."""

@@ -1,0 +1,237 @@
+"""The Llama 2 transformer as pure `torch.nn` modules.
+
+No file I/O, no device placement and no inference-only code paths live here: the same
+modules serve prefill, cached decode and training. Weight names are Meta's
+(`tok_embeddings`, `layers.N.attention.wq`, ...), the one canonical naming every format
+reader maps to.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelArgs
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in float32 whatever the activation dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_float = x.float()
+        normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosines and sines of the rotary angles for `positions`, in float32.
+
+    Args:
+        positions: integer positions, shape [T].
+        head_dim: size of one attention head (even).
+        theta: RoPE base frequency.
+
+    Returns:
+        (cos, sin), each of shape [T, head_dim // 2].
+    """
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs of adjacent channels (Meta's interleaved RoPE layout).
+
+    Args:
+        x: [B, T, n_heads, head_dim].
+        cos, sin: [T, head_dim // 2].
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))  # [B, T, H, head_dim/2, 2]
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos = cos[None, :, None, :]  # [1, T, 1, head_dim/2]
+    sin = sin[None, :, None, :]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)  # [B, T, H, head_dim]
+
+
+class KVCache(nn.Module):
+    """Static key/value buffers for one attention layer, written at given positions."""
+
+    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device=None):
+        super().__init__()
+        shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v ([B, n_kv_heads, T, head_dim]) at `input_pos` ([T]); return the whole cache for the batch."""
+        batch = k.shape[0]
+        self.k[:batch].index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v[:batch].index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k[:batch], self.v[:batch]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query heads and an optional static KV cache."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        input_pos: torch.Tensor | None,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        batch, seq_len, _ = x.shape
+        q = self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim)
+        k = self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, head_dim]
+
+        if self.kv_cache is not None and input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
+        out = F.scaled_dot_product_attention(
+            q,
+            k.to(q.dtype),
+            v.to(q.dtype),
+            attn_mask=mask,
+            is_causal=mask is None,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        out = out.transpose(1, 2).reshape(batch, seq_len, -1)  # [B, T, n_heads * head_dim]
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm attention and feed-forward with residual connections."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, input_pos, mask) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """A Llama 2 decoder.
+
+    Without caches, `forward(tokens)` is plain causal attention over the sequence (training,
+    scoring). After `setup_caches`, `forward(tokens, input_pos)` writes keys and values at
+    `input_pos` and attends to every cached position up to each token's own: one call
+    path for prefill (many positions) and decode (one position).
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = None if args.tie_word_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.max_batch_size = 0
+        self.cache_len = 0
+
+    def output_weight(self) -> torch.Tensor:
+        """The output projection [vocab, dim] (the embedding matrix when tied)."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype=None, device=None) -> None:
+        """Install static KV caches for up to `max_batch_size` sequences of `max_seq_len` tokens."""
+        if max_seq_len > self.args.max_seq_len:
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's context {self.args.max_seq_len}")
+        reference = self.tok_embeddings.weight
+        dtype = dtype or reference.dtype
+        device = device or reference.device
+        for layer in self.layers:
+            attn = layer.attention
+            attn.kv_cache = KVCache(max_batch_size, max_seq_len, attn.n_kv_heads, attn.head_dim, dtype, device)
+        self.max_batch_size, self.cache_len = max_batch_size, max_seq_len
+
+    def clear_caches(self) -> None:
+        """Remove the KV caches (back to training-style full-sequence attention)."""
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+        self.max_batch_size = self.cache_len = 0
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        *,
+        last_logits_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits for `tokens`.
+
+        Args:
+            tokens: token ids, [B, T].
+            input_pos: positions of the T tokens, [T] (shared by the batch). Required
+                once caches are installed; without caches defaults to 0..T-1.
+            last_logits_only: compute logits for the last position only (saves the
+                [B, T, vocab] projection during prefill).
+
+        Returns:
+            float logits, [B, T, vocab] (or [B, 1, vocab]).
+        """
+        seq_len = tokens.shape[1]
+        cached = self.cache_len > 0
+        if cached and input_pos is None:
+            raise ValueError("input_pos is required once KV caches are set up")
+        if input_pos is None:
+            input_pos = torch.arange(seq_len, device=tokens.device)
+        mask = self._cache_mask(input_pos) if cached else None
+        cos, sin = rotary_cos_sin(input_pos, self.args.head_dim, self.args.rope_theta)
+
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, cos, sin, input_pos if cached else None, mask)
+        if last_logits_only:
+            h = h[:, -1:]
+        return F.linear(self.norm(h), self.output_weight()).float()
+
+    def _cache_mask(self, input_pos: torch.Tensor) -> torch.Tensor:
+        """Boolean mask [T, S] letting each query see cached keys at positions <= its own.
+
+        S is the number of cache slots in use (last position + 1), so decode attends over
+        the filled part of the cache only.
+        """
+        kv_len = int(input_pos[-1]) + 1
+        key_pos = torch.arange(kv_len, device=input_pos.device)
+        return key_pos[None, :] <= input_pos[:, None]
