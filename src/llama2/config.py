@@ -116,3 +116,20 @@ def model_args_from_preset(name: str, **overrides) -> ModelArgs:
     if name not in PRESETS:
         raise Llama2Error(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
     return ModelArgs(**{**PRESETS[name], **overrides})
+
+
+def describe_args(model_args: ModelArgs) -> dict[str, str]:
+    """Human-readable architecture summary, one entry per line of `llama2 info`."""
+    params = model_args.num_params()
+    return {
+        "parameters": f"{params / 1e9:.2f}B ({params:,})" if params >= 1e9 else f"{params / 1e6:.1f}M ({params:,})",
+        "layers": str(model_args.n_layers),
+        "dim": str(model_args.dim),
+        "heads": f"{model_args.n_heads} (KV heads {model_args.n_kv_heads}, head dim {model_args.head_dim})",
+        "ffn hidden dim": str(model_args.hidden_dim),
+        "vocab size": str(model_args.vocab_size),
+        "context": str(model_args.max_seq_len),
+        "rope theta": f"{model_args.rope_theta:g}",
+        "norm eps": f"{model_args.norm_eps:g}",
+        "tied embeddings": str(model_args.tie_word_embeddings).lower(),
+    }

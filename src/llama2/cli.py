@@ -1,0 +1,283 @@
+"""The `llama2` command: chat, generate, tokenize, info, pull, list."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from .errors import Llama2Error
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+# ---------------------------------------------------------------------------- arguments
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"model name, GGUF file, HF or Meta folder (default: {DEFAULT_MODEL})")
+    parser.add_argument("--tokenizer", help="tokenizer file to use instead of the model's own")
+    parser.add_argument("--chat-format", help="override the chat format: llama-2, chatml, raw, or a Jinja template file")
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    add_model_options(parser)
+    parser.add_argument("--max-seq-len", type=int, help="context to allocate (default: the model's, at most 4096)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight/activation dtype")
+    parser.add_argument("--max-tokens", "-n", type=int, default=512, help="most tokens to generate per answer")
+    parser.add_argument("--temperature", "-t", type=float, default=0.6, help="0 for greedy decoding")
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--verbose", "-v", action="store_true", help="print timings to stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llama2", description="Run Llama 2 and Llama-architecture models.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    chat = commands.add_parser("chat", help="chat with a model (interactive in a terminal)")
+    add_run_options(chat)
+    chat.add_argument("--system", "-s", help="system prompt")
+    chat.add_argument("-p", "--prompt", help="one message: print the answer and exit")
+    chat.set_defaults(handler=cmd_chat)
+
+    generate = commands.add_parser("generate", help="complete a text prompt")
+    add_run_options(generate)
+    generate.add_argument("prompt", nargs="?", help="prompt text (default: standard input)")
+    generate.set_defaults(handler=cmd_generate)
+
+    tokenize = commands.add_parser("tokenize", help="print the token ids of a text or a chat dialog")
+    add_model_options(tokenize)
+    tokenize.add_argument("text", nargs="?", help="text to tokenize")
+    tokenize.add_argument("--dialog", help="JSON file with a list of {role, content} messages")
+    tokenize.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None, help="prepend BOS (default: as the model does)")
+    tokenize.set_defaults(handler=cmd_tokenize)
+
+    info = commands.add_parser("info", help="describe a model or a preset architecture")
+    info.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="preset name, model name or path")
+    info.add_argument("--tokenizer", help="tokenizer file to use instead of the model's own")
+    info.set_defaults(handler=cmd_info)
+
+    pull = commands.add_parser("pull", help="download a named model into the cache")
+    pull.add_argument("name")
+    pull.set_defaults(handler=cmd_pull)
+
+    list_ = commands.add_parser("list", help="list named models and whether they are downloaded")
+    list_.set_defaults(handler=cmd_list)
+    return parser
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def build_llama(args: argparse.Namespace):
+    import torch
+
+    from .generation import Llama
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    return Llama.build(
+        args.model,
+        tokenizer_path=args.tokenizer,
+        max_seq_len=args.max_seq_len,
+        max_batch_size=1,
+        seed=args.seed,
+        device=args.device,
+        dtype=dtype,
+        chat_format=args.chat_format,
+    )
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    return dict(
+        max_gen_len=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        stop=args.stop,
+    )
+
+
+def write_stream(pieces: Iterable[str], out=None) -> str:
+    """Print text pieces as they come; return the whole text."""
+    out = out or sys.stdout
+    text = []
+    for piece in pieces:
+        out.write(piece)
+        out.flush()
+        text.append(piece)
+    return "".join(text)
+
+
+def print_stats(llama) -> None:
+    s = llama.last_stats
+    prefill_rate = s.prompt_tokens / s.prefill_s if s.prefill_s else 0.0
+    print(
+        f"[prompt {s.prompt_tokens} tokens, {prefill_rate:.1f} tok/s; "
+        f"generated {s.generated_tokens} tokens, {s.decode_tokens_per_s:.1f} tok/s]",
+        file=sys.stderr,
+    )
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    llama = build_llama(args)
+    dialog = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt is not None or not sys.stdin.isatty():
+        message = args.prompt if args.prompt is not None else sys.stdin.read()
+        dialog.append({"role": "user", "content": message})
+        write_stream(llama.stream_chat(dialog, **sampling_options(args)))
+        sys.stdout.write("\n")
+        if args.verbose:
+            print_stats(llama)
+        return 0
+    return interactive_chat(llama, dialog, args)
+
+
+def interactive_chat(llama, dialog: list, args: argparse.Namespace) -> int:
+    print("Chatting with the model. Ctrl-D or /exit to quit, /reset to start over.", file=sys.stderr)
+    system = dialog[:1]
+    while True:
+        try:
+            message = input(">>> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if message.strip() in ("/exit", "/quit"):
+            return 0
+        if message.strip() == "/reset":
+            dialog = list(system)
+            continue
+        if not message.strip():
+            continue
+        dialog.append({"role": "user", "content": message})
+        try:
+            answer = write_stream(llama.stream_chat(dialog, **sampling_options(args)))
+        except Llama2Error as err:
+            print(f"error: {err}", file=sys.stderr)
+            dialog = list(system)
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        except KeyboardInterrupt:
+            answer = ""
+            print(" [interrupted]", file=sys.stderr)
+        print()
+        if args.verbose:
+            print_stats(llama)
+        dialog.append({"role": "assistant", "content": answer})
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    llama = build_llama(args)
+    sys.stdout.write(prompt)
+    write_stream(llama.stream_text(prompt, **sampling_options(args)))
+    sys.stdout.write("\n")
+    if args.verbose:
+        print_stats(llama)
+    return 0
+
+
+def read_dialog(path: str) -> list:
+    try:
+        dialog = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise Llama2Error(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise Llama2Error(f"{path}: not a readable JSON dialog ({err})") from None
+    if isinstance(dialog, dict) and "messages" in dialog:
+        dialog = dialog["messages"]
+    valid = isinstance(dialog, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in dialog
+    )
+    if not valid or not dialog:
+        raise Llama2Error(f"{path}: a dialog must be a non-empty JSON list of {{\"role\": ..., \"content\": ...}} objects")
+    return dialog
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from .chat import resolve_chat_format
+    from .weights.inspect import load_tokenizer
+
+    if (args.text is None) == (args.dialog is None):
+        raise Llama2Error("give either TEXT or --dialog FILE.json")
+    tokenizer = load_tokenizer(args.model, args.tokenizer)
+    if args.dialog is not None:
+        fmt = resolve_chat_format(tokenizer, tokenizer.chat_template, args.chat_format)
+        ids = fmt.encode_dialog_prompt(read_dialog(args.dialog))
+    else:
+        bos = tokenizer.add_bos if args.bos is None else args.bos
+        ids = tokenizer.encode(args.text, bos=bos, eos=False)
+        for i in ids:
+            print(f"{i:>6} {tokenizer.id_to_piece(i)!r}")
+    print(json.dumps(ids))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .config import PRESETS, describe_args, model_args_from_preset
+    from .weights.inspect import describe
+
+    if args.model in PRESETS:
+        lines = {"preset": args.model, **describe_args(model_args_from_preset(args.model))}
+    else:
+        lines = describe(args.model, args.tokenizer)
+    width = max(len(k) for k in lines)
+    for key, value in lines.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from .weights import registry
+
+    path = registry.pull(args.name)
+    print(path)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .weights import registry
+
+    for entry in registry.list_models():
+        where = str(entry.path) if entry.path else "(not downloaded)"
+        print(f"{entry.name:<28} {entry.description}  {where}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; bad input prints one line on stderr and exits non-zero."""
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except Llama2Error as err:
+        print(f"llama2: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except MemoryError:
+        print("llama2: error: out of memory; try a smaller model, --dtype bfloat16 or a shorter --max-seq-len", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"llama2: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

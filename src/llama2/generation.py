@@ -1,0 +1,517 @@
+"""`Llama`: load a checkpoint and generate, with Meta's public API plus streaming.
+
+The API mirrors Meta's `llama/generation.py` (`Llama.build`, `generate`,
+`text_completion`, `chat_completion` and their return shapes) and adds what users of
+this field expect: streaming text, top-k, repetition penalty, stop strings, per-call
+seeds and stopping at any of the model's end-of-turn tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypedDict
+
+import torch
+import torch.nn.functional as F
+
+from .chat import UNSAFE_REQUEST_ERROR, ChatFormat, Dialog, Llama2ChatFormat, Message, contains_special_tags
+from .chat import resolve_chat_format
+from .config import ModelArgs
+from .errors import Llama2Error
+from .model import Transformer
+from .sampling import SamplingParams, sample_next
+from .tokenizer import Tokenizer
+from .weights import Checkpoint, load_checkpoint
+from .weights.inspect import checkpoint_tokenizer
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_MAX_SEQ_LEN = 4096
+
+
+class CompletionPrediction(TypedDict, total=False):
+    generation: str
+    tokens: list[str]  # only when logprobs=True
+    logprobs: list[float]  # only when logprobs=True
+
+
+class ChatPrediction(TypedDict, total=False):
+    generation: Message
+    tokens: list[str]  # only when logprobs=True
+    logprobs: list[float]  # only when logprobs=True
+
+
+@dataclass
+class GenerationStats:
+    """Timings of the last generation call (for `llama2 generate --verbose` and benchmarks)."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = max(self.generated_tokens - 1, 0)
+        return steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def default_dtype(args: ModelArgs, device: torch.device) -> torch.dtype:
+    """float32 where it fits comfortably (exact, fast enough for small models), else bfloat16."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    fp32_bytes = 4 * args.num_params()
+    return torch.float32 if fp32_bytes <= 4 * 1024**3 else torch.bfloat16
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """Build the Transformer without allocating, then take the checkpoint's tensors as its weights."""
+    with torch.device("meta"):
+        model = Transformer(checkpoint.args)
+    state_dict = {name: t.to(device=device, dtype=dtype) for name, t in checkpoint.state_dict.items()}
+    try:
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as err:
+        first_line = str(err).strip().splitlines()[0]
+        raise Llama2Error(f"{checkpoint.source}: weights do not match the model config ({first_line})") from None
+    return model.eval()
+
+
+class Llama:
+    """A loaded model with its tokenizer and chat format, ready to generate."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        chat_format: ChatFormat | None,
+        max_seq_len: int,
+        max_batch_size: int,
+        seed: int = 1,
+        checkpoint: Checkpoint | None = None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.chat_format = chat_format
+        self.max_seq_len = max_seq_len
+        self.max_batch_size = max_batch_size
+        self.checkpoint = checkpoint
+        self.device = model.tok_embeddings.weight.device
+        self.seed = seed
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.last_stats = GenerationStats()
+        model.setup_caches(max_batch_size, max_seq_len)
+
+    @staticmethod
+    def build(
+        source: str | Path = DEFAULT_MODEL,
+        tokenizer_path: str | Path | None = None,
+        max_seq_len: int | None = None,
+        max_batch_size: int = 4,
+        seed: int = 1,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        chat_format: str | None = None,
+    ) -> "Llama":
+        """Load a model and its tokenizer.
+
+        Args:
+            source: a registry name (e.g. ``"smollm2-135m-instruct"``), a GGUF file, a
+                Hugging Face model folder or a Meta checkpoint folder.
+            tokenizer_path: a tokenizer to use instead of the checkpoint's own.
+            max_seq_len: longest prompt + generation (defaults to the model's context,
+                capped at 4096).
+            max_batch_size: most prompts generated together.
+            seed: seed of the sampling generator.
+            device: where to run (default: CUDA when available, else CPU).
+            dtype: weight and activation dtype (default: float32 for small models on CPU,
+                bfloat16 otherwise).
+            chat_format: override of the chat format (``"llama-2"``, ``"chatml"``, a
+                Jinja template); the checkpoint's own template is used otherwise.
+        """
+        device = torch.device(device) if device is not None else default_device()
+        checkpoint = load_checkpoint(source, dtype=dtype or torch.float32, device="cpu")
+        dtype = dtype or default_dtype(checkpoint.args, device)
+        tokenizer = checkpoint_tokenizer(checkpoint, tokenizer_path)
+        if tokenizer.n_words > checkpoint.args.vocab_size:
+            raise Llama2Error(
+                f"{checkpoint.source}: tokenizer has {tokenizer.n_words} tokens but the model only "
+                f"{checkpoint.args.vocab_size} embeddings"
+            )
+        model = build_model(checkpoint, device, dtype)
+        checkpoint.state_dict = {}  # the model owns the tensors now
+        max_seq_len = max_seq_len or min(checkpoint.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
+        if max_seq_len > checkpoint.args.max_seq_len:
+            raise Llama2Error(f"max_seq_len {max_seq_len} exceeds the model's context of {checkpoint.args.max_seq_len}")
+        try:
+            fmt = resolve_chat_format(tokenizer, tokenizer.chat_template, chat_format)
+        except Llama2Error:
+            if chat_format is not None:
+                raise
+            fmt = None  # a completion-only model: chat fails with a clear message later
+        return Llama(model, tokenizer, fmt, max_seq_len, max_batch_size, seed, checkpoint)
+
+    # ------------------------------------------------------------------ core loop
+
+    def _check_prompts(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int) -> None:
+        if not prompt_tokens:
+            raise Llama2Error("no prompts given")
+        if len(prompt_tokens) > self.max_batch_size:
+            raise Llama2Error(f"{len(prompt_tokens)} prompts exceed max_batch_size {self.max_batch_size}")
+        if any(len(p) == 0 for p in prompt_tokens):
+            raise Llama2Error("empty prompt: give at least one token")
+        longest = max(len(p) for p in prompt_tokens)
+        if longest >= self.max_seq_len:
+            raise Llama2Error(
+                f"prompt has {longest} tokens but the context holds {self.max_seq_len} "
+                f"(prompt and answer together); shorten the prompt or raise max_seq_len"
+            )
+        if max_gen_len < 1:
+            raise Llama2Error(f"max_gen_len must be at least 1, got {max_gen_len}")
+        vocab = self.model.args.vocab_size
+        if any(not 0 <= t < vocab for p in prompt_tokens for t in p):
+            raise Llama2Error(f"prompt token ids must be in [0, {vocab})")
+
+    def _steps(
+        self,
+        prompt_tokens: Sequence[Sequence[int]],
+        max_gen_len: int,
+        sampling: SamplingParams,
+        generator: torch.Generator,
+        stop_ids: frozenset[int],
+        want_logprobs: bool,
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Meta's generation loop as a generator.
+
+        Prompts are right-padded; every step feeds the tokens from the previous position
+        to the current one, and rows still inside their prompt take the prompt token
+        instead of the sample. Yields (cur_pos, tokens [B, total_len], finished [B],
+        token_logprobs [B, total_len] or None) after every step.
+        """
+        self._check_prompts(prompt_tokens, max_gen_len)
+        batch = len(prompt_tokens)
+        min_len = min(len(p) for p in prompt_tokens)
+        max_len = max(len(p) for p in prompt_tokens)
+        total_len = min(self.max_seq_len, max_gen_len + max_len)
+        pad = -1
+        tokens = torch.full((batch, total_len), pad, dtype=torch.long, device=self.device)
+        for row, prompt in enumerate(prompt_tokens):
+            tokens[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
+        in_prompt = tokens != pad
+        token_logprobs = torch.zeros(tokens.shape, dtype=torch.float, device=self.device) if want_logprobs else None
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)
+        stats = self.last_stats = GenerationStats(prompt_tokens=max_len)
+
+        prev_pos = 0
+        if min_len == total_len and want_logprobs:
+            logits = self.model(tokens, torch.arange(total_len, device=self.device))
+            token_logprobs[:, 1:] = -F.cross_entropy(
+                logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none", ignore_index=pad
+            )
+        start = time.perf_counter()
+        for cur_pos in range(min_len, total_len):
+            positions = torch.arange(prev_pos, cur_pos, device=self.device)
+            logits = self.model(tokens[:, prev_pos:cur_pos], positions, last_logits_only=not want_logprobs)
+            next_token = sample_next(logits[:, -1], sampling, generator, tokens[:, :cur_pos])
+            next_token = torch.where(in_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
+            tokens[:, cur_pos] = next_token
+            if want_logprobs:
+                targets = tokens[:, prev_pos + 1 : cur_pos + 1]
+                token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
+                    logits.transpose(1, 2), targets, reduction="none", ignore_index=pad
+                )
+            finished |= ~in_prompt[:, cur_pos] & torch.isin(next_token, stop_tensor)
+            if prev_pos == 0:
+                stats.prefill_s = time.perf_counter() - start
+                start = time.perf_counter()
+            else:
+                stats.decode_s = time.perf_counter() - start
+            stats.generated_tokens = cur_pos + 1 - max_len
+            prev_pos = cur_pos
+            yield cur_pos, tokens, finished, token_logprobs
+            if bool(finished.all()):
+                break
+
+    def _sampling_context(self, seed: int | None) -> torch.Generator:
+        if seed is None:
+            return self.generator
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    # ------------------------------------------------------------------ Meta's API
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_tokens: list[list[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+        *,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        stop: Sequence[str] = (),
+        stop_ids: frozenset[int] | None = None,
+        seed: int | None = None,
+    ) -> tuple[list[list[int]], list[list[float]] | None]:
+        """Generate continuations of tokenized prompts (Meta's `Llama.generate`).
+
+        Args:
+            prompt_tokens: one list of token ids per prompt.
+            max_gen_len: most tokens to generate per prompt.
+            temperature, top_p, top_k, repetition_penalty: sampling (temperature 0 is greedy).
+            logprobs: also return each returned token's log-probability.
+            echo: include the prompt tokens in the output.
+            stop: strings that end a generation (the completion methods cut their text
+                before the stop string; the tokens returned here still include it).
+            stop_ids: token ids that end a generation (default: the tokenizer's
+                end-of-sequence and end-of-turn tokens).
+            seed: seed for this call only (default: the instance's running generator).
+
+        Returns:
+            (tokens, logprobs): per prompt, the output token ids (without the stop
+            token), and their log-probabilities when requested (else None).
+        """
+        sampling = SamplingParams(temperature, top_p, top_k, repetition_penalty)
+        stop_ids = self.tokenizer.stop_ids if stop_ids is None else stop_ids
+        generator = self._sampling_context(seed)
+        tokens = token_logprobs = None
+        stopper = StopStringWatcher(self.tokenizer, stop, [len(p) for p in prompt_tokens])
+        for cur_pos, tokens, finished, token_logprobs in self._steps(
+            prompt_tokens, max_gen_len, sampling, generator, stop_ids, logprobs
+        ):
+            stopper.update(tokens, cur_pos, finished)
+        out_tokens, out_logprobs = [], []
+        for row, prompt in enumerate(prompt_tokens):
+            first = 0 if echo else len(prompt)
+            toks = tokens[row, first : len(prompt) + max_gen_len].tolist()
+            toks = [t for t in toks if t >= 0]
+            cut = _first_stop_index(toks, stop_ids, skip=len(prompt) - first)
+            cut = min(cut, stopper.token_cut(row, first))
+            out_tokens.append(toks[:cut])
+            if logprobs:
+                out_logprobs.append(token_logprobs[row, first : first + cut].tolist())
+        return out_tokens, (out_logprobs if logprobs else None)
+
+    def text_completion(
+        self,
+        prompts: list[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        logprobs: bool = False,
+        echo: bool = False,
+        **options,
+    ) -> list[CompletionPrediction]:
+        """Complete each prompt (Meta's `Llama.text_completion`); `options` as in `generate`."""
+        max_gen_len = max_gen_len or self.max_seq_len - 1
+        prompt_tokens = [self.tokenizer.encode(p, bos=self.tokenizer.add_bos, eos=False) for p in prompts]
+        generations, generation_logprobs = self.generate(
+            prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, **options
+        )
+        stop = options.get("stop", ())
+        results = []
+        for i, toks in enumerate(generations):
+            prediction: CompletionPrediction = {"generation": truncate_at_stop(self.tokenizer.decode(toks), stop)}
+            if logprobs:
+                prediction["tokens"] = [self.tokenizer.decode([t]) for t in toks]
+                prediction["logprobs"] = generation_logprobs[i]
+            results.append(prediction)
+        return results
+
+    def chat_completion(
+        self,
+        dialogs: list[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        logprobs: bool = False,
+        **options,
+    ) -> list[ChatPrediction]:
+        """Answer each dialog as the assistant (Meta's `Llama.chat_completion`).
+
+        With the Llama-2-Chat format, a dialog containing the format's special tags
+        (``[INST]``, ``<<SYS>>``, ...) gets Meta's refusal answer instead of a generation.
+        """
+        fmt = self._require_chat_format()
+        max_gen_len = max_gen_len or self.max_seq_len - 1
+        prompt_tokens = [fmt.encode_dialog_prompt(dialog) for dialog in dialogs]
+        unsafe = [isinstance(fmt, Llama2ChatFormat) and contains_special_tags(d) for d in dialogs]
+        options.setdefault("stop_ids", fmt.stop_ids)
+        generations, generation_logprobs = self.generate(
+            prompt_tokens, max_gen_len, temperature, top_p, logprobs, **options
+        )
+        stop = options.get("stop", ())
+        results = []
+        for i, toks in enumerate(generations):
+            content = UNSAFE_REQUEST_ERROR if unsafe[i] else truncate_at_stop(self.tokenizer.decode(toks), stop)
+            prediction: ChatPrediction = {"generation": {"role": "assistant", "content": content}}
+            if logprobs:
+                prediction["tokens"] = [self.tokenizer.decode([t]) for t in toks]
+                prediction["logprobs"] = generation_logprobs[i]
+            results.append(prediction)
+        return results
+
+    # ------------------------------------------------------------------ streaming
+
+    @torch.inference_mode()
+    def stream_tokens(
+        self,
+        prompt_tokens: list[int],
+        max_gen_len: int | None = None,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        *,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        stop: Sequence[str] = (),
+        stop_ids: frozenset[int] | None = None,
+        seed: int | None = None,
+    ) -> Iterator[str]:
+        """Generate from one tokenized prompt, yielding text pieces as they are decided.
+
+        Pieces never split a multi-byte character, and text that might be the start of
+        a stop string is held back until it is known not to be.
+        """
+        max_gen_len = max_gen_len or self.max_seq_len - len(prompt_tokens)
+        sampling = SamplingParams(temperature, top_p, top_k, repetition_penalty)
+        stop_ids = self.tokenizer.stop_ids if stop_ids is None else stop_ids
+        streamer = TextStreamer(self.tokenizer, stop)
+        steps = self._steps([prompt_tokens], max_gen_len, sampling, self._sampling_context(seed), stop_ids, False)
+        for cur_pos, tokens, finished, _ in steps:
+            token = int(tokens[0, cur_pos])
+            if token in stop_ids:
+                break
+            piece = streamer.push(token)
+            if piece:
+                yield piece
+            if streamer.stopped:
+                steps.close()
+                return
+        tail = streamer.flush()
+        if tail:
+            yield tail
+
+    def stream_text(self, prompt: str, **options) -> Iterator[str]:
+        """Stream a completion of `prompt`; options as in `stream_tokens`."""
+        return self.stream_tokens(self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos, eos=False), **options)
+
+    def stream_chat(self, dialog: Dialog, **options) -> Iterator[str]:
+        """Stream the assistant's answer to `dialog`; options as in `stream_tokens`."""
+        fmt = self._require_chat_format()
+        if isinstance(fmt, Llama2ChatFormat) and contains_special_tags(dialog):
+            return iter([UNSAFE_REQUEST_ERROR])
+        options.setdefault("stop_ids", fmt.stop_ids)
+        return self.stream_tokens(fmt.encode_dialog_prompt(dialog), **options)
+
+    def _require_chat_format(self) -> ChatFormat:
+        if self.chat_format is None:
+            raise Llama2Error("this model has no chat format; pass --chat-format (e.g. llama-2 or chatml)")
+        return self.chat_format
+
+
+def _first_stop_index(tokens: list[int], stop_ids: frozenset[int], skip: int) -> int:
+    """Index of the first stop token at or after `skip` (len(tokens) when none)."""
+    for i in range(max(skip, 0), len(tokens)):
+        if tokens[i] in stop_ids:
+            return i
+    return len(tokens)
+
+
+def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to the earliest occurrence of any stop string."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+class StopStringWatcher:
+    """Ends rows of a batch whose generated text contains a stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], prompt_lens: list[int]):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.prompt_lens = prompt_lens
+        self.cut_at: dict[int, int] = {}  # row -> absolute position after the token completing a stop string
+        # Enough trailing tokens to contain any stop string plus a token of slack.
+        self.window = max((len(s.encode()) for s in self.stop), default=0) + 2
+
+    def update(self, tokens: torch.Tensor, cur_pos: int, finished: torch.Tensor) -> None:
+        if not self.stop:
+            return
+        for row, prompt_len in enumerate(self.prompt_lens):
+            if cur_pos < prompt_len or bool(finished[row]) or row in self.cut_at:
+                continue
+            tail = tokens[row, max(prompt_len, cur_pos + 1 - self.window) : cur_pos + 1].tolist()
+            if any(s in self.tokenizer.decode(tail) for s in self.stop):
+                self.cut_at[row] = cur_pos + 1
+                finished[row] = True
+
+    def token_cut(self, row: int, first: int) -> int:
+        """Output-relative index after which row's tokens are dropped (text is cut exactly later)."""
+        return self.cut_at[row] - first if row in self.cut_at else 1 << 62
+
+
+class TextStreamer:
+    """Turns generated token ids into text pieces, one call per token.
+
+    Decodes a sliding window of ids (so SentencePiece's leading-space rule and byte
+    pieces work), emits only text that is complete (no trailing U+FFFD of a partial
+    UTF-8 sequence) and holds back anything that could begin a stop string.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""  # all decided text so far
+        self.emitted = 0  # characters of self.text already yielded
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add one token; return the newly decided text (possibly empty)."""
+        self.ids.append(token)
+        decoded = self.tokenizer.decode(self.ids)
+        if decoded.endswith("\ufffd"):
+            return ""  # wait for the rest of a multi-byte character
+        self.text = decoded
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        """Everything still held back, at the end of generation."""
+        if not self.stopped:
+            self.text = self.tokenizer.decode(self.ids)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        end = len(self.text)
+        for s in self.stop:
+            hit = self.text.find(s)
+            if hit >= 0:
+                end = min(end, hit)
+                self.stopped = True
+        if self.stopped:
+            self.text = self.text[:end]
+        elif not final:
+            end -= self._partial_stop_len()
+        piece = self.text[self.emitted : end]
+        self.emitted = max(self.emitted, end)
+        return piece
+
+    def _partial_stop_len(self) -> int:
+        """Length of the longest suffix of the text that is a proper prefix of a stop string."""
+        longest = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(s[:n]):
+                    longest = max(longest, n)
+                    break
+        return longest

@@ -1,0 +1,516 @@
+"""Read GGUF checkpoints (llama.cpp's format) of Llama-architecture models.
+
+The file is memory-mapped with `gguf.GGUFReader` and dequantized tensor by tensor with
+`llama2.weights.dequant`, so reading needs about the final state dict plus one tensor
+of memory. GGUF llama tensors are already in Meta's interleaved RoPE layout (llama.cpp's
+converter permutes Hugging Face q/k), so names are mapped and nothing is permuted.
+
+Before `GGUFReader` sees a file, `_HeaderScan` walks its header checking every length
+and count against the file size: `GGUFReader` itself trusts them, and a corrupted count
+can make it loop for ever or fail in assorted ways.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import struct
+from itertools import islice
+from math import prod
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from gguf import GGUFReader
+from gguf.constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType
+from gguf.gguf_reader import ReaderField, ReaderTensor
+
+from ..config import ModelArgs
+from ..errors import Llama2Error
+from .checkpoint import Checkpoint, iter_expected_shapes
+from .dequant import dequantize
+
+V = GGUFValueType
+
+ARCHITECTURES = frozenset({"llama"})
+"""`general.architecture` values read here (same tensors and hyperparameters as Llama)."""
+
+_GLOBAL_TENSORS = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+}
+_LAYER_TENSORS = {
+    "attn_q.weight": "attention.wq.weight",
+    "attn_k.weight": "attention.wk.weight",
+    "attn_v.weight": "attention.wv.weight",
+    "attn_output.weight": "attention.wo.weight",
+    "ffn_gate.weight": "feed_forward.w1.weight",
+    "ffn_down.weight": "feed_forward.w2.weight",
+    "ffn_up.weight": "feed_forward.w3.weight",
+    "attn_norm.weight": "attention_norm.weight",
+    "ffn_norm.weight": "ffn_norm.weight",
+}
+_GGUF_LAYER = re.compile(r"blk\.(0|[1-9][0-9]*)\.(.+)")
+_CANONICAL_LAYER = re.compile(r"layers\.([0-9]+)\.(.+)")
+
+_MISSING = object()
+
+
+# ---------------------------------------------------------------------------
+# Public API
+
+
+def read_gguf(
+    path: str | os.PathLike[str], dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> Checkpoint:
+    """Read a GGUF Llama checkpoint into the canonical naming.
+
+    Args:
+        path: the ``.gguf`` file.
+        dtype: floating dtype of the returned weights (all types are decoded to float32
+            first, then cast).
+        device: where the weights are decoded and returned.
+
+    Returns:
+        A `Checkpoint` with ``format="gguf"``. ``tokenizer_metadata`` holds every
+        ``tokenizer.*`` key (None when there are none).
+
+    Raises:
+        Llama2Error: the file is missing, is not a valid GGUF file, is not a supported
+            Llama-architecture model, or its tensors contradict its metadata.
+    """
+    source = os.fspath(path)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise Llama2Error(f"{source}: dtype must be a floating point torch dtype, got {dtype!r}")
+    reader = _open_reader(source)
+    meta = _read_fields(reader, source)
+    arch = _architecture(meta, source)
+    shapes = _tensor_shapes(reader, source)
+    args = _model_args(meta, arch, shapes, source)
+    _check_supported(meta, arch, args, source)
+    _check_tensor_shapes(shapes, args, source)
+    state_dict = {
+        canonical_name(t.name): _load_tensor(t, shapes[t.name], dtype, torch.device(device), source)
+        for t in reader.tensors
+    }
+    return Checkpoint(
+        args=args,
+        state_dict=state_dict,
+        tokenizer_metadata={k: v for k, v in meta.items() if k.startswith("tokenizer.")} or None,
+        chat_template=_optional_str(meta, "tokenizer.chat_template", source),
+        source=source,
+        format="gguf",
+        tensor_types={canonical_name(t.name): t.tensor_type.name for t in reader.tensors},
+        metadata=_scalar_metadata(meta),
+    )
+
+
+def read_gguf_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """All key/value fields of a GGUF file as plain python values.
+
+    Includes the reader's pseudo-fields ``GGUF.version``, ``GGUF.tensor_count`` and
+    ``GGUF.kv_count``. Scalar float32 values are given as the shortest decimal that
+    round-trips (``1e-05`` rather than ``9.999999747378752e-06``).
+
+    Raises:
+        Llama2Error: the file is missing or is not a valid GGUF file.
+    """
+    source = os.fspath(path)
+    return _read_fields(_open_reader(source), source)
+
+
+def canonical_name(name: str) -> str | None:
+    """Meta's name for a GGUF llama tensor name, or None if it is not one."""
+    if name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[name]
+    match = _GGUF_LAYER.fullmatch(name)
+    if match and match.group(2) in _LAYER_TENSORS:
+        return f"layers.{match.group(1)}.{_LAYER_TENSORS[match.group(2)]}"
+    return None
+
+
+def gguf_name(canonical: str) -> str:
+    """GGUF's name for one of Meta's tensor names (the inverse of `canonical_name`)."""
+    for theirs, ours in _GLOBAL_TENSORS.items():
+        if ours == canonical:
+            return theirs
+    match = _CANONICAL_LAYER.fullmatch(canonical)
+    if match:
+        for theirs, ours in _LAYER_TENSORS.items():
+            if ours == match.group(2):
+                return f"blk.{match.group(1)}.{theirs}"
+    raise Llama2Error(f"{canonical!r} is not a Llama weight name")
+
+
+# ---------------------------------------------------------------------------
+# Opening and validating the file
+
+
+def _invalid(path: str, reason: str) -> Llama2Error:
+    return Llama2Error(f"{path}: not a valid GGUF file ({reason})")
+
+
+def _open_reader(path: str) -> GGUFReader:
+    """Validate the file's structure, then open it with `GGUFReader` (memory-mapped)."""
+    _check_structure(path)
+    try:
+        # Copy-on-write mapping: writable numpy views (so torch.from_numpy does not warn)
+        # that never write to the file.
+        return GGUFReader(path, "c")
+    except Exception as exc:  # GGUFReader reports problems with many exception types.
+        raise _invalid(path, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _check_structure(path: str) -> None:
+    try:
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            if size == 0:
+                raise _invalid(path, "the file is empty")
+            with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                _HeaderScan(buf, path).run()
+    except FileNotFoundError:
+        raise Llama2Error(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise Llama2Error(f"{path}: is a directory, not a GGUF file") from None
+    except OSError as exc:
+        raise Llama2Error(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+_SCALAR_BYTES = {
+    V.UINT8: 1, V.INT8: 1, V.BOOL: 1,
+    V.UINT16: 2, V.INT16: 2,
+    V.UINT32: 4, V.INT32: 4, V.FLOAT32: 4,
+    V.UINT64: 8, V.INT64: 8, V.FLOAT64: 8,
+}  # fmt: skip
+# Fewest bytes one value of each type can take (a string's length, an array's type + count).
+_MIN_VALUE_BYTES = {**_SCALAR_BYTES, V.STRING: 8, V.ARRAY: 12}
+_MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, smallest value
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, n_dims, type, offset
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_MAX_ARRAY_DEPTH = 8
+_VERSIONS = (2, 3)
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class _TensorInfo(NamedTuple):
+    name: str
+    dims: list[int]  # GGUF order: row length first
+    qtype: GGMLQuantizationType
+    offset: int  # from the start of the data section
+
+
+class _HeaderScan:
+    """One pass over a GGUF header that checks every length and count against the file.
+
+    It reads no values except the alignment; it only proves that `GGUFReader` will find
+    every field, array element and tensor inside the file.
+    """
+
+    def __init__(self, buf: mmap.mmap, path: str):
+        self.buf = buf
+        self.path = path
+        self.size = len(buf)
+        self.pos = 0
+        self.alignment = GGUF_DEFAULT_ALIGNMENT
+
+    def run(self) -> None:
+        tensor_count, kv_count = self._preamble()
+        for i in range(kv_count):
+            self._key_value(i)
+        infos = [self._tensor_info(i) for i in range(tensor_count)]
+        data_start = -(-self.pos // self.alignment) * self.alignment
+        for info in infos:
+            self._check_tensor_data(info, data_start)
+
+    def _fail(self, reason: str) -> Llama2Error:
+        return _invalid(self.path, reason)
+
+    def _preamble(self) -> tuple[int, int]:
+        magic = bytes(self.buf[:4])
+        if magic != b"GGUF":
+            raise self._fail(f"it starts with {magic!r}, not the magic b'GGUF'")
+        self.pos = 4
+        version = self._u32("the version")
+        if version and not version & 0xFFFF:
+            raise self._fail("big-endian GGUF files are not supported")
+        if version not in _VERSIONS:
+            raise self._fail(f"GGUF version {version} is not supported, only {_VERSIONS}")
+        tensor_count = self._count("the tensor count", _MIN_TENSOR_INFO_BYTES)
+        kv_count = self._count("the metadata key count", _MIN_KV_BYTES)
+        return tensor_count, kv_count
+
+    def _take(self, n: int, what: str) -> int:
+        """Step over `n` bytes and return where they start."""
+        start = self.pos
+        if n > self.size - start:
+            raise self._fail(f"{what} at byte {start} runs past the end of the file ({self.size} bytes)")
+        self.pos = start + n
+        return start
+
+    def _u32(self, what: str) -> int:
+        return _U32.unpack_from(self.buf, self._take(4, what))[0]
+
+    def _u64(self, what: str) -> int:
+        return _U64.unpack_from(self.buf, self._take(8, what))[0]
+
+    def _count(self, what: str, min_item_bytes: int) -> int:
+        """Read a u64 count of items that each take at least `min_item_bytes`."""
+        count = self._u64(what)
+        if count * min_item_bytes > self.size - self.pos:
+            raise self._fail(f"{what} {count} is more than the {self.size - self.pos} bytes left can hold")
+        return count
+
+    def _string(self, what: str) -> str:
+        start = self._take(self._u64(f"the length of {what}"), what)
+        try:
+            return str(self.buf[start : self.pos], encoding="utf-8")
+        except UnicodeDecodeError:
+            raise self._fail(f"{what} at byte {start} is not valid UTF-8") from None
+
+    def _value_type(self, what: str) -> GGUFValueType:
+        raw = self._u32(f"the type of {what}")
+        try:
+            return GGUFValueType(raw)
+        except ValueError:
+            raise self._fail(f"{what} has unknown value type {raw}") from None
+
+    def _key_value(self, index: int) -> None:
+        key = self._string(f"metadata key #{index}")
+        what = f"metadata {key!r}"
+        vtype = self._value_type(what)
+        if key == "general.alignment":
+            self._alignment(vtype)
+        else:
+            self._value(vtype, what, depth=0)
+
+    def _alignment(self, vtype: GGUFValueType) -> None:
+        if vtype != V.UINT32:
+            raise self._fail(f"general.alignment must be a uint32, not {vtype.name}")
+        value = self._u32("general.alignment")
+        if value == 0 or value & (value - 1):
+            raise self._fail(f"general.alignment {value} is not a power of two")
+        self.alignment = value
+
+    def _value(self, vtype: GGUFValueType, what: str, depth: int) -> None:
+        if vtype in _SCALAR_BYTES:
+            self._take(_SCALAR_BYTES[vtype], what)
+        elif vtype == V.STRING:
+            self._take(self._u64(f"the length of {what}"), what)
+        else:
+            self._array(what, depth)
+
+    def _array(self, what: str, depth: int) -> None:
+        if depth >= _MAX_ARRAY_DEPTH:
+            raise self._fail(f"{what} nests arrays more than {_MAX_ARRAY_DEPTH} deep")
+        itype = self._value_type(f"the elements of {what}")
+        count = self._count(f"the element count of {what}", _MIN_VALUE_BYTES[itype])
+        if itype in _SCALAR_BYTES:
+            self._take(count * _SCALAR_BYTES[itype], what)
+            return
+        for _ in range(count):
+            self._value(itype, what, depth + 1)
+
+    def _tensor_info(self, index: int) -> _TensorInfo:
+        name = self._string(f"tensor name #{index}")
+        n_dims = self._u32(f"the dimension count of tensor {name!r}")
+        if n_dims > _MAX_DIMS:
+            raise self._fail(f"tensor {name!r} has {n_dims} dimensions, more than {_MAX_DIMS}")
+        dims = [self._u64(f"the dimensions of tensor {name!r}") for _ in range(n_dims)]
+        raw_type = self._u32(f"the type of tensor {name!r}")
+        try:
+            qtype = GGMLQuantizationType(raw_type)
+        except ValueError:
+            raise self._fail(f"tensor {name!r} has unknown GGML type {raw_type}") from None
+        if qtype not in GGML_QUANT_SIZES:
+            raise self._fail(f"tensor {name!r} has GGML type {qtype.name} of unknown size")
+        offset = self._u64(f"the data offset of tensor {name!r}")
+        return _TensorInfo(name, dims, qtype, offset)
+
+    def _check_tensor_data(self, info: _TensorInfo, data_start: int) -> None:
+        block_size, type_size = GGML_QUANT_SIZES[info.qtype]
+        if info.dims and info.dims[0] % block_size:
+            raise self._fail(
+                f"tensor {info.name!r} has rows of {info.dims[0]} values, "
+                f"not a multiple of the {info.qtype.name} block size {block_size}"
+            )
+        if info.offset % self.alignment:
+            raise self._fail(f"tensor {info.name!r} data offset {info.offset} is not aligned to {self.alignment}")
+        start = data_start + info.offset
+        end = start + prod(info.dims) // block_size * type_size
+        if end > self.size:
+            raise self._fail(
+                f"tensor {info.name!r} data (bytes {start}..{end}) runs past the end of the file ({self.size} bytes)"
+            )
+
+
+# ---------------------------------------------------------------------------
+# Metadata
+
+
+def _field_value(field: ReaderField, path: str) -> Any:
+    try:
+        value = field.contents()
+    except (UnicodeDecodeError, ValueError, IndexError) as exc:
+        raise _invalid(path, f"metadata {field.name!r}: {exc}") from None
+    if field.types == [V.FLOAT32]:
+        value = float(str(np.float32(value)))  # shortest decimal that round-trips float32
+    return value
+
+
+def _read_fields(reader: GGUFReader, path: str) -> dict[str, Any]:
+    return {name: _field_value(field, path) for name, field in reader.fields.items()}
+
+
+def _scalar_metadata(meta: dict[str, Any]) -> dict[str, Any]:
+    """Scalar fields other than the tokenizer's and the reader's GGUF.* pseudo-fields."""
+    return {
+        key: value
+        for key, value in meta.items()
+        if not key.startswith(("tokenizer.", "GGUF.")) and isinstance(value, (str, int, float, bool))
+    }
+
+
+def _architecture(meta: dict[str, Any], path: str) -> str:
+    arch = meta.get("general.architecture", _MISSING)
+    if arch is _MISSING:
+        raise Llama2Error(f"{path}: missing metadata key general.architecture")
+    if arch not in ARCHITECTURES:
+        raise Llama2Error(f"{path}: unsupported architecture {arch!r} (supported: {', '.join(sorted(ARCHITECTURES))})")
+    return arch
+
+
+def _int_key(meta: dict[str, Any], key: str, path: str, default: Any = _MISSING) -> int:
+    value = meta.get(key, default)
+    if value is _MISSING:
+        raise Llama2Error(f"{path}: missing metadata key {key}")
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise Llama2Error(f"{path}: metadata {key} must be an integer, got {value!r}")
+    return value
+
+
+def _float_key(meta: dict[str, Any], key: str, path: str, default: Any = _MISSING) -> float:
+    value = meta.get(key, default)
+    if value is _MISSING:
+        raise Llama2Error(f"{path}: missing metadata key {key}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise Llama2Error(f"{path}: metadata {key} must be a number, got {value!r}")
+    return float(value)
+
+
+def _optional_str(meta: dict[str, Any], key: str, path: str) -> str | None:
+    value = meta.get(key)
+    if value is not None and not isinstance(value, str):
+        raise Llama2Error(f"{path}: metadata {key} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _vocab_size(meta: dict[str, Any], arch: str, shapes: dict[str, tuple[int, ...]], path: str) -> int:
+    """From ``{arch}.vocab_size``, else the token list, else the embedding's rows."""
+    if f"{arch}.vocab_size" in meta:
+        return _int_key(meta, f"{arch}.vocab_size", path)
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list):
+        return len(tokens)
+    embedding = shapes.get("token_embd.weight")
+    if embedding:
+        return embedding[0]
+    raise Llama2Error(f"{path}: cannot tell the vocabulary size: no {arch}.vocab_size, token list or token_embd.weight")
+
+
+def _model_args(meta: dict[str, Any], arch: str, shapes: dict[str, tuple[int, ...]], path: str) -> ModelArgs:
+    n_heads = _int_key(meta, f"{arch}.attention.head_count", path)
+    fields = dict(
+        dim=_int_key(meta, f"{arch}.embedding_length", path),
+        n_layers=_int_key(meta, f"{arch}.block_count", path),
+        n_heads=n_heads,
+        n_kv_heads=_int_key(meta, f"{arch}.attention.head_count_kv", path, default=n_heads),
+        hidden_dim=_int_key(meta, f"{arch}.feed_forward_length", path),
+        vocab_size=_vocab_size(meta, arch, shapes, path),
+        norm_eps=_float_key(meta, f"{arch}.attention.layer_norm_rms_epsilon", path),
+        rope_theta=_float_key(meta, f"{arch}.rope.freq_base", path, default=10000.0),
+        max_seq_len=_int_key(meta, f"{arch}.context_length", path),
+        tie_word_embeddings="output.weight" not in shapes,
+    )
+    try:
+        return ModelArgs(**fields)
+    except Llama2Error as exc:
+        raise Llama2Error(f"{path}: {exc}") from None
+
+
+def _check_supported(meta: dict[str, Any], arch: str, args: ModelArgs, path: str) -> None:
+    """Reject features the model does not implement, rather than run them wrongly."""
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    if scaling != "none":
+        raise Llama2Error(f"{path}: unsupported RoPE scaling type {scaling!r} ({arch}.rope.scaling.type)")
+    for key in (f"{arch}.rope.scaling.factor", f"{arch}.rope.scale_linear"):
+        factor = meta.get(key, 1.0)
+        if factor not in (0.0, 1.0):
+            raise Llama2Error(f"{path}: unsupported RoPE scaling factor {factor!r} ({key})")
+    for key in (f"{arch}.rope.dimension_count", f"{arch}.attention.key_length", f"{arch}.attention.value_length"):
+        size = meta.get(key, args.head_dim)
+        if size != args.head_dim:
+            raise Llama2Error(f"{path}: unsupported {key} = {size!r}: only head_dim {args.head_dim} is supported")
+    experts = meta.get(f"{arch}.expert_count", 0)
+    if experts:
+        raise Llama2Error(f"{path}: unsupported mixture-of-experts model ({arch}.expert_count = {experts!r})")
+
+
+# ---------------------------------------------------------------------------
+# Tensors
+
+
+def _tensor_shapes(reader: GGUFReader, path: str) -> dict[str, tuple[int, ...]]:
+    """GGUF tensor name -> torch shape, after checking every name is a Llama weight."""
+    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        raise Llama2Error(f"{path}: unsupported RoPE frequency scaling (tensor rope_freqs.weight)")
+    unknown = [t.name for t in reader.tensors if canonical_name(t.name) is None]
+    if unknown:
+        raise Llama2Error(f"{path}: unknown tensors {_some(unknown)} (not a plain Llama model?)")
+    return {t.name: tuple(reversed([int(n) for n in t.shape])) for t in reader.tensors}  # GGUF lists dims reversed
+
+
+def _check_tensor_shapes(shapes: dict[str, tuple[int, ...]], args: ModelArgs, path: str) -> None:
+    """Check the file holds exactly the model's tensors, each in its expected shape."""
+    canonical = {canonical_name(name): name for name in shapes}
+    extra = [name for name in shapes if _layer_index(name) >= args.n_layers]
+    if extra:
+        raise Llama2Error(f"{path}: tensors {_some(extra)} do not belong to a {args.n_layers}-layer model")
+    n_expected = 2 + (not args.tie_word_embeddings) + len(_LAYER_TENSORS) * args.n_layers
+    if len(shapes) < n_expected:
+        # Lazy: the first few missing names only, however many layers the metadata claims.
+        missing = (gguf_name(name) for name, _ in iter_expected_shapes(args) if name not in canonical)
+        shown = ", ".join(islice(missing, 5))
+        raise Llama2Error(f"{path}: missing {n_expected - len(shapes)} tensors: {shown}")
+    for name, want in iter_expected_shapes(args):
+        shape = shapes[canonical[name]]
+        if shape != want:
+            raise Llama2Error(
+                f"{path}: tensor {canonical[name]} has shape {list(shape)}, expected {list(want)} from the metadata"
+            )
+
+
+def _layer_index(gguf_tensor: str) -> int:
+    """The block number of a ``blk.N.*`` tensor name, -1 for the others."""
+    match = _GGUF_LAYER.fullmatch(gguf_tensor)
+    return int(match.group(1)) if match else -1
+
+
+def _some(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+
+
+def _load_tensor(
+    tensor: ReaderTensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, path: str
+) -> torch.Tensor:
+    """Decode one memory-mapped tensor on `device` and cast it to `dtype`."""
+    raw = torch.from_numpy(np.asarray(tensor.data).reshape(-1).view(np.uint8))  # [n_bytes], still mapped
+    try:
+        values = dequantize(raw.to(device), tensor.tensor_type, shape)
+    except Llama2Error as exc:
+        raise Llama2Error(f"{path}: tensor {tensor.name}: {exc}") from None
+    return values.to(dtype)
