@@ -122,7 +122,7 @@ def describe_args(model_args: ModelArgs) -> dict[str, str]:
     """Human-readable architecture summary, one entry per line of `llama2 info`."""
     params = model_args.num_params()
     return {
-        "parameters": f"{params / 1e9:.2f}B ({params:,})" if params >= 1e9 else f"{params / 1e6:.1f}M ({params:,})",
+        "parameters": f"{human_count(params)} ({params:,})",
         "layers": str(model_args.n_layers),
         "dim": str(model_args.dim),
         "heads": f"{model_args.n_heads} (KV heads {model_args.n_kv_heads}, head dim {model_args.head_dim})",
@@ -133,3 +133,13 @@ def describe_args(model_args: ModelArgs) -> dict[str, str]:
         "norm eps": f"{model_args.norm_eps:g}",
         "tied embeddings": str(model_args.tie_word_embeddings).lower(),
     }
+
+
+def human_count(n: int) -> str:
+    """A count to three significant figures with a unit: 6.74B, 13.0B, 69.0B, 135M."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            value = n / scale
+            decimals = 2 if value < 10 else 1 if value < 100 else 0
+            return f"{value:.{decimals}f}{unit}"
+    return str(n)

@@ -1,0 +1,69 @@
+"""The real default model (SmolLM2-135M-Instruct Q4_1 GGUF) against llama.cpp's recorded outputs."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama2.generation import Llama
+
+FIXTURE = Path(__file__).parent / "fixtures" / "llamacpp_greedy_smollm2.json"
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def llama(default_model_path):
+    return Llama.build(default_model_path, max_seq_len=1024, max_batch_size=4, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return json.loads(FIXTURE.read_text(encoding="utf-8"))["cases"]
+
+
+def test_chat_prompt_tokens_equal_llama_cpp(llama, cases):
+    """Our template rendering + BPE tokenization gives llama.cpp's prompt ids exactly."""
+    for case in cases:
+        assert llama.chat_format.encode_dialog_prompt(case["dialog"]) == case["prompt_tokens"]
+
+
+def test_greedy_next_token_agrees_with_llama_cpp(llama, cases):
+    """Teacher-forced on llama.cpp's greedy continuation, our argmax matches at >= 95% of positions."""
+    agree = total = 0
+    with torch.inference_mode():
+        for case in cases:
+            prompt, continuation = case["prompt_tokens"], case["continuation"]
+            tokens = torch.tensor([prompt + continuation])
+            llama.model.clear_caches()
+            logits = llama.model(tokens)[0, len(prompt) - 1 : -1]
+            ours = logits.argmax(-1).tolist()
+            agree += sum(a == b for a, b in zip(ours, continuation))
+            total += len(continuation)
+    llama.model.setup_caches(llama.max_batch_size, llama.max_seq_len)
+    assert total > 500
+    assert agree / total >= 0.95, f"agreement {agree}/{total} = {agree / total:.3f}"
+
+
+def test_greedy_chat_answer_is_coherent_english(llama):
+    dialog = [{"role": "user", "content": "What is the capital of France?"}]
+    answer = llama.chat_completion([dialog], temperature=0, max_gen_len=48)[0]["generation"]["content"]
+    assert "Paris" in answer
+    words = answer.split()
+    assert len(words) >= 3 and all(w.isascii() for w in words)
+
+
+def test_batched_chat_equals_single_chats(llama, cases):
+    dialogs = [case["dialog"] for case in cases[:3]]
+    batched = llama.chat_completion(dialogs, temperature=0, max_gen_len=24)
+    for dialog, result in zip(dialogs, batched):
+        single = llama.chat_completion([dialog], temperature=0, max_gen_len=24)[0]
+        assert result["generation"]["content"] == single["generation"]["content"]
+
+
+def test_streamed_chat_equals_chat_completion(llama, cases):
+    dialog = cases[1]["dialog"]
+    complete = llama.chat_completion([dialog], temperature=0, max_gen_len=40)[0]["generation"]["content"]
+    streamed = "".join(llama.stream_chat(dialog, temperature=0, max_gen_len=40))
+    assert streamed == complete
