@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tokenizers import pre_tokenizers
 
 from llama2.errors import Llama2Error
+from llama2.tokenizer import Tokenizer
 from llama2.weights import registry
 
 
@@ -17,3 +19,22 @@ def default_model_path() -> Path:
         return registry.resolve(registry.DEFAULT_MODEL)
     except Llama2Error as error:
         pytest.skip(f"default model unavailable: {error}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizers(default_model_path: Path) -> tuple[Tokenizer, object]:
+    """Our tokenizer and transformers' reference (`AutoTokenizer`), both from the default model's GGUF."""
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.AutoTokenizer.from_pretrained(
+        str(default_model_path.parent), gguf_file=default_model_path.name
+    )
+    # transformers gives a "smollm" GGUF plain GPT-2 splitting; SmolLM2's own
+    # tokenizer.json (and llama.cpp) split digits one by one first. Use the real one, so
+    # that "  1" gives "Ġ", "Ġ", "1" and not "ĠĠ", "1".
+    reference.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    return Tokenizer.from_file(default_model_path), reference

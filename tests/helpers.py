@@ -1,13 +1,26 @@
-"""Shared test helpers: tiny random Hugging Face Llama models as an independent reference."""
+"""Shared test helpers: tiny random Hugging Face Llama models as an independent reference, error checks."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
+from llama2.errors import Llama2Error
 from llama2.model import Transformer
 from llama2.weights import Checkpoint
+
+
+def expect_error(call, *needles) -> Llama2Error:
+    """Run `call`, expecting a one-line Llama2Error mentioning every needle; return the error."""
+    with pytest.raises(Llama2Error) as caught:
+        call()
+    message = str(caught.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert str(needle) in message, message
+    return caught.value
 
 
 def make_hf_llama(

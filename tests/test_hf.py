@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_matches_reference, make_hf_llama, our_model, random_tokens
+from helpers import assert_matches_reference, expect_error, make_hf_llama, our_model, random_tokens
 from safetensors.torch import load_file, save_file
 
-from llama2.errors import Llama2Error
 from llama2.weights import read_hf
 from llama2.weights.hf import args_from_hf_config
 
@@ -24,17 +23,6 @@ BASE_CONFIG = {
     "num_key_value_heads": 2,
     "vocab_size": 128,
 }
-
-
-def expect_error(call, *needles: str) -> Llama2Error:
-    """Run `call`, expecting a one-line Llama2Error mentioning every needle."""
-    with pytest.raises(Llama2Error) as caught:
-        call()
-    message = str(caught.value)
-    assert "\n" not in message
-    for needle in needles:
-        assert str(needle) in message, message
-    return caught.value
 
 
 @pytest.fixture(scope="module")

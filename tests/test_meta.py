@@ -7,20 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_matches_reference, make_hf_llama, our_model, random_tokens
+from helpers import assert_matches_reference, expect_error, make_hf_llama, our_model, random_tokens
 
-from llama2.errors import Llama2Error
 from llama2.weights import read_hf, read_meta, write_meta
-
-
-def expect_error(call, *needles) -> None:
-    """Run `call`, expecting a one-line Llama2Error mentioning every needle."""
-    with pytest.raises(Llama2Error) as caught:
-        call()
-    message = str(caught.value)
-    assert "\n" not in message
-    for needle in needles:
-        assert str(needle) in message, message
 
 
 def _model(folder: Path, **kwargs):

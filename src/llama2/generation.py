@@ -113,7 +113,7 @@ class Llama:
         source: str | Path = DEFAULT_MODEL,
         tokenizer_path: str | Path | None = None,
         max_seq_len: int | None = None,
-        max_batch_size: int = 4,
+        max_batch_size: int = 1,
         seed: int = 1,
         *,
         device: str | torch.device | None = None,

@@ -16,7 +16,6 @@ pieces, as in Meta's code); `encode_with_special` does, for rendered chat templa
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -31,6 +30,7 @@ from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 from llama2.errors import Llama2Error
+from llama2.weights.common import read_json
 
 __all__ = [
     "END_OF_TURN_PIECES",
@@ -729,14 +729,7 @@ def read_tokenizer_config(folder: Path) -> dict[str, Any]:
     which "default" wins) or from `chat_template.jinja`.
     """
     path = folder / "tokenizer_config.json"
-    config: dict[str, Any] = {}
-    if path.is_file():
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise Llama2Error(f"{path}: not a readable JSON file ({e})") from e
-        if not isinstance(config, dict):
-            raise Llama2Error(f"{path}: expected a JSON object")
+    config: dict[str, Any] = read_json(path) if path.is_file() else {}
     config["chat_template"] = _pick_chat_template(config.get("chat_template"), folder)
     return config
 

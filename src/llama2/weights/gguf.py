@@ -29,6 +29,7 @@ from gguf.gguf_reader import ReaderField, ReaderTensor
 from ..config import ModelArgs
 from ..errors import Llama2Error
 from .checkpoint import Checkpoint, iter_expected_shapes
+from .common import check_dtype, describe_names
 from .dequant import dequantize
 
 V = GGUFValueType
@@ -82,8 +83,7 @@ def read_gguf(
             Llama-architecture model, or its tensors contradict its metadata.
     """
     source = os.fspath(path)
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise Llama2Error(f"{source}: dtype must be a floating point torch dtype, got {dtype!r}")
+    check_dtype(dtype, source)
     reader = _open_reader(source)
     meta = _read_fields(reader, source)
     arch = _architecture(meta, source)
@@ -374,28 +374,30 @@ def _scalar_metadata(meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _required(meta: dict[str, Any], key: str, path: str, default: Any = _MISSING) -> Any:
+    """`meta[key]` (or `default` when given), raising `Llama2Error` when the key is missing."""
+    value = meta.get(key, default)
+    if value is _MISSING:
+        raise Llama2Error(f"{path}: missing metadata key {key}")
+    return value
+
+
 def _architecture(meta: dict[str, Any], path: str) -> str:
-    arch = meta.get("general.architecture", _MISSING)
-    if arch is _MISSING:
-        raise Llama2Error(f"{path}: missing metadata key general.architecture")
+    arch = _required(meta, "general.architecture", path)
     if arch not in ARCHITECTURES:
         raise Llama2Error(f"{path}: unsupported architecture {arch!r} (supported: {', '.join(sorted(ARCHITECTURES))})")
     return arch
 
 
 def _int_key(meta: dict[str, Any], key: str, path: str, default: Any = _MISSING) -> int:
-    value = meta.get(key, default)
-    if value is _MISSING:
-        raise Llama2Error(f"{path}: missing metadata key {key}")
+    value = _required(meta, key, path, default)
     if not isinstance(value, int) or isinstance(value, bool):
         raise Llama2Error(f"{path}: metadata {key} must be an integer, got {value!r}")
     return value
 
 
 def _float_key(meta: dict[str, Any], key: str, path: str, default: Any = _MISSING) -> float:
-    value = meta.get(key, default)
-    if value is _MISSING:
-        raise Llama2Error(f"{path}: missing metadata key {key}")
+    value = _required(meta, key, path, default)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise Llama2Error(f"{path}: metadata {key} must be a number, got {value!r}")
     return float(value)
@@ -469,7 +471,7 @@ def _tensor_shapes(reader: GGUFReader, path: str) -> dict[str, tuple[int, ...]]:
         raise Llama2Error(f"{path}: unsupported RoPE frequency scaling (tensor rope_freqs.weight)")
     unknown = [t.name for t in reader.tensors if canonical_name(t.name) is None]
     if unknown:
-        raise Llama2Error(f"{path}: unknown tensors {_some(unknown)} (not a plain Llama model?)")
+        raise Llama2Error(f"{path}: unknown tensors {describe_names(unknown)} (not a plain Llama model?)")
     return {t.name: tuple(reversed([int(n) for n in t.shape])) for t in reader.tensors}  # GGUF lists dims reversed
 
 
@@ -478,7 +480,7 @@ def _check_tensor_shapes(shapes: dict[str, tuple[int, ...]], args: ModelArgs, pa
     canonical = {canonical_name(name): name for name in shapes}
     extra = [name for name in shapes if _layer_index(name) >= args.n_layers]
     if extra:
-        raise Llama2Error(f"{path}: tensors {_some(extra)} do not belong to a {args.n_layers}-layer model")
+        raise Llama2Error(f"{path}: tensors {describe_names(extra)} do not belong to a {args.n_layers}-layer model")
     n_expected = 2 + (not args.tie_word_embeddings) + len(_LAYER_TENSORS) * args.n_layers
     if len(shapes) < n_expected:
         # Lazy: the first few missing names only, however many layers the metadata claims.
@@ -497,11 +499,6 @@ def _layer_index(gguf_tensor: str) -> int:
     """The block number of a ``blk.N.*`` tensor name, -1 for the others."""
     match = _GGUF_LAYER.fullmatch(gguf_tensor)
     return int(match.group(1)) if match else -1
-
-
-def _some(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(names[:limit])
-    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
 
 
 def _load_tensor(

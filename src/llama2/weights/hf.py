@@ -17,15 +17,14 @@ from safetensors import SafetensorError, safe_open
 from ..config import ModelArgs
 from ..errors import Llama2Error
 from .checkpoint import Checkpoint, expected_shapes
-from .meta import (
+from .common import (
     build_args,
-    check_dtype,
     check_tensor,
     describe_names,
     dtype_name,
     load_torch_file,
+    read_folder_config,
     read_json,
-    require_folder,
 )
 
 CONFIG_FILE = "config.json"
@@ -80,12 +79,7 @@ def read_hf(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, devic
             missing, unexpected or shaped differently from what `config.json` implies.
     """
     folder = Path(folder)
-    check_dtype(dtype, folder)
-    require_folder(folder)
-    config_path = folder / CONFIG_FILE
-    if not config_path.is_file():
-        raise Llama2Error(f"{folder}: no {CONFIG_FILE} (not a Hugging Face model folder)")
-    config = read_json(config_path)
+    config_path, config = read_folder_config(folder, CONFIG_FILE, dtype, "a Hugging Face model")
     locations = tensor_locations(folder)
     args = args_from_hf_config(config, config_path, has_lm_head="lm_head.weight" in locations)
     state_dict, tensor_types = _load_tensors(locations, args, dtype, device)

@@ -2,27 +2,31 @@
 
 Meta's names are the canonical ones (see `llama2.model`), so reading is a merge of the
 shards and writing is a split; both use one table of the dimensions fairscale's
-model-parallel layers split each weight along. The module also holds the small helpers
-every reader shares: state-dict checks, `torch.load` of untrusted files and atomic
-file output.
+model-parallel layers split each weight along.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import uuid
-import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from ..config import ModelArgs, llama2_ffn_hidden_dim
 from ..errors import Llama2Error
-from .checkpoint import Checkpoint, expected_shapes
+from .checkpoint import Checkpoint
+from .common import (
+    atomic_output,
+    build_args,
+    check_state_dict,
+    describe_names,
+    dtype_name,
+    load_torch_file,
+    read_folder_config,
+)
 
 PARAMS_FILE = "params.json"
 SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth")
@@ -47,13 +51,6 @@ SPLIT_DIMS: dict[str, int | None] = {
 # Tensors in Meta's files that are not weights (precomputed RoPE frequencies).
 IGNORED_TENSORS = frozenset({"rope.freqs"})
 
-_DTYPE_NAMES = {
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float64: "F64",
-}
-
 # params.json keys mapped onto `ModelArgs` fields of the same name.
 _PARAM_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
                  "ffn_dim_multiplier", "norm_eps", "rope_theta")
@@ -62,7 +59,7 @@ _DEFAULT_ROPE_THETA = 10000.0
 
 
 # ---------------------------------------------------------------------------------------
-# Helpers shared by every format reader and writer.
+# Shard layout.
 # ---------------------------------------------------------------------------------------
 
 
@@ -76,124 +73,6 @@ def split_dim(name: str) -> int | None:
     if not name.endswith(".weight") or module not in SPLIT_DIMS:
         raise KeyError(name)
     return SPLIT_DIMS[module]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """Short storage-type name ("F32", "BF16", ...) as safetensors and GGUF spell them."""
-    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.").upper())
-
-
-def describe_names(names: list[str], limit: int = 5) -> str:
-    """A short comma-separated list of tensor names for an error message."""
-    shown = ", ".join(names[:limit])
-    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
-
-
-def check_tensor(
-    name: str, tensor: torch.Tensor, expected: Mapping[str, tuple[int, ...]], source: str, label: str | None = None
-) -> None:
-    """Raise `Llama2Error` unless `tensor` is a known floating-point weight of the expected shape.
-
-    Args:
-        name: canonical name.
-        tensor: the weight.
-        expected: canonical name -> shape (`expected_shapes`).
-        source: the file, for the message.
-        label: how to call the tensor in the message (defaults to `name`).
-    """
-    label = label or name
-    if name not in expected:
-        raise Llama2Error(f"{source}: unexpected tensor {label}")
-    if not tensor.is_floating_point():
-        raise Llama2Error(f"{source}: tensor {label} has unsupported type {dtype_name(tensor.dtype)}")
-    if tuple(tensor.shape) != expected[name]:
-        raise Llama2Error(
-            f"{source}: tensor {label} has shape {list(tensor.shape)} but the config implies {list(expected[name])}"
-        )
-
-
-def check_state_dict(state_dict: Mapping[str, torch.Tensor], args: ModelArgs, source: str) -> None:
-    """Raise `Llama2Error` unless `state_dict` holds exactly the weights `args` describes."""
-    expected = expected_shapes(args)
-    unexpected = [name for name in state_dict if name not in expected]
-    if unexpected:
-        raise Llama2Error(f"{source}: unexpected tensor(s) {describe_names(unexpected)}")
-    missing = [name for name in expected if name not in state_dict]
-    if missing:
-        raise Llama2Error(f"{source}: missing tensor(s) {describe_names(missing)}")
-    for name in expected:  # canonical order, so the first mismatch reported is the most telling
-        check_tensor(name, state_dict[name], expected, source)
-
-
-def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
-    """Load a `torch.save`d dict of tensors safely (`weights_only`), memory-mapped when possible.
-
-    Raises:
-        Llama2Error: the file is not a PyTorch checkpoint of named tensors.
-    """
-    try:
-        # mmap needs the zip-based format (torch >= 1.6); older files load into memory.
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as error:  # torch.load raises many unrelated types for foreign files
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise Llama2Error(f"{path}: not a readable PyTorch checkpoint ({reason})") from error
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
-        raise Llama2Error(f"{path}: expected a dict of named tensors, found {type(obj).__name__}")
-    return obj
-
-
-def read_json(path: Path) -> dict:
-    """Parse a JSON object file, raising `Llama2Error` naming the file on any problem."""
-    if not path.is_file():
-        raise Llama2Error(f"{path}: no such file")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise Llama2Error(f"{path}: not valid JSON ({error})") from error
-    if not isinstance(data, dict):
-        raise Llama2Error(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
-
-
-def check_dtype(dtype: torch.dtype, source: Path) -> None:
-    """Raise `Llama2Error` unless `dtype` is a floating-point torch dtype."""
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise Llama2Error(f"{source}: dtype must be a floating-point torch dtype, got {dtype!r}")
-
-
-def require_folder(folder: Path) -> None:
-    """Raise `Llama2Error` unless `folder` is an existing directory."""
-    if not folder.exists():
-        raise Llama2Error(f"{folder}: no such directory")
-    if not folder.is_dir():
-        raise Llama2Error(f"{folder}: not a directory")
-
-
-def build_args(fields: dict, source: Path) -> ModelArgs:
-    """`ModelArgs(**fields)`, with validation failures reported against `source`."""
-    try:
-        return ModelArgs(**fields)
-    except (Llama2Error, TypeError, ValueError) as error:
-        raise Llama2Error(f"{source}: {error}") from error
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; move it onto `path` only if the block succeeds.
-
-    Readers never see a half-written file: the rename is atomic on one file system, and
-    on any exception the temporary file is removed and `path` is left untouched.
-    """
-    temp_name = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    # Created like any new file (permissions from the umask), unlike tempfile's private 0600.
-    os.close(os.open(temp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        yield Path(temp_name)
-        os.replace(temp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
-        raise
 
 
 # ---------------------------------------------------------------------------------------
@@ -220,12 +99,7 @@ def read_meta(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, dev
             or shapes that contradict `params.json`.
     """
     folder = Path(folder)
-    check_dtype(dtype, folder)
-    require_folder(folder)
-    params_path = folder / PARAMS_FILE
-    if not params_path.is_file():
-        raise Llama2Error(f"{folder}: no {PARAMS_FILE} (not a Meta checkpoint folder)")
-    params = read_json(params_path)
+    params_path, params = read_folder_config(folder, PARAMS_FILE, dtype, "a Meta checkpoint")
     shards = [load_torch_file(path) for path in shard_paths(folder)]
     merged = merge_shards(shards, folder)
     args = args_from_params(params, merged, params_path)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import Llama2Error
-from .meta import atomic_output
+from .common import atomic_output
 
 HOME_ENV = "LLAMA2_HOME"
 _CHUNK_BYTES = 1 << 20

@@ -1,0 +1,66 @@
+"""The same code on CUDA: skipped without a GPU."""
+
+import pytest
+import torch
+
+from llama2.chat import Llama2ChatFormat
+from llama2.config import model_args_from_preset
+from llama2.generation import Llama
+from llama2.model import Transformer
+from llama2.tokenizer import Tokenizer, llama2_tokenizer_path
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def random_model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(model_args_from_preset("tiny-gqa", vocab_size=32000)).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return model
+
+
+def test_cuda_logits_match_cpu_in_fp32():
+    cpu = random_model()
+    gpu = random_model().to("cuda")
+    tokens = torch.randint(0, 32000, (2, 33))
+    with torch.no_grad():
+        expected = cpu(tokens)
+        actual = gpu(tokens.cuda()).cpu()
+    assert (expected - actual).abs().max() < 1e-3
+
+
+def test_cuda_bf16_cached_decode_tracks_fp32():
+    model = random_model().to("cuda", torch.bfloat16)
+    reference = random_model().to("cuda")
+    tokens = torch.randint(0, 32000, (1, 24), device="cuda")
+    with torch.no_grad():
+        expected = reference(tokens)[0, -1].float().log_softmax(-1)
+        model.setup_caches(1, 64)
+        model(tokens[:, :-1], torch.arange(23, device="cuda"))
+        actual = model(tokens[:, -1:], torch.tensor([23], device="cuda"))[0, -1].float().log_softmax(-1)
+    top = expected.topk(5).indices
+    assert (expected[top] - actual[top]).abs().max() < 0.15
+
+
+def test_greedy_generation_on_cuda_equals_cpu():
+    tokenizer = Tokenizer.from_file(llama2_tokenizer_path())
+    prompts = [tokenizer.encode(t, bos=True, eos=False) for t in ("Hello", "A longer prompt here")]
+    outputs = []
+    for device in ("cpu", "cuda"):
+        model = random_model().to(device)
+        llama = Llama(model, tokenizer, Llama2ChatFormat(tokenizer), max_seq_len=64, max_batch_size=2)
+        outputs.append(llama.generate(prompts, max_gen_len=12, temperature=0, stop_ids=frozenset())[0])
+    assert outputs[0] == outputs[1]
+
+
+def test_seeded_sampling_on_cuda_is_reproducible():
+    tokenizer = Tokenizer.from_file(llama2_tokenizer_path())
+    llama = Llama(random_model().cuda(), tokenizer, None, max_seq_len=64, max_batch_size=1)
+    prompt = [tokenizer.encode("Once", bos=True, eos=False)]
+    first = llama.generate(prompt, max_gen_len=10, temperature=1.0, seed=5, stop_ids=frozenset())[0]
+    second = llama.generate(prompt, max_gen_len=10, temperature=1.0, seed=5, stop_ids=frozenset())[0]
+    assert first == second
