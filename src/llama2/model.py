@@ -33,16 +33,16 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tupl
     """Cosines and sines of the rotary angles for `positions`, in float32.
 
     Args:
-        positions: integer positions, shape [T].
+        positions: integer positions, shape [T] (shared by the batch) or [B, T].
         head_dim: size of one attention head (even).
         theta: RoPE base frequency.
 
     Returns:
-        (cos, sin), each of shape [T, head_dim // 2].
+        (cos, sin), each of shape positions.shape + [head_dim // 2].
     """
     exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.int64).float() / head_dim
     inv_freq = 1.0 / (theta**exponents)
-    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = positions.float().unsqueeze(-1) * inv_freq
     return angles.cos(), angles.sin()
 
 
@@ -51,12 +51,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
     Args:
         x: [B, T, n_heads, head_dim].
-        cos, sin: [T, head_dim // 2].
+        cos, sin: [T, head_dim // 2] or [B, T, head_dim // 2].
     """
     pairs = x.float().unflatten(-1, (-1, 2))  # [B, T, H, head_dim/2, 2]
     even, odd = pairs[..., 0], pairs[..., 1]
-    cos = cos[None, :, None, :]  # [1, T, 1, head_dim/2]
-    sin = sin[None, :, None, :]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [(B,) T, 1, head_dim/2]
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)  # [B, T, H, head_dim]
 
@@ -70,12 +69,32 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v ([B, n_kv_heads, T, head_dim]) at `input_pos` ([T]); return the whole cache for the batch."""
-        batch = k.shape[0]
-        self.k[:batch].index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v[:batch].index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k[:batch], self.v[:batch]
+    def update(
+        self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int, slots: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v at their positions and return the first `kv_len` cached positions.
+
+        Args:
+            input_pos: [T] positions shared by the batch, or [B, T] per row.
+            k, v: [B, n_kv_heads, T, head_dim].
+            kv_len: how many leading cache positions the attention reads.
+            slots: [B] cache rows of the batch rows (None: rows 0..B-1).
+
+        Returns:
+            keys and values, [B, n_kv_heads, kv_len, head_dim].
+        """
+        if slots is None and input_pos.dim() == 1:
+            batch = k.shape[0]
+            self.k[:batch].index_copy_(2, input_pos, k.to(self.k.dtype))
+            self.v[:batch].index_copy_(2, input_pos, v.to(self.v.dtype))
+            return self.k[:batch, :, :kv_len], self.v[:batch, :, :kv_len]
+        if slots is None:
+            slots = torch.arange(k.shape[0], device=k.device)
+        positions = input_pos.expand(k.shape[0], -1) if input_pos.dim() == 1 else input_pos  # [B, T]
+        rows = slots[:, None]  # [B, 1], broadcast against positions
+        self.k[rows, :, positions] = k.transpose(1, 2).to(self.k.dtype)  # indexed view is [B, T, n_kv, head_dim]
+        self.v[rows, :, positions] = v.transpose(1, 2).to(self.v.dtype)
+        return self.k[slots, :, :kv_len], self.v[slots, :, :kv_len]
 
 
 class Attention(nn.Module):
@@ -97,9 +116,17 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        input_pos: torch.Tensor | None,
         mask: torch.Tensor | None,
+        cache_write: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
+        """Attention over `x` ([B, T, dim]).
+
+        Args:
+            cos, sin: rotary tables for the T positions.
+            mask: boolean [(B, 1,) T, S] (True = may attend), or None for plain causal.
+            cache_write: (input_pos, slots) to store this step's keys/values in the KV
+                cache and attend over its first S positions; None without a cache.
+        """
         batch, seq_len, _ = x.shape
         q = self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim)
         k = self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
@@ -107,9 +134,9 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, head_dim]
 
-        if self.kv_cache is not None and input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
-            k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
+        if cache_write is not None:
+            input_pos, slots = cache_write
+            k, v = self.kv_cache.update(input_pos, k, v, mask.shape[-1], slots)
         out = F.scaled_dot_product_attention(
             q,
             k.to(q.dtype),
@@ -145,8 +172,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, input_pos, mask) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, mask)
+    def forward(self, x, cos, sin, mask, cache_write=None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache_write)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -196,14 +223,21 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         input_pos: torch.Tensor | None = None,
         *,
+        cache_slots: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
         last_logits_only: bool = False,
     ) -> torch.Tensor:
         """Logits for `tokens`.
 
         Args:
             tokens: token ids, [B, T].
-            input_pos: positions of the T tokens, [T] (shared by the batch). Required
-                once caches are installed; without caches defaults to 0..T-1.
+            input_pos: positions of the tokens, [T] (shared by the batch) or [B, T] (per
+                row). Required once caches are installed; without caches it defaults to
+                0..T-1 (per-row positions serve packed training sequences).
+            cache_slots: [B] KV-cache rows the batch rows use (default 0..B-1), so a
+                server can run any subset of its sequences.
+            document_ids: [B, T] ids of the packed example each token belongs to
+                (training without caches): attention stays within an example.
             last_logits_only: compute logits for the last position only (saves the
                 [B, T, vocab] projection during prefill).
 
@@ -216,22 +250,43 @@ class Transformer(nn.Module):
             raise ValueError("input_pos is required once KV caches are set up")
         if input_pos is None:
             input_pos = torch.arange(seq_len, device=tokens.device)
-        mask = self._cache_mask(input_pos) if cached else None
+        if cached:
+            mask = cache_mask(input_pos)
+            cache_write = (input_pos, cache_slots)
+        else:
+            mask = None if document_ids is None else document_mask(document_ids)
+            cache_write = None
         cos, sin = rotary_cos_sin(input_pos, self.args.head_dim, self.args.rope_theta)
 
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, cos, sin, input_pos if cached else None, mask)
+            h = layer(h, cos, sin, mask, cache_write)
         if last_logits_only:
             h = h[:, -1:]
         return F.linear(self.norm(h), self.output_weight()).float()
 
-    def _cache_mask(self, input_pos: torch.Tensor) -> torch.Tensor:
-        """Boolean mask [T, S] letting each query see cached keys at positions <= its own.
 
-        S is the number of cache slots in use (last position + 1), so decode attends over
-        the filled part of the cache only.
-        """
-        kv_len = int(input_pos[-1]) + 1
-        key_pos = torch.arange(kv_len, device=input_pos.device)
-        return key_pos[None, :] <= input_pos[:, None]
+def cache_mask(input_pos: torch.Tensor) -> torch.Tensor:
+    """Boolean mask letting each query see cached keys at positions <= its own.
+
+    The key axis covers the cache slots in use (up to the largest position + 1), so
+    decode attends over the filled part of the cache only.
+
+    Args:
+        input_pos: [T] or [B, T] positions.
+
+    Returns:
+        [T, S] for shared positions, [B, 1, T, S] for per-row positions.
+    """
+    kv_len = int(input_pos.max()) + 1
+    key_pos = torch.arange(kv_len, device=input_pos.device)
+    mask = key_pos <= input_pos.unsqueeze(-1)  # [(B,) T, S]
+    return mask if input_pos.dim() == 1 else mask.unsqueeze(1)
+
+
+def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Causal mask that keeps attention inside each packed example: [B, T] -> [B, 1, T, T]."""
+    seq_len = document_ids.shape[1]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=document_ids.device).tril()
+    same_document = document_ids.unsqueeze(2) == document_ids.unsqueeze(1)  # [B, T, T]
+    return (same_document & causal).unsqueeze(1)
