@@ -1,0 +1,165 @@
+"""Weight-only quantized linear layers that keep their weights packed.
+
+Two layouts, both computed by PyTorch's own kernels on the CPU with bfloat16
+activations and by plain dequantize-and-matmul elsewhere:
+
+- `Int8Linear`: int8 weights with one scale per output channel
+  (`aten._weight_int8pack_mm`).
+- `Int4Linear`: 4-bit weights in groups along the input dimension, each group with a
+  scale and a zero point, value = (q - 8) * scale + zero
+  (`aten._weight_int4pack_mm_for_cpu`). GGUF's Q4_0 and Q4_1 blocks (32 values, an
+  fp16 scale and, for Q4_1, an fp16 minimum) are exactly this form, so GGUF files map
+  onto it without re-quantizing.
+
+Quantization is a module swap after loading (`quantize_model`); the model code never
+knows about it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import Llama2Error
+
+INT4_INNER_K_TILES = 2
+QUANT_TYPES = ("int8", "int4")
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T with W stored as int8 [out, in] and a bfloat16 scale per output row."""
+
+    def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.in_features = weight_int8.shape[1]
+        self.out_features = weight_int8.shape[0]
+        self.register_buffer("weight", weight_int8.contiguous())
+        self.register_buffer("scales", scales.to(torch.bfloat16).contiguous())
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> "Int8Linear":
+        """Symmetric per-channel quantization of a float weight [out, in]."""
+        w = weight.float()
+        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        q = torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8)
+        return cls(q, scales)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.float() * self.scales.float()[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
+            return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None])
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T with W in 4-bit groups: W[n, k] = (q[n, k] - 8) * scale[k // g, n] + zero[k // g, n]."""
+
+    def __init__(self, q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int):
+        """
+        Args:
+            q: unsigned 4-bit values as int32 [out, in] (0..15).
+            scales_and_zeros: [in // group_size, out, 2] (scale, zero).
+            group_size: values per group along the input dimension.
+        """
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.group_size = group_size
+        if self.in_features % (INT4_INNER_K_TILES * 16) or self.in_features % group_size:
+            raise Llama2Error(f"int4 needs in_features divisible by 32 and the group size, got {self.in_features}")
+        self.register_buffer("scales_and_zeros", scales_and_zeros.to(torch.bfloat16).contiguous())
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).cpu().contiguous(), INT4_INNER_K_TILES)
+        self.register_buffer("weight_packed", packed.to(q.device))
+        self._dense: torch.Tensor | None = None
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, group_size: int = 32) -> "Int4Linear":
+        """Asymmetric grouped quantization (min/max per group) of a float weight [out, in]."""
+        out_features, in_features = weight.shape
+        groups = weight.float().reshape(out_features, in_features // group_size, group_size)  # [N, G, g]
+        low, high = groups.amin(-1), groups.amax(-1)
+        scale = ((high - low) / 15).clamp(min=1e-12)
+        q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
+        zero = low + 8 * scale
+        scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1)  # [G, N, 2]
+        return cls(q.reshape(out_features, in_features).to(torch.int32), scales_and_zeros, group_size)
+
+    @classmethod
+    def from_q4_blocks(cls, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> "Int4Linear":
+        """From GGUF Q4_0 (value = d * (q - 8)) or Q4_1 (value = d * q + m) blocks of 32.
+
+        Args:
+            q: [out, in] 4-bit values 0..15.
+            scale: [out, in // 32] block scales d.
+            minimum: [out, in // 32] block minimums m (Q4_1), or None (Q4_0).
+        """
+        zero = torch.zeros_like(scale) if minimum is None else minimum + 8 * scale
+        scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1)  # [G, N, 2]
+        return cls(q.to(torch.int32), scales_and_zeros.float(), 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                flat, self.weight_packed, self.group_size, self.scales_and_zeros
+            )
+            return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return F.linear(x, self.dequantize().to(x.dtype))
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight [out, in] this layer computes with (through the kernel itself)."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+        sz = self.scales_and_zeros.cpu()
+        columns = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight_packed.cpu(), self.group_size, sz)
+        return columns.T.float().to(self.weight_packed.device)  # [out, in]
+
+
+QUANTIZERS = {"int8": Int8Linear.from_float, "int4": Int4Linear.from_float}
+
+
+def quantize_model(model: nn.Module, kind: str, skip: tuple[str, ...] = ("output",)) -> nn.Module:
+    """Swap every `nn.Linear` of `model` (except those named in `skip`) for a quantized one, in place.
+
+    Args:
+        model: the model (typically a `llama2.model.Transformer`).
+        kind: "int8" or "int4" (groups of 32).
+        skip: module names left in full precision (the output head by default: an int4
+            head costs accuracy).
+    """
+    if kind not in QUANTIZERS:
+        raise Llama2Error(f"unknown quantization {kind!r}; choose one of {', '.join(QUANT_TYPES)}")
+    quantizer = QUANTIZERS[kind]
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full_name = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and full_name not in skip:
+                setattr(module, child_name, quantizer(child.weight.detach()))
+    return model
+
+
+def unpack_q4_blocks(raw: torch.Tensor, shape: tuple[int, int], has_minimum: bool):
+    """Split GGUF Q4_0/Q4_1 block bytes into 4-bit values, scales and minimums.
+
+    Each block of 32 values is an fp16 scale d (Q4_1: then an fp16 minimum m) and 16
+    bytes whose low nibbles are values 0..15 and high nibbles values 16..31.
+
+    Args:
+        raw: uint8 block bytes of a tensor with torch shape `shape` = (out, in).
+        shape: (out, in).
+        has_minimum: Q4_1 (True) or Q4_0 (False).
+
+    Returns:
+        (q [out, in] uint8, scale [out, in // 32] float32, minimum [out, in // 32] float32 or None).
+    """
+    out_features, in_features = shape
+    header = 4 if has_minimum else 2
+    blocks = raw.reshape(out_features, in_features // 32, header + 16)  # [N, G, bytes]
+    halves = blocks[..., :header].contiguous().view(torch.float16).float()  # [N, G, 1 or 2]
+    nibbles = blocks[..., header:]
+    q = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=-1)  # [N, G, 32]
+    minimum = halves[..., 1] if has_minimum else None
+    return q.reshape(out_features, in_features), halves[..., 0], minimum

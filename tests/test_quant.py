@@ -1,0 +1,74 @@
+"""Packed weight-only quantized linears against independent dequantization (gguf's own)."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+from llama2.config import model_args_from_preset
+from llama2.errors import Llama2Error
+from llama2.model import Transformer
+from llama2.quant import Int4Linear, Int8Linear, quantize_model, unpack_q4_blocks
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+@pytest.mark.parametrize("qtype", [GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1])
+def test_int4_from_gguf_blocks_computes_gguf_dequantized_weights(qtype):
+    torch.manual_seed(0)
+    weight = np.random.default_rng(0).standard_normal((96, 256)).astype(np.float32)
+    blocks = quantize(weight, qtype)  # uint8 [96, bytes per row]
+    reference = torch.from_numpy(dequantize(blocks, qtype))  # gguf's decode of the same blocks
+    q, scale, minimum = unpack_q4_blocks(torch.from_numpy(blocks), (96, 256), qtype == GGMLQuantizationType.Q4_1)
+    layer = Int4Linear.from_q4_blocks(q, scale, minimum)
+    x = torch.randn(5, 256)
+    expected = x.to(torch.bfloat16).float() @ reference.T
+    assert relative_error(layer(x), expected) < 1e-2  # bf16 activations, scales and output
+    assert relative_error(layer.dequantize(), reference) < 5e-3
+
+
+def test_int8_per_channel():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 128)
+    layer = Int8Linear.from_float(weight)
+    assert layer.weight.dtype == torch.int8
+    assert relative_error(layer.dequantize(), weight) < 1e-2
+    x = torch.randn(3, 7, 128)
+    assert relative_error(layer(x), x @ layer.dequantize().T) < 1e-2
+
+
+def test_int4_from_float_groups():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 128)
+    layer = Int4Linear.from_float(weight, group_size=32)
+    assert relative_error(layer.dequantize(), weight) < 0.12  # 4-bit min/max groups
+    x = torch.randn(4, 128)
+    assert relative_error(layer(x), x @ layer.dequantize().T) < 1e-2
+
+
+def test_int4_rejects_unaligned_width():
+    with pytest.raises(Llama2Error, match="divisible"):
+        Int4Linear.from_float(torch.randn(8, 48), group_size=16)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_model_tracks_float_model(kind):
+    torch.manual_seed(0)
+    model = Transformer(model_args_from_preset("tiny-gqa", vocab_size=256)).eval()
+    tokens = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        expected = model(tokens)
+        quantize_model(model, kind)
+        actual = model(tokens)
+    assert isinstance(model.layers[0].attention.wq, Int8Linear if kind == "int8" else Int4Linear)
+    assert isinstance(model.output, torch.nn.Linear)  # the head stays in full precision
+    agreement = (actual.argmax(-1) == expected.argmax(-1)).float().mean().item()
+    assert agreement >= (0.9 if kind == "int8" else 0.6)
+
+
+def test_unknown_quantization():
+    with pytest.raises(Llama2Error, match="unknown quantization"):
+        quantize_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), "int3")
