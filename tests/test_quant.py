@@ -64,9 +64,19 @@ def test_quantized_model_tracks_float_model(kind):
         quantize_model(model, kind)
         actual = model(tokens)
     assert isinstance(model.layers[0].attention.wq, Int8Linear if kind == "int8" else Int4Linear)
-    assert isinstance(model.output, torch.nn.Linear)  # the head stays in full precision
+    assert isinstance(model.output, Int8Linear)  # the head is int8 whatever the layers are
     agreement = (actual.argmax(-1) == expected.argmax(-1)).float().mean().item()
     assert agreement >= (0.9 if kind == "int8" else 0.6)
+
+
+def test_tied_embedding_shares_the_int8_head_table():
+    torch.manual_seed(0)
+    model = Transformer(model_args_from_preset("tiny", vocab_size=256, tie_word_embeddings=True)).eval()
+    embedding = model.tok_embeddings.weight.detach().clone()
+    quantize_model(model, "int8")
+    assert model.tok_embeddings.table is model.output
+    tokens = torch.tensor([[3, 17, 255]])
+    assert relative_error(model.tok_embeddings(tokens)[0], embedding[tokens[0]]) < 1e-2
 
 
 def test_unknown_quantization():

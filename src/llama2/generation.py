@@ -102,7 +102,7 @@ class Llama:
         self.max_seq_len = max_seq_len
         self.max_batch_size = max_batch_size
         self.checkpoint = checkpoint
-        self.device = model.tok_embeddings.weight.device
+        self.device = model.norm.weight.device
         self.seed = seed
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.last_stats = GenerationStats()

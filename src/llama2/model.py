@@ -196,15 +196,17 @@ class Transformer(nn.Module):
         self.max_batch_size = 0
         self.cache_len = 0
 
-    def output_weight(self) -> torch.Tensor:
-        """The output projection [vocab, dim] (the embedding matrix when tied)."""
-        return self.tok_embeddings.weight if self.output is None else self.output.weight
+    def project_output(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits from final hidden states: the output head, or the embedding matrix when tied."""
+        if self.output is None:
+            return F.linear(h, self.tok_embeddings.weight)
+        return self.output(h)
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype=None, device=None) -> None:
         """Install static KV caches for up to `max_batch_size` sequences of `max_seq_len` tokens."""
         if max_seq_len > self.args.max_seq_len:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's context {self.args.max_seq_len}")
-        reference = self.tok_embeddings.weight
+        reference = self.norm.weight  # stays floating point whatever quantization swaps in
         dtype = dtype or reference.dtype
         device = device or reference.device
         for layer in self.layers:
@@ -263,7 +265,7 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, mask, cache_write)
         if last_logits_only:
             h = h[:, -1:]
-        return F.linear(self.norm(h), self.output_weight()).float()
+        return self.project_output(self.norm(h)).float()
 
 
 def cache_mask(input_pos: torch.Tensor) -> torch.Tensor:

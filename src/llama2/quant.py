@@ -118,27 +118,50 @@ class Int4Linear(nn.Module):
         return columns.T.float().to(self.weight_packed.device)  # [out, in]
 
 
+class Int8Embedding(nn.Module):
+    """Embedding lookup from the int8 rows and scales of an `Int8Linear` (shared with a tied head)."""
+
+    def __init__(self, table: Int8Linear, dtype: torch.dtype):
+        super().__init__()
+        self.table = table
+        self.dtype = dtype
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = self.table.weight[tokens].to(torch.float32)  # [..., dim]
+        return (rows * self.table.scales[tokens].float().unsqueeze(-1)).to(self.dtype)
+
+
 QUANTIZERS = {"int8": Int8Linear.from_float, "int4": Int4Linear.from_float}
 
 
-def quantize_model(model: nn.Module, kind: str, skip: tuple[str, ...] = ("output",)) -> nn.Module:
-    """Swap every `nn.Linear` of `model` (except those named in `skip`) for a quantized one, in place.
+def quantize_model(model: nn.Module, kind: str) -> nn.Module:
+    """Swap a Transformer's linear layers for packed quantized ones, in place.
 
-    Args:
-        model: the model (typically a `llama2.model.Transformer`).
-        kind: "int8" or "int4" (groups of 32).
-        skip: module names left in full precision (the output head by default: an int4
-            head costs accuracy).
+    The transformer blocks' linears become `kind` ("int8" or "int4" in groups of 32);
+    the output head becomes int8 (an int4 head costs accuracy) and, when the
+    embeddings are tied, the embedding lookup reads the same int8 table.
     """
     if kind not in QUANTIZERS:
         raise Llama2Error(f"unknown quantization {kind!r}; choose one of {', '.join(QUANT_TYPES)}")
     quantizer = QUANTIZERS[kind]
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full_name = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, nn.Linear) and full_name not in skip:
-                setattr(module, child_name, quantizer(child.weight.detach()))
+    for block in model.layers:
+        for parent in (block.attention, block.feed_forward):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, quantizer(child.weight.detach()))
+    quantize_head(model)
     return model
+
+
+def quantize_head(model: nn.Module) -> None:
+    """Make the output head int8; a tied embedding then shares its int8 table."""
+    dtype = model.tok_embeddings.weight.dtype
+    if model.output is None:
+        head = Int8Linear.from_float(model.tok_embeddings.weight.detach())
+        model.tok_embeddings = Int8Embedding(head, dtype)
+        model.output = head
+    elif isinstance(model.output, nn.Linear):
+        model.output = Int8Linear.from_float(model.output.weight.detach())
 
 
 def unpack_q4_blocks(raw: torch.Tensor, shape: tuple[int, int], has_minimum: bool):
