@@ -169,3 +169,13 @@ def test_top_k_restricts_samples():
 def test_truncate_at_stop_picks_earliest():
     assert truncate_at_stop("abc END xyz STOP", ["STOP", "END"]) == "abc "
     assert truncate_at_stop("nothing", ["zzz", ""]) == "nothing"
+
+
+def test_compiled_decode_equals_eager(tokenizer):
+    """torch.compile'd decode steps (dynamic cache length, frozen weights) give the eager tokens."""
+    eager = make_llama(tokenizer, max_batch_size=2)
+    prompts = [tokenizer.encode(t, bos=True, eos=False) for t in ("Compile me", "and me too, please")]
+    expected, _ = eager.generate(prompts, max_gen_len=10, temperature=0, stop_ids=frozenset())
+    compiled = Llama(eager.model, tokenizer, None, max_seq_len=64, max_batch_size=2, compile=True)
+    actual, _ = compiled.generate(prompts, max_gen_len=10, temperature=0, stop_ids=frozenset())
+    assert actual == expected

@@ -9,7 +9,7 @@ seeds and stopping at any of the model's end-of-turn tokens.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
@@ -83,6 +83,17 @@ def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype
     return model.eval()
 
 
+def compile_decode_step(model: Transformer) -> Callable[..., torch.Tensor]:
+    """The model's forward compiled for one-token decode steps.
+
+    The attended cache length is a dynamic size (one graph for every position); on the
+    CPU the graph is frozen with its weights and called through a C++ wrapper. Inductor
+    caches compiled code on disk, so a second start skips most of the cold compile.
+    """
+    options = {"cpp_wrapper": True, "freezing": True} if model.norm.weight.device.type == "cpu" else {}
+    return torch.compile(model, dynamic=True, options=options)
+
+
 class Llama:
     """A loaded model with its tokenizer and chat format, ready to generate."""
 
@@ -95,6 +106,7 @@ class Llama:
         max_batch_size: int,
         seed: int = 1,
         checkpoint: Checkpoint | None = None,
+        compile: bool = False,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -107,6 +119,7 @@ class Llama:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.last_stats = GenerationStats()
         model.setup_caches(max_batch_size, max_seq_len)
+        self.decode_step = compile_decode_step(model) if compile else model
 
     @staticmethod
     def build(
@@ -219,7 +232,8 @@ class Llama:
         start = time.perf_counter()
         for cur_pos in range(min_len, total_len):
             positions = torch.arange(prev_pos, cur_pos, device=self.device)
-            logits = self.model(tokens[:, prev_pos:cur_pos], positions, last_logits_only=not want_logprobs)
+            step = self.decode_step if cur_pos - prev_pos == 1 else self.model
+            logits = step(tokens[:, prev_pos:cur_pos], positions, kv_len=cur_pos, last_logits_only=not want_logprobs)
             next_token = sample_next(logits[:, -1], sampling, generator, tokens[:, :cur_pos])
             next_token = torch.where(in_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
             tokens[:, cur_pos] = next_token

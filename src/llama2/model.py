@@ -227,6 +227,7 @@ class Transformer(nn.Module):
         *,
         cache_slots: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
+        kv_len: int | None = None,
         last_logits_only: bool = False,
     ) -> torch.Tensor:
         """Logits for `tokens`.
@@ -240,6 +241,10 @@ class Transformer(nn.Module):
                 server can run any subset of its sequences.
             document_ids: [B, T] ids of the packed example each token belongs to
                 (training without caches): attention stays within an example.
+            kv_len: how many leading cache positions to attend over (at least the
+                largest position + 1); computed from `input_pos` when None. Passing it
+                from the host saves a device sync and lets a compiled step treat it as
+                a dynamic size.
             last_logits_only: compute logits for the last position only (saves the
                 [B, T, vocab] projection during prefill).
 
@@ -253,7 +258,7 @@ class Transformer(nn.Module):
         if input_pos is None:
             input_pos = torch.arange(seq_len, device=tokens.device)
         if cached:
-            mask = cache_mask(input_pos)
+            mask = cache_mask(input_pos, kv_len)
             cache_write = (input_pos, cache_slots)
         else:
             mask = None if document_ids is None else document_mask(document_ids)
@@ -268,7 +273,7 @@ class Transformer(nn.Module):
         return self.project_output(self.norm(h)).float()
 
 
-def cache_mask(input_pos: torch.Tensor) -> torch.Tensor:
+def cache_mask(input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
     """Boolean mask letting each query see cached keys at positions <= its own.
 
     The key axis covers the cache slots in use (up to the largest position + 1), so
@@ -276,11 +281,13 @@ def cache_mask(input_pos: torch.Tensor) -> torch.Tensor:
 
     Args:
         input_pos: [T] or [B, T] positions.
+        kv_len: key positions covered (default: the largest position + 1).
 
     Returns:
         [T, S] for shared positions, [B, 1, T, S] for per-row positions.
     """
-    kv_len = int(input_pos.max()) + 1
+    if kv_len is None:
+        kv_len = int(input_pos.max()) + 1
     key_pos = torch.arange(kv_len, device=input_pos.device)
     mask = key_pos <= input_pos.unsqueeze(-1)  # [(B,) T, S]
     return mask if input_pos.dim() == 1 else mask.unsqueeze(1)
