@@ -27,6 +27,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seq-len", type=int, help="context to allocate (default: the model's, at most 4096)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight/activation dtype")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first start, cached after)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
     parser.add_argument("--max-tokens", "-n", type=int, default=512, help="most tokens to generate per answer")
     parser.add_argument("--temperature", "-t", type=float, default=0.6, help="0 for greedy decoding")
     parser.add_argument("--top-p", type=float, default=0.9)
@@ -70,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     list_ = commands.add_parser("list", help="list named models and whether they are downloaded")
     list_.set_defaults(handler=cmd_list)
+
+    bench = commands.add_parser("bench", help="measure prompt and decode speed, load time and peak memory")
+    add_run_options(bench)
+    bench.add_argument("--prompt-len", type=int, default=128)
+    bench.add_argument("--gen-len", type=int, default=128)
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    bench.set_defaults(handler=cmd_bench)
     return parser
 
 
@@ -82,6 +92,8 @@ def build_llama(args: argparse.Namespace):
     from .generation import Llama
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     return Llama.build(
         args.model,
         tokenizer_path=args.tokenizer,
@@ -91,6 +103,7 @@ def build_llama(args: argparse.Namespace):
         device=args.device,
         dtype=dtype,
         chat_format=args.chat_format,
+        compile=args.compile,
     )
 
 
@@ -236,6 +249,25 @@ def cmd_info(args: argparse.Namespace) -> int:
     width = max(len(k) for k in lines)
     for key, value in lines.items():
         print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    if args.max_seq_len is None:
+        args.max_seq_len = args.prompt_len + args.gen_len + 8
+    result = run_bench(lambda: build_llama(args), args.prompt_len, args.gen_len, args.repeats)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    rss = result["peak_rss_mb"]
+    print(f"model            {args.model}  ({result['threads']} threads, median of {args.repeats})")
+    print(f"load             {result['load_s']:.2f} s (+ warm-up {result['warmup_s']:.2f} s)")
+    print(f"prompt           {result['prompt_tokens_per_s']:.1f} tok/s ({args.prompt_len} tokens)")
+    print(f"time to 1st tok  {result['time_to_first_token_s'] * 1000:.0f} ms")
+    print(f"decode           {result['decode_tokens_per_s']:.1f} tok/s ({args.gen_len} tokens)")
+    print(f"peak RSS         {rss:.0f} MB" if rss is not None else "peak RSS         unknown on this platform")
     return 0
 
 

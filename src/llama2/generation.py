@@ -132,6 +132,7 @@ class Llama:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         chat_format: str | None = None,
+        compile: bool = False,
     ) -> "Llama":
         """Load a model and its tokenizer.
 
@@ -148,6 +149,8 @@ class Llama:
                 bfloat16 otherwise).
             chat_format: override of the chat format (``"llama-2"``, ``"chatml"``, a
                 Jinja template); the checkpoint's own template is used otherwise.
+            compile: compile the decode step with torch.compile (a slow first start,
+                cached on disk for the next).
         """
         device = torch.device(device) if device is not None else default_device()
         checkpoint = load_checkpoint(source, dtype=dtype or torch.float32, device="cpu")
@@ -169,7 +172,7 @@ class Llama:
             if chat_format is not None:
                 raise
             fmt = None  # a completion-only model: chat fails with a clear message later
-        return Llama(model, tokenizer, fmt, max_seq_len, max_batch_size, seed, checkpoint)
+        return Llama(model, tokenizer, fmt, max_seq_len, max_batch_size, seed, checkpoint, compile=compile)
 
     # ------------------------------------------------------------------ core loop
 
