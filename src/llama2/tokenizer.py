@@ -321,6 +321,10 @@ class SentencePieceTokenizer(Tokenizer):
     def special_tokens(self) -> dict[str, int]:
         return dict(self._specials)
 
+    def model_proto(self) -> bytes:
+        """The serialized SentencePiece model (the bytes of a `tokenizer.model` file)."""
+        return self._sp.serialized_model_proto()
+
     def _encode_plain(self, s: str) -> list[int]:
         return self._sp.encode(s)
 
@@ -383,6 +387,29 @@ class HFTokenizer(Tokenizer):
 
     def special_tokens(self) -> dict[str, int]:
         return dict(self._specials)
+
+    def to_json(self) -> str:
+        """The backend as `tokenizer.json` text."""
+        return self._with_special.to_str()
+
+    def gguf_pre_tokenizer(self) -> str | None:
+        """The `tokenizer.ggml.pre` name whose splitting gives this tokenizer's pre-tokens.
+
+        Compared by behaviour on a probe text covering llama.cpp's cases (spaces,
+        newlines, digits, contractions, scripts), so a `tokenizer.json` written with
+        different regexes for the same splitting is recognised too.
+
+        Returns:
+            The first matching name of `tokenizer.ggml.pre`, None when none matches.
+        """
+        pre = self._with_special.pre_tokenizer
+        if pre is None:
+            return None
+        wanted = [piece for piece, _ in pre.pre_tokenize_str(_PRE_TOKENIZER_PROBE)]
+        for name, spec in _PRE_TOKENIZERS.items():
+            if [piece for piece, _ in _pre_tokenizer(spec).pre_tokenize_str(_PRE_TOKENIZER_PROBE)] == wanted:
+                return name
+        return None
 
     def _encode_plain(self, s: str) -> list[int]:
         return self._plain.encode(s, add_special_tokens=False).ids
@@ -606,6 +633,22 @@ def _pre_tokenizer_table() -> dict[str, _PreTokenizer]:
 
 _PRE_TOKENIZERS = MappingProxyType(_pre_tokenizer_table())
 
+# llama.cpp's `chktxt` (convert_hf_to_gguf_update.py): tells its pre-tokenizers apart.
+_PRE_TOKENIZER_PROBE = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) "
+    "✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
+    "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, "
+    "'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
+)
+
+
+def _pre_tokenizer(spec: _PreTokenizer) -> pre_tokenizers.PreTokenizer:
+    """llama.cpp's splitting as a `tokenizers` pre-tokenizer (then GPT-2's byte mapping)."""
+    return pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in spec.splits]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+
 
 def _bpe_from_gguf(meta: Mapping[str, Any], source: str) -> HFTokenizer:
     """Builds a byte-level BPE tokenizer from GGUF metadata (`tokenizer.ggml.model == "gpt2"`)."""
@@ -624,10 +667,7 @@ def _bpe_from_gguf(meta: Mapping[str, Any], source: str) -> HFTokenizer:
         )
     except Exception as e:  # tokenizers raises bare Exception on inconsistent merges
         raise Llama2Error(f"{source}: the BPE vocabulary is invalid ({e})") from e
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in pre.splits]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
+    backend.pre_tokenizer = _pre_tokenizer(pre)
     backend.decoder = decoders.ByteLevel()
     _add_gguf_added_tokens(backend, tokens, meta.get("tokenizer.ggml.token_type") or ())
     ids = _gguf_special_ids(meta)

@@ -1,7 +1,8 @@
 """Checkpoint readers and writers, and `load_checkpoint`, which picks the reader for a source.
 
 Every reader returns a `Checkpoint` in the canonical (Meta) naming and RoPE layout;
-nothing outside this package knows a file format exists.
+nothing outside this package knows a file format exists. `open_checkpoint` returns one
+whose tensors are read lazily, for streaming conversions (`llama2.weights.convert`).
 """
 
 from __future__ import annotations
@@ -13,13 +14,29 @@ from pathlib import Path
 import torch
 
 from ..errors import Llama2Error
-from . import registry
-from .checkpoint import Checkpoint
-from .gguf import read_gguf
-from .hf import read_hf
-from .meta import read_meta, write_meta
+from . import hub, registry
+from .checkpoint import Checkpoint, LazyStateDict
+from .gguf import open_gguf, read_gguf
+from .gguf_writer import write_gguf
+from .hf import open_hf, read_hf, write_hf
+from .meta import open_meta, read_meta, write_meta
 
-__all__ = ["Checkpoint", "detect_format", "load_checkpoint", "read_gguf", "read_hf", "read_meta", "write_meta"]
+__all__ = [
+    "Checkpoint",
+    "LazyStateDict",
+    "detect_format",
+    "load_checkpoint",
+    "open_checkpoint",
+    "open_gguf",
+    "open_hf",
+    "open_meta",
+    "read_gguf",
+    "read_hf",
+    "read_meta",
+    "write_gguf",
+    "write_hf",
+    "write_meta",
+]
 
 GGUF_MAGIC = b"GGUF"
 
@@ -56,10 +73,15 @@ FORMATS: tuple[tuple[str, Callable[[Path], Path | None], Reader], ...] = (
 )
 
 
+# Format name -> function opening it lazily.
+OPENERS: dict[str, Callable[[Path], Checkpoint]] = {"gguf": open_gguf, "hf": open_hf, "meta": open_meta}
+
+
 def detect_format(source: str | os.PathLike) -> tuple[str, Path, Reader]:
     """Which reader handles `source`: (format name, path to read, reader function).
 
-    A registry model name resolves (downloading if needed) to its cached GGUF file.
+    A registry model name resolves (downloading if needed) to its cached GGUF file; a
+    Hugging Face repo id (``org/name``) to the folder `llama2 pull` put it in.
 
     Raises:
         Llama2Error: the source does not exist or is no recognised checkpoint.
@@ -67,6 +89,8 @@ def detect_format(source: str | os.PathLike) -> tuple[str, Path, Reader]:
     if isinstance(source, str) and source in registry.MODELS:
         return "gguf", registry.resolve(source), read_gguf
     path = Path(source)
+    if not path.exists() and isinstance(source, str) and hub.is_repo_id(source):
+        path = hub.resolve(source)
     if not path.exists():
         known = ", ".join(registry.model_names())
         raise Llama2Error(f"{source}: no such file or directory (known model names: {known})")
@@ -92,3 +116,16 @@ def load_checkpoint(source: str | os.PathLike, dtype: torch.dtype = torch.float3
     """
     _, path, reader = detect_format(source)
     return reader(path, dtype=dtype, device=device)
+
+
+def open_checkpoint(source: str | os.PathLike) -> Checkpoint:
+    """Open any source `load_checkpoint` accepts lazily: tensors are read one at a time when looked up.
+
+    The returned `Checkpoint.state_dict` is a `LazyStateDict` in the source's own dtypes
+    (dequantized GGUF tensors as float32); everything else is checked up front.
+
+    Raises:
+        Llama2Error: the source is missing, unrecognised or broken.
+    """
+    fmt, path, _ = detect_format(source)
+    return OPENERS[fmt](path)

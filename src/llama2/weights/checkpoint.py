@@ -1,14 +1,87 @@
-"""What every weights reader returns: a `Checkpoint` in the canonical (Meta) naming."""
+"""What every weights reader returns: a `Checkpoint` in the canonical (Meta) naming.
+
+A reader's `open_*` function returns a `Checkpoint` whose `state_dict` is a
+`LazyStateDict`: every tensor is read from the source when it is looked up and is not
+kept, so a conversion streams tensor by tensor. `read_*` materializes it into a dict.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from ..config import ModelArgs
+from ..errors import Llama2Warning
+
+
+class TensorSpec(NamedTuple):
+    """Shape and dtype of a tensor, known before it is read."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class LazyStateDict(Mapping[str, torch.Tensor]):
+    """Canonical name -> tensor, each read from its source on lookup and never cached.
+
+    Args:
+        specs: canonical name -> `TensorSpec` of the tensor a lookup returns, in the
+            order the tensors are best read.
+        load: reads one tensor by canonical name.
+        source: the file or folder read, for messages; when given, every tensor read is
+            checked for NaN/Inf values (a `Llama2Warning` names it).
+    """
+
+    def __init__(self, specs: Mapping[str, TensorSpec], load: Callable[[str], torch.Tensor], source: str = ""):
+        self._specs = dict(specs)
+        self._load = load
+        self._source = source
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._specs:
+            raise KeyError(name)
+        tensor = self._load(name)
+        if self._source:
+            warn_if_not_finite(name, tensor, self._source)
+        return tensor
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs  # Mapping's default would read the tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def spec(self, name: str) -> TensorSpec:
+        """Shape and dtype of tensor `name`, without reading it."""
+        return self._specs[name]
+
+    def map(self, fn: Callable[[str, torch.Tensor], torch.Tensor], dtype: torch.dtype | None = None) -> LazyStateDict:
+        """A lazy view applying `fn(name, tensor)` to every tensor read (`dtype`: its result's dtype, if it changes)."""
+        specs = {name: TensorSpec(spec.shape, dtype or spec.dtype) for name, spec in self._specs.items()}
+        return LazyStateDict(specs, lambda name: fn(name, self[name]))
+
+
+def lazy(state_dict: Mapping[str, torch.Tensor]) -> LazyStateDict:
+    """`state_dict` as a `LazyStateDict` (itself when it already is one)."""
+    if isinstance(state_dict, LazyStateDict):
+        return state_dict
+    specs = {name: TensorSpec(tuple(t.shape), t.dtype) for name, t in state_dict.items()}
+    return LazyStateDict(specs, state_dict.__getitem__)
+
+
+def warn_if_not_finite(name: str, tensor: torch.Tensor, source: str) -> None:
+    """Warn (`Llama2Warning`) when floating-point `tensor` holds NaN or infinite values."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        warnings.warn(f"{source}: tensor {name} has {bad} NaN/Inf value(s)", Llama2Warning, stacklevel=3)
 
 
 @dataclass
@@ -19,7 +92,8 @@ class Checkpoint:
         args: the architecture.
         state_dict: weights under Meta's names (``tok_embeddings.weight``,
             ``layers.N.attention.wq.weight``, ...), in Meta's interleaved RoPE layout.
-            ``output.weight`` is absent when ``args.tie_word_embeddings`` is set.
+            ``output.weight`` is absent when ``args.tie_word_embeddings`` is set. A dict
+            from `read_*`, a `LazyStateDict` from `open_*`.
         tokenizer_metadata: format-specific tokenizer description, or None (for GGUF:
             every ``tokenizer.*`` key as plain python values).
         chat_template: the Jinja chat template the checkpoint ships, if any.
@@ -31,13 +105,19 @@ class Checkpoint:
     """
 
     args: ModelArgs
-    state_dict: dict[str, torch.Tensor]
+    state_dict: Mapping[str, torch.Tensor]
     tokenizer_metadata: dict[str, Any] | None = None
     chat_template: str | None = None
     source: str = ""
     format: str = ""
     tensor_types: dict[str, str] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def materialize(checkpoint: Checkpoint, dtype: torch.dtype, device) -> Checkpoint:
+    """`checkpoint` with every tensor read into a dict, cast to `dtype` and moved to `device`."""
+    state_dict = {name: t.to(device=device, dtype=dtype) for name, t in checkpoint.state_dict.items()}
+    return dataclasses.replace(checkpoint, state_dict=state_dict)
 
 
 def iter_expected_shapes(args: ModelArgs) -> Iterator[tuple[str, tuple[int, ...]]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import uuid
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -18,7 +19,7 @@ import torch
 
 from ..config import ModelArgs
 from ..errors import Llama2Error
-from .checkpoint import expected_shapes
+from .checkpoint import TensorSpec, expected_shapes, lazy
 
 _DTYPE_NAMES = {
     torch.float32: "F32",
@@ -51,28 +52,39 @@ def check_tensor(
         source: the file, for the message.
         label: how to call the tensor in the message (defaults to `name`).
     """
+    check_spec(name, TensorSpec(tuple(tensor.shape), tensor.dtype), expected, source, label)
+
+
+def check_spec(
+    name: str, spec: TensorSpec, expected: Mapping[str, tuple[int, ...]], source: str, label: str | None = None
+) -> None:
+    """`check_tensor` for a tensor known by its `TensorSpec` only (before it is read)."""
     label = label or name
     if name not in expected:
         raise Llama2Error(f"{source}: unexpected tensor {label}")
-    if not tensor.is_floating_point():
-        raise Llama2Error(f"{source}: tensor {label} has unsupported type {dtype_name(tensor.dtype)}")
-    if tuple(tensor.shape) != expected[name]:
+    if not spec.dtype.is_floating_point:
+        raise Llama2Error(f"{source}: tensor {label} has unsupported type {dtype_name(spec.dtype)}")
+    if tuple(spec.shape) != expected[name]:
         raise Llama2Error(
-            f"{source}: tensor {label} has shape {list(tensor.shape)} but the config implies {list(expected[name])}"
+            f"{source}: tensor {label} has shape {list(spec.shape)} but the config implies {list(expected[name])}"
         )
 
 
 def check_state_dict(state_dict: Mapping[str, torch.Tensor], args: ModelArgs, source: str) -> None:
-    """Raise `Llama2Error` unless `state_dict` holds exactly the weights `args` describes."""
+    """Raise `Llama2Error` unless `state_dict` holds exactly the weights `args` describes.
+
+    A `LazyStateDict` is checked by its specs, without reading any tensor.
+    """
+    specs = lazy(state_dict)
     expected = expected_shapes(args)
-    unexpected = [name for name in state_dict if name not in expected]
+    unexpected = [name for name in specs if name not in expected]
     if unexpected:
         raise Llama2Error(f"{source}: unexpected tensor(s) {describe_names(unexpected)}")
-    missing = [name for name in expected if name not in state_dict]
+    missing = [name for name in expected if name not in specs]
     if missing:
         raise Llama2Error(f"{source}: missing tensor(s) {describe_names(missing)}")
     for name in expected:  # canonical order, so the first mismatch reported is the most telling
-        check_tensor(name, state_dict[name], expected, source)
+        check_spec(name, specs.spec(name), expected, source)
 
 
 def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
@@ -119,19 +131,17 @@ def require_folder(folder: Path) -> None:
         raise Llama2Error(f"{folder}: not a directory")
 
 
-def read_folder_config(folder: Path, config_file: str, dtype: torch.dtype, kind: str) -> tuple[Path, dict]:
-    """Check `dtype` and `folder`, then read the folder's JSON config file `config_file`.
+def read_folder_config(folder: Path, config_file: str, kind: str) -> tuple[Path, dict]:
+    """Check `folder`, then read its JSON config file `config_file`.
 
     Args:
         folder: the model folder.
         config_file: the config file's name inside `folder` (its presence marks the format).
-        dtype: the dtype the caller was asked to return weights in.
         kind: the format, for the message ("a Meta checkpoint", ...).
 
     Returns:
         The config file's path and its parsed JSON object.
     """
-    check_dtype(dtype, folder)
     require_folder(folder)
     path = folder / config_file
     if not path.is_file():
@@ -154,7 +164,7 @@ def atomic_output(path: Path) -> Iterator[Path]:
     Readers never see a half-written file: the rename is atomic on one file system, and
     on any exception the temporary file is removed and `path` is left untouched.
     """
-    temp_name = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    temp_name = _temp_sibling(path, "tmp")
     # Created like any new file (permissions from the umask), unlike tempfile's private 0600.
     os.close(os.open(temp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
@@ -164,3 +174,51 @@ def atomic_output(path: Path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp_name)
         raise
+
+
+def _temp_sibling(path: Path, suffix: str) -> Path:
+    """A hidden, unique name next to `path` that no reader mistakes for a finished output."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.{suffix}")
+
+
+@contextlib.contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """Yield a new temporary folder next to `path`; put it in place of `path` only if the block succeeds.
+
+    A killed or failed write leaves at most a hidden ``.NAME.*.tmp`` folder, never a
+    partial `path`. An existing `path` (a folder) is replaced as a whole: it is moved
+    aside, the new folder renamed into place, then the old one deleted.
+
+    Raises:
+        Llama2Error: `path` exists and is not a folder.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise Llama2Error(f"{path}: exists and is not a folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = _temp_sibling(path, "tmp")
+    temp.mkdir()
+    try:
+        yield temp
+        _replace_folder(temp, path)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def _replace_folder(new: Path, path: Path) -> None:
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+    if not path.exists():
+        os.replace(new, path)
+        return
+    old = _temp_sibling(path, "old")
+    os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write `data` as indented JSON, atomically."""
+    with atomic_output(path) as temp:
+        temp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -1,8 +1,9 @@
 """Read GGUF checkpoints (llama.cpp's format) of Llama-architecture models.
 
-The file is memory-mapped with `gguf.GGUFReader` and dequantized tensor by tensor with
-`llama2.weights.dequant`, so reading needs about the final state dict plus one tensor
-of memory. GGUF llama tensors are already in Meta's interleaved RoPE layout (llama.cpp's
+The header is parsed with `gguf.GGUFReader`; each tensor's bytes are then read with
+plain file reads and decoded with `llama2.weights.dequant`, one tensor at a time, so
+reading needs about the final state dict plus one tensor of memory (and `open_gguf`
+only one tensor). GGUF llama tensors are already in Meta's interleaved RoPE layout (llama.cpp's
 converter permutes Hugging Face q/k), so names are mapped and nothing is permuted.
 
 Before `GGUFReader` sees a file, `_HeaderScan` walks its header checking every length
@@ -28,9 +29,16 @@ from gguf.gguf_reader import ReaderField, ReaderTensor
 
 from ..config import ModelArgs
 from ..errors import Llama2Error
-from .checkpoint import Checkpoint, iter_expected_shapes
+from .checkpoint import Checkpoint, LazyStateDict, TensorSpec, iter_expected_shapes, materialize
 from .common import check_dtype, describe_names
 from .dequant import dequantize
+
+# Storage types read as themselves; every other type is dequantized to float32.
+_PLAIN_TYPES = {
+    GGMLQuantizationType.F32: torch.float32,
+    GGMLQuantizationType.F16: torch.float16,
+    GGMLQuantizationType.BF16: torch.bfloat16,
+}
 
 V = GGUFValueType
 
@@ -70,8 +78,8 @@ def read_gguf(
 
     Args:
         path: the ``.gguf`` file.
-        dtype: floating dtype of the returned weights (all types are decoded to float32
-            first, then cast).
+        dtype: floating dtype of the returned weights (quantized types are decoded to
+            float32 first, then cast).
         device: where the weights are decoded and returned.
 
     Returns:
@@ -82,8 +90,21 @@ def read_gguf(
         Llama2Error: the file is missing, is not a valid GGUF file, is not a supported
             Llama-architecture model, or its tensors contradict its metadata.
     """
+    check_dtype(dtype, os.fspath(path))
+    return materialize(open_gguf(path, device), dtype, device)
+
+
+def open_gguf(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Checkpoint:
+    """Open a GGUF Llama checkpoint lazily: like `read_gguf`, but a tensor is read and decoded when looked up.
+
+    F32, F16 and BF16 tensors come back in their own dtype (exactly); quantized ones as
+    float32. The header, metadata and every tensor's shape are checked first.
+
+    Args:
+        path: the ``.gguf`` file.
+        device: where tensors are decoded.
+    """
     source = os.fspath(path)
-    check_dtype(dtype, source)
     reader = _open_reader(source)
     meta = _read_fields(reader, source)
     arch = _architecture(meta, source)
@@ -91,18 +112,22 @@ def read_gguf(
     args = _model_args(meta, arch, shapes, source)
     _check_supported(meta, arch, args, source)
     _check_tensor_shapes(shapes, args, source)
-    state_dict = {
-        canonical_name(t.name): _load_tensor(t, shapes[t.name], dtype, torch.device(device), source)
-        for t in reader.tensors
+    tensors = {canonical_name(t.name): t for t in reader.tensors}
+    specs = {
+        name: TensorSpec(shapes[t.name], _PLAIN_TYPES.get(t.tensor_type, torch.float32)) for name, t in tensors.items()
     }
+
+    def load(name: str) -> torch.Tensor:
+        return _load_tensor(tensors[name], specs[name].shape, torch.device(device), source)
+
     return Checkpoint(
         args=args,
-        state_dict=state_dict,
+        state_dict=LazyStateDict(specs, load, source),
         tokenizer_metadata={k: v for k, v in meta.items() if k.startswith("tokenizer.")} or None,
         chat_template=_optional_str(meta, "tokenizer.chat_template", source),
         source=source,
         format="gguf",
-        tensor_types={canonical_name(t.name): t.tensor_type.name for t in reader.tensors},
+        tensor_types={name: t.tensor_type.name for name, t in tensors.items()},
         metadata=_scalar_metadata(meta),
     )
 
@@ -501,13 +526,24 @@ def _layer_index(gguf_tensor: str) -> int:
     return int(match.group(1)) if match else -1
 
 
-def _load_tensor(
-    tensor: ReaderTensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, path: str
-) -> torch.Tensor:
-    """Decode one memory-mapped tensor on `device` and cast it to `dtype`."""
-    raw = torch.from_numpy(np.asarray(tensor.data).reshape(-1).view(np.uint8))  # [n_bytes], still mapped
+def _load_tensor(tensor: ReaderTensor, shape: tuple[int, ...], device: torch.device, path: str) -> torch.Tensor:
+    """Read one tensor's bytes from the file and decode them on `device` (plain types keep their dtype)."""
+    raw = _read_bytes(path, tensor)
+    plain = _PLAIN_TYPES.get(tensor.tensor_type)
+    if plain is not None:
+        return raw.view(plain).reshape(shape).to(device)
     try:
-        values = dequantize(raw.to(device), tensor.tensor_type, shape)
+        return dequantize(raw.to(device), tensor.tensor_type, shape)
     except Llama2Error as exc:
         raise Llama2Error(f"{path}: tensor {tensor.name}: {exc}") from None
-    return values.to(dtype)
+
+
+def _read_bytes(path: str, tensor: ReaderTensor) -> torch.Tensor:
+    """The tensor's bytes, read into new memory (the header scan proved they lie inside the file)."""
+    buffer = np.empty(int(tensor.n_bytes), dtype=np.uint8)
+    with open(path, "rb") as file:
+        file.seek(int(tensor.data_offset))
+        got = file.readinto(memoryview(buffer))
+    if got != buffer.size:
+        raise Llama2Error(f"{path}: tensor {tensor.name} is cut short (the file changed while reading)")
+    return torch.from_numpy(buffer)

@@ -1,31 +1,38 @@
 """Hugging Face Llama folders: `config.json` plus safetensors (or PyTorch `.bin`) weights.
 
 Hugging Face renames every tensor and permutes the rows of the query and key projections
-so that its rotate-half RoPE matches Meta's interleaved one. This reader maps the names
-back and undoes the permutation, so the result is in the canonical (Meta) layout.
+so that its rotate-half RoPE matches Meta's interleaved one. The reader maps the names
+back and undoes the permutation, so the result is in the canonical (Meta) layout; the
+writer does the reverse, streaming tensors into size-limited safetensors shards.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from ..config import ModelArgs
 from ..errors import Llama2Error
-from .checkpoint import Checkpoint, expected_shapes
+from .checkpoint import Checkpoint, LazyStateDict, TensorSpec, expected_shapes, lazy, materialize
 from .common import (
+    atomic_folder,
     build_args,
-    check_tensor,
+    check_dtype,
+    check_spec,
+    check_state_dict,
     describe_names,
     dtype_name,
     load_torch_file,
     read_folder_config,
     read_json,
+    write_json,
 )
+from .safetensors_file import SafetensorsFile, SafetensorsWriter, data_size
 
 CONFIG_FILE = "config.json"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -63,7 +70,7 @@ def read_hf(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, devic
     """Read a Hugging Face Llama (or Mistral-layout) model folder.
 
     Weights come from `model.safetensors`, a sharded `model.safetensors.index.json`, or
-    the PyTorch equivalents, read tensor by tensor from memory-mapped files.
+    the PyTorch equivalents, read tensor by tensor.
 
     Args:
         folder: the model folder (as written by `save_pretrained`).
@@ -78,42 +85,52 @@ def read_hf(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, devic
         Llama2Error: missing or corrupt files, an unsupported architecture, or tensors
             missing, unexpected or shaped differently from what `config.json` implies.
     """
+    check_dtype(dtype, Path(folder))
+    return materialize(open_hf(folder), dtype, device)
+
+
+def open_hf(folder: str | os.PathLike) -> Checkpoint:
+    """Open a Hugging Face model folder lazily: like `read_hf`, but nothing is read until looked up.
+
+    The returned `state_dict` is a `LazyStateDict` in the files' own dtypes; every
+    header, name and shape is checked before it is returned.
+    """
     folder = Path(folder)
-    config_path, config = read_folder_config(folder, CONFIG_FILE, dtype, "a Hugging Face model")
+    config_path, config = read_folder_config(folder, CONFIG_FILE, "a Hugging Face model")
     locations = tensor_locations(folder)
     args = args_from_hf_config(config, config_path, has_lm_head="lm_head.weight" in locations)
-    state_dict, tensor_types = _load_tensors(locations, args, dtype, device)
-    missing = [name for name in expected_shapes(args) if name not in state_dict]
+    names = _canonical_names(locations, args)
+    missing = [name for name in expected_shapes(args) if name not in names]
     if missing:
         raise Llama2Error(f"{folder}: missing tensor(s) {describe_names(missing)}")
+
+    def load(name: str) -> torch.Tensor:
+        hf = names[name]
+        return to_meta_layout(name, locations[hf].load(hf), args)
+
     return Checkpoint(
         args=args,
-        state_dict=state_dict,
+        state_dict=LazyStateDict({name: locations[hf].spec(hf) for name, hf in names.items()}, load, str(folder)),
         tokenizer_metadata=None,
         chat_template=read_chat_template(folder),
         source=str(folder),
         format="hf",
-        tensor_types=tensor_types,
+        tensor_types={name: locations[hf].dtype(hf) for name, hf in names.items()},
         metadata={"config": config, "tokenizer_path": _tokenizer_path(folder)},
     )
 
 
-def _load_tensors(
-    locations: dict[str, _WeightFile], args: ModelArgs, dtype: torch.dtype, device
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Canonical state dict and storage types, one tensor at a time, each checked against `args`."""
+def _canonical_names(locations: dict[str, _WeightFile], args: ModelArgs) -> dict[str, str]:
+    """Canonical name -> Hugging Face name of every weight, each checked against `args`."""
     expected = expected_shapes(args)
-    state_dict: dict[str, torch.Tensor] = {}
-    tensor_types: dict[str, str] = {}
+    names: dict[str, str] = {}
     for hf_name, file in locations.items():
         name = canonical_name(hf_name, file.path)
         if name is None or (name == "output.weight" and args.tie_word_embeddings):
             continue  # a dropped buffer, or the redundant lm_head of a tied model
-        tensor = file.load(hf_name)
-        check_tensor(name, tensor, expected, str(file.path), label=f"{hf_name} ({name})")
-        state_dict[name] = to_meta_layout(name, tensor, args).to(device=device, dtype=dtype)
-        tensor_types[name] = file.dtype(hf_name)
-    return state_dict, tensor_types
+        check_spec(name, file.spec(hf_name), expected, str(file.path), label=f"{hf_name} ({name})")
+        names[name] = hf_name
+    return names
 
 
 # ---------------------------------------------------------------------------------------
@@ -230,46 +247,44 @@ def canonical_name(hf_name: str, path: Path) -> str | None:
     raise Llama2Error(f"{path}: unexpected tensor {hf_name}")
 
 
+def hf_name(name: str) -> str:
+    """The Hugging Face name of canonical tensor `name` (the inverse of `canonical_name`)."""
+    module = name.removesuffix(".weight")
+    for theirs, ours in TOP_LEVEL_NAMES.items():
+        if ours == module:
+            return f"{theirs}.weight"
+    layer, _, inner = module.removeprefix("layers.").partition(".")
+    for theirs, ours in LAYER_NAMES.items():
+        if ours == inner and layer.isdigit():
+            return f"model.layers.{layer}.{theirs}.weight"
+    raise Llama2Error(f"{name!r} is not a Llama weight name")
+
+
 def to_meta_layout(name: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
     """Undo Hugging Face's rotate-half row permutation for q/k projections; other tensors pass through."""
+    return _permute_rope_rows(name, tensor, args, to_hf=False)
+
+
+def to_hf_layout(name: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    """Apply Hugging Face's rotate-half row permutation to q/k projections (the inverse of `to_meta_layout`)."""
+    return _permute_rope_rows(name, tensor, args, to_hf=True)
+
+
+def _permute_rope_rows(name: str, tensor: torch.Tensor, args: ModelArgs, to_hf: bool) -> torch.Tensor:
     module = name.removesuffix(".weight").rsplit(".", 1)[-1]
     if module not in _ROPE_PERMUTED_HEADS:
         return tensor
     n_heads = getattr(args, _ROPE_PERMUTED_HEADS[module])
     out_dim, dim = tensor.shape
     half = out_dim // n_heads // 2
-    # HF rows per head: [all real parts; all imaginary parts] -> Meta's interleaved pairs.
-    return tensor.view(n_heads, 2, half, dim).transpose(1, 2).reshape(out_dim, dim)  # [out_dim, dim]
+    # Rows per head: Meta interleaves (real, imaginary) pairs, HF puts all real parts first.
+    pairs_first = (n_heads, half, 2, dim) if to_hf else (n_heads, 2, half, dim)
+    return tensor.reshape(pairs_first).transpose(1, 2).reshape(out_dim, dim)  # [out_dim, dim]
 
 
 # ---------------------------------------------------------------------------------------
 # Weight files
 # ---------------------------------------------------------------------------------------
-
-
-class _SafetensorsFile:
-    """One memory-mapped safetensors file, read tensor by tensor."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        _check_safetensors_header(path)
-        try:
-            self._handle = safe_open(str(path), framework="pt")
-            self._names = list(self._handle.keys())
-        except (SafetensorError, OSError, ValueError) as error:
-            raise Llama2Error(f"{path}: corrupt safetensors file ({error})") from error
-
-    def names(self) -> list[str]:
-        return self._names
-
-    def dtype(self, name: str) -> str:
-        return self._handle.get_slice(name).get_dtype()
-
-    def load(self, name: str) -> torch.Tensor:
-        try:
-            return self._handle.get_tensor(name)
-        except (SafetensorError, OSError, ValueError, TypeError) as error:
-            raise Llama2Error(f"{self.path}: cannot read tensor {name} ({error})") from error
 
 
 class _TorchFile:
@@ -282,6 +297,10 @@ class _TorchFile:
     def names(self) -> list[str]:
         return list(self._tensors)
 
+    def spec(self, name: str) -> TensorSpec:
+        tensor = self._tensors[name]
+        return TensorSpec(tuple(tensor.shape), tensor.dtype)
+
     def dtype(self, name: str) -> str:
         return dtype_name(self._tensors[name].dtype)
 
@@ -289,25 +308,13 @@ class _TorchFile:
         return self._tensors[name]
 
 
-def _check_safetensors_header(path: Path) -> None:
-    """Reject a file whose 8-byte header length cannot fit (before safetensors allocates for it)."""
-    size = path.stat().st_size
-    with path.open("rb") as file:
-        prefix = file.read(8)
-    if len(prefix) < 8:
-        raise Llama2Error(f"{path}: truncated safetensors file ({size} bytes)")
-    header_len = int.from_bytes(prefix, "little")
-    if header_len > size - 8:
-        raise Llama2Error(f"{path}: corrupt safetensors file (header length {header_len} exceeds file size {size})")
-
-
-_WeightFile = _SafetensorsFile | _TorchFile
+_WeightFile = SafetensorsFile | _TorchFile
 
 
 def _open_weight_file(path: Path) -> _WeightFile:
     if not path.is_file():
         raise Llama2Error(f"{path}: no such weight file")
-    return _SafetensorsFile(path) if path.suffix == ".safetensors" else _TorchFile(path)
+    return SafetensorsFile(path) if path.suffix == ".safetensors" else _TorchFile(path)
 
 
 def tensor_locations(folder: Path) -> dict[str, _WeightFile]:
@@ -360,3 +367,127 @@ def _tokenizer_path(folder: Path) -> str | None:
         if (folder / name).is_file():
             return str(folder / name)
     return None
+
+
+# ---------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # transformers' save_pretrained default ("5GB")
+INDEX_FILE = "model.safetensors.index.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+_TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def write_hf(
+    args: ModelArgs,
+    state_dict: Mapping[str, torch.Tensor],
+    folder: str | os.PathLike,
+    *,
+    tokenizer=None,
+    chat_template: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write a Hugging Face Llama folder that `transformers.AutoModelForCausalLM` loads.
+
+    Tensors are renamed, q/k rows permuted for Hugging Face's rotate-half RoPE, and
+    streamed one at a time into safetensors shards of at most `max_shard_bytes` (one
+    shard is `model.safetensors`; more get `model.safetensors.index.json`). The folder
+    is built under a temporary name and renamed into place when complete, replacing any
+    previous `folder`.
+
+    Args:
+        args: the architecture.
+        state_dict: canonical weights matching `args` (a dict or a `LazyStateDict`).
+        folder: the destination folder.
+        tokenizer: a `llama2.tokenizer.Tokenizer` to write beside the weights (see
+            `tokenizer_files.write_hf_tokenizer`); None writes weights and configs only.
+        chat_template: the chat template to ship (default: the tokenizer's).
+        max_shard_bytes: size limit of one safetensors shard (a bigger tensor gets a
+            shard of its own).
+
+    Returns:
+        The folder.
+
+    Raises:
+        Llama2Error: the state dict does not match `args`.
+    """
+    from .tokenizer_files import special_token_ids, write_hf_tokenizer
+
+    folder = Path(folder)
+    tensors = lazy(state_dict)
+    check_state_dict(tensors, args, "state dict")
+    shards = plan_shards({hf_name(name): tensors.spec(name) for name in tensors}, max_shard_bytes)
+    special_ids = special_token_ids(tokenizer) if tokenizer is not None else {}
+    with atomic_folder(folder) as temp:
+        _write_shards(temp, tensors, shards, args)
+        write_json(temp / CONFIG_FILE, hf_config(args, _main_dtype(tensors), special_ids))
+        write_json(temp / GENERATION_CONFIG_FILE, {"_from_model_config": True, **special_ids})
+        if tokenizer is not None:
+            write_hf_tokenizer(temp, tokenizer, chat_template, args.max_seq_len)
+    return folder
+
+
+def plan_shards(specs: Mapping[str, TensorSpec], max_shard_bytes: int) -> dict[str, dict[str, TensorSpec]]:
+    """Split tensors, in order, into shard files of at most `max_shard_bytes` each.
+
+    Returns:
+        file name -> the specs it holds, in order: ``model.safetensors`` for one shard,
+        ``model-0000i-of-0000n.safetensors`` for more.
+    """
+    groups: list[dict[str, TensorSpec]] = [{}]
+    for name, spec in specs.items():
+        if groups[-1] and data_size(groups[-1]) + data_size({name: spec}) > max_shard_bytes:
+            groups.append({})
+        groups[-1][name] = spec
+    if len(groups) == 1:
+        return {WEIGHT_LAYOUTS[0][0]: groups[0]}
+    return {f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors": group for i, group in enumerate(groups)}
+
+
+def _write_shards(folder: Path, tensors: LazyStateDict, shards: dict[str, dict[str, TensorSpec]], args: ModelArgs) -> None:
+    canonical = {hf_name(name): name for name in tensors}
+    for file_name, specs in shards.items():
+        with SafetensorsWriter(folder / file_name, specs, {"format": "pt"}) as writer:
+            for hf in specs:
+                writer.write(hf, to_hf_layout(canonical[hf], tensors[canonical[hf]], args))
+    if len(shards) > 1:
+        total = sum(data_size(specs) for specs in shards.values())
+        weight_map = {hf: file_name for file_name, specs in shards.items() for hf in specs}
+        write_json(folder / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def _main_dtype(tensors: LazyStateDict) -> str:
+    """The dtype most weight matrices have, as `config.json` names it."""
+    counts = Counter(tensors.spec(name).dtype for name in tensors if len(tensors.spec(name).shape) == 2)
+    dtype = counts.most_common(1)[0][0] if counts else torch.float32
+    return _TORCH_DTYPE_NAMES.get(dtype, "float32")
+
+
+def hf_config(args: ModelArgs, torch_dtype: str = "float32", special_ids: Mapping[str, int] | None = None) -> dict:
+    """A Hugging Face `LlamaConfig` (as `config.json` holds it) for `args`."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "intermediate_size": args.hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size,
+        "max_position_embeddings": args.max_seq_len,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "rope_scaling": None,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "initializer_range": 0.02,
+        "pretraining_tp": 1,
+        "tie_word_embeddings": args.tie_word_embeddings,
+        "use_cache": True,
+        "torch_dtype": torch_dtype,
+        **(special_ids or {}),
+    }

@@ -42,10 +42,30 @@ def load_tokenizer(source: str | os.PathLike, tokenizer_path: str | os.PathLike 
 
 
 def checkpoint_tokenizer(checkpoint: Checkpoint, tokenizer_path: str | os.PathLike | None = None) -> Tokenizer:
-    """The tokenizer of an already loaded checkpoint (GGUF files carry theirs inside)."""
-    if tokenizer_path is None and checkpoint.tokenizer_metadata:
+    """The tokenizer of an already loaded checkpoint (GGUF files carry theirs inside).
+
+    Raises:
+        Llama2Error: there is none (see `find_tokenizer`) or it is broken.
+    """
+    tokenizer = find_tokenizer(checkpoint, tokenizer_path)
+    if tokenizer is None:
+        raise Llama2Error(
+            f"{checkpoint.source}: no tokenizer.model or tokenizer.json next to the checkpoint; pass --tokenizer PATH"
+        )
+    return tokenizer
+
+
+def find_tokenizer(checkpoint: Checkpoint, tokenizer_path: str | os.PathLike | None = None) -> Tokenizer | None:
+    """The checkpoint's tokenizer: `tokenizer_path` if given, else its GGUF metadata, else the
+    tokenizer file next to it (or one folder up, where Meta puts it); None when there is none.
+    """
+    if tokenizer_path is not None:
+        return Tokenizer.from_file(tokenizer_path)
+    if checkpoint.tokenizer_metadata:
         return Tokenizer.from_gguf_metadata(checkpoint.tokenizer_metadata, source=checkpoint.source)
-    return load_tokenizer(checkpoint.source, tokenizer_path)
+    path = Path(checkpoint.source)
+    found = _tokenizer_beside(path if path.is_dir() else path.parent)
+    return Tokenizer.from_file(found) if found is not None else None
 
 
 def describe(source: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None) -> dict[str, str]:

@@ -2,12 +2,14 @@
 
 Meta's names are the canonical ones (see `llama2.model`), so reading is a merge of the
 shards and writing is a split; both use one table of the dimensions fairscale's
-model-parallel layers split each weight along.
+model-parallel layers split each weight along. Both stream: a tensor is merged from
+the memory-mapped shards when it is looked up, and written into every shard file as it
+arrives (`torch_zip.TorchSaveWriter`).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import re
 from collections.abc import Mapping
@@ -17,16 +19,19 @@ import torch
 
 from ..config import ModelArgs, llama2_ffn_hidden_dim
 from ..errors import Llama2Error
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, LazyStateDict, TensorSpec, lazy, materialize
 from .common import (
-    atomic_output,
+    atomic_folder,
     build_args,
+    check_dtype,
     check_state_dict,
     describe_names,
     dtype_name,
     load_torch_file,
     read_folder_config,
+    write_json,
 )
+from .torch_zip import TorchSaveWriter
 
 PARAMS_FILE = "params.json"
 SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth")
@@ -98,20 +103,37 @@ def read_meta(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, dev
         Llama2Error: missing or malformed files, inconsistent shards, unknown tensors,
             or shapes that contradict `params.json`.
     """
+    check_dtype(dtype, Path(folder))
+    return materialize(open_meta(folder), dtype, device)
+
+
+def open_meta(folder: str | os.PathLike) -> Checkpoint:
+    """Open a Meta checkpoint folder lazily: like `read_meta`, but each tensor is merged when looked up.
+
+    The shards are memory-mapped; the returned `state_dict` is a `LazyStateDict` in the
+    files' dtype, checked against `params.json` before it is returned.
+    """
     folder = Path(folder)
-    params_path, params = read_folder_config(folder, PARAMS_FILE, dtype, "a Meta checkpoint")
+    params_path, params = read_folder_config(folder, PARAMS_FILE, "a Meta checkpoint")
     shards = [load_torch_file(path) for path in shard_paths(folder)]
-    merged = merge_shards(shards, folder)
-    args = args_from_params(params, merged, params_path)
-    check_state_dict(merged, args, str(folder))
+    specs = merged_specs(shards, folder)
+    args = args_from_params(params, {name: spec.shape for name, spec in specs.items()}, params_path)
+
+    def load(name: str) -> torch.Tensor:
+        dim = split_dim(name)
+        pieces = [shard[name] for shard in shards]
+        return pieces[0] if dim is None or len(pieces) == 1 else torch.cat(pieces, dim=dim)
+
+    state_dict = LazyStateDict(specs, load, str(folder))
+    check_state_dict(state_dict, args, str(folder))
     return Checkpoint(
         args=args,
-        state_dict={name: t.to(device=device, dtype=dtype) for name, t in merged.items()},
+        state_dict=state_dict,
         tokenizer_metadata=None,
         chat_template=None,
         source=str(folder),
         format="meta",
-        tensor_types={name: dtype_name(t.dtype) for name, t in merged.items()},
+        tensor_types={name: dtype_name(spec.dtype) for name, spec in specs.items()},
         metadata={"params": params, "num_shards": len(shards), "tokenizer_path": _tokenizer_path(folder)},
     )
 
@@ -134,8 +156,13 @@ def shard_paths(folder: Path) -> list[Path]:
     return [numbered[index] for index in sorted(numbered)]
 
 
-def merge_shards(shards: list[dict[str, torch.Tensor]], folder: Path) -> dict[str, torch.Tensor]:
-    """Concatenate model-parallel shards into whole tensors (`SPLIT_DIMS`); drop `IGNORED_TENSORS`."""
+def merged_specs(shards: list[dict[str, torch.Tensor]], folder: Path) -> dict[str, TensorSpec]:
+    """Shape and dtype of every whole tensor the shards hold once joined (`SPLIT_DIMS`); drops `IGNORED_TENSORS`.
+
+    Raises:
+        Llama2Error: the shards hold different tensors, an unknown tensor, or pieces
+            that cannot be joined.
+    """
     names = shards[0].keys()
     for index, shard in enumerate(shards[1:], start=1):
         if shard.keys() != names:
@@ -143,7 +170,7 @@ def merge_shards(shards: list[dict[str, torch.Tensor]], folder: Path) -> dict[st
             raise Llama2Error(
                 f"{folder}: shard {index:02d} and shard 00 hold different tensors ({describe_names(different)})"
             )
-    merged = {}
+    specs = {}
     for name in names:
         if name in IGNORED_TENSORS:
             continue
@@ -151,21 +178,29 @@ def merge_shards(shards: list[dict[str, torch.Tensor]], folder: Path) -> dict[st
             dim = split_dim(name)
         except KeyError:
             raise Llama2Error(f"{folder}: unexpected tensor {name}") from None
-        pieces = [shard[name] for shard in shards]
-        merged[name] = pieces[0] if dim is None or len(pieces) == 1 else _concat(name, pieces, dim, folder)
-    return merged
+        specs[name] = _joined_spec(name, [shard[name] for shard in shards], dim, folder)
+    return specs
 
 
-def _concat(name: str, pieces: list[torch.Tensor], dim: int, folder: Path) -> torch.Tensor:
-    try:
-        return torch.cat(pieces, dim=dim)
-    except RuntimeError:
-        shapes = [list(piece.shape) for piece in pieces]
-        raise Llama2Error(f"{folder}: shards of {name} cannot be joined along dim {dim} (shapes {shapes})") from None
+def _joined_spec(name: str, pieces: list[torch.Tensor], dim: int | None, folder: Path) -> TensorSpec:
+    first = pieces[0]
+    if dim is None or len(pieces) == 1:
+        return TensorSpec(tuple(first.shape), first.dtype)
+    shapes = [list(piece.shape) for piece in pieces]
+    joinable = all(
+        piece.dtype == first.dtype and piece.dim() == first.dim() > dim
+        and all(n == m for axis, (n, m) in enumerate(zip(piece.shape, first.shape)) if axis != dim)
+        for piece in pieces
+    )  # fmt: skip
+    if not joinable:
+        raise Llama2Error(f"{folder}: shards of {name} cannot be joined along dim {dim} (shapes {shapes})")
+    shape = list(first.shape)
+    shape[dim] = sum(piece.shape[dim] for piece in pieces)
+    return TensorSpec(tuple(shape), first.dtype)
 
 
-def args_from_params(params: dict, state_dict: Mapping[str, torch.Tensor], path: Path) -> ModelArgs:
-    """`ModelArgs` from Meta's params.json; `vocab_size: -1` means "the embedding's row count"."""
+def args_from_params(params: dict, shapes: Mapping[str, tuple[int, ...]], path: Path) -> ModelArgs:
+    """`ModelArgs` from Meta's params.json; `vocab_size: -1` means "the embedding's row count" (from `shapes`)."""
     absent = [key for key in _REQUIRED_PARAMS if key not in params]
     if absent:
         raise Llama2Error(f"{path}: missing {', '.join(absent)}")
@@ -173,9 +208,9 @@ def args_from_params(params: dict, state_dict: Mapping[str, torch.Tensor], path:
         raise Llama2Error(f"{path}: scaled RoPE (use_scaled_rope) is not supported")
     fields = {key: params[key] for key in _PARAM_FIELDS if params.get(key) is not None}
     if fields.get("vocab_size", -1) == -1:
-        if "tok_embeddings.weight" not in state_dict:
+        if "tok_embeddings.weight" not in shapes:
             raise Llama2Error(f"{path.parent}: missing tensor tok_embeddings.weight")
-        fields["vocab_size"] = state_dict["tok_embeddings.weight"].shape[0]
+        fields["vocab_size"] = shapes["tok_embeddings.weight"][0]
     return build_args(fields, path)
 
 
@@ -193,43 +228,69 @@ def _tokenizer_path(folder: Path) -> str | None:
 
 
 def write_meta(
-    args: ModelArgs, state_dict: Mapping[str, torch.Tensor], folder: str | os.PathLike, num_shards: int = 1
+    args: ModelArgs,
+    state_dict: Mapping[str, torch.Tensor],
+    folder: str | os.PathLike,
+    num_shards: int = 1,
+    *,
+    tokenizer=None,
+    chat_template: str | None = None,
 ) -> Path:
-    """Write a Meta checkpoint folder: `params.json` and `num_shards` model-parallel shards.
+    """Write a Meta checkpoint folder: `params.json`, `num_shards` model-parallel shards, `tokenizer.model`.
 
-    Every file is written under a temporary name and renamed into place; stale
-    `consolidated.NN.pth` files beyond `num_shards` are removed. Tied embeddings are
-    written untied (Meta's format has no tying). A `hidden_dim` that Llama 2's rule does
-    not give from `multiple_of`/`ffn_dim_multiplier` is encoded by choosing values that do.
+    Tensors are streamed: each is read once and its slices written straight into every
+    shard file. The folder is built under a temporary name and renamed into place when
+    complete, replacing any previous `folder` as a whole. Tied embeddings are written
+    untied (Meta's format has no tying). A `hidden_dim` that Llama 2's rule does not give
+    from `multiple_of`/`ffn_dim_multiplier` is encoded by choosing values that do.
 
     Args:
         args: the architecture.
-        state_dict: canonical weights matching `args`.
-        folder: destination folder (created if missing).
-        num_shards: number of model-parallel shards; must divide every split dimension.
+        state_dict: canonical weights matching `args` (a dict or a `LazyStateDict`).
+        folder: destination folder.
+        num_shards: number of model-parallel shards; must divide every split dimension
+            and the (KV) head counts, as Meta's loader requires.
+        tokenizer: a `llama2.tokenizer.Tokenizer` to write as `tokenizer.model` (see
+            `tokenizer_files.write_meta_tokenizer`); None writes the weights only.
+        chat_template: a chat template to keep beside it (default: the tokenizer's).
 
     Returns:
         The folder.
 
     Raises:
-        Llama2Error: the state dict does not match `args`, or a split dimension is not
-            divisible by `num_shards`.
+        Llama2Error: the state dict does not match `args`, or the model cannot be split
+            into `num_shards`.
     """
+    from .tokenizer_files import write_meta_tokenizer
+
     folder = Path(folder)
-    if not isinstance(num_shards, int) or num_shards < 1:
+    if not isinstance(num_shards, int) or isinstance(num_shards, bool) or num_shards < 1:
         raise Llama2Error(f"{folder}: num_shards must be a positive integer, got {num_shards!r}")
-    check_state_dict(state_dict, args, "state dict")
-    state_dict = _untied(state_dict)
-    _check_divisible(state_dict, num_shards, folder)
+    tensors = lazy(state_dict)
+    check_state_dict(tensors, args, "state dict")
+    tensors = _untied(tensors)
+    _check_divisible(args, tensors, num_shards, folder)
     params = params_from_args(args)
-    folder.mkdir(parents=True, exist_ok=True)
-    for index in range(num_shards):
-        with atomic_output(folder / f"consolidated.{index:02d}.pth") as temp:
-            torch.save(shard_of(state_dict, index, num_shards), temp)
-    _remove_stale_shards(folder, num_shards)
-    with atomic_output(folder / PARAMS_FILE) as temp:
-        temp.write_text(json.dumps(params, indent=2) + "\n", encoding="utf-8")
+    with atomic_folder(folder) as temp:
+        _write_shards(temp, tensors, num_shards)
+        write_json(temp / PARAMS_FILE, params)
+        if tokenizer is not None:
+            write_meta_tokenizer(temp, tokenizer, chat_template)
     return folder
+
+
+def _write_shards(folder: Path, tensors: LazyStateDict, num_shards: int) -> None:
+    with contextlib.ExitStack() as stack:
+        writers = [
+            stack.enter_context(
+                TorchSaveWriter(folder / f"consolidated.{index:02d}.pth", _shard_specs(tensors, index, num_shards))
+            )
+            for index in range(num_shards)
+        ]
+        for name in tensors:
+            tensor = tensors[name]
+            for index, writer in enumerate(writers):
+                writer.write(name, shard_piece(name, tensor, index, num_shards))
 
 
 def params_from_args(args: ModelArgs) -> dict:
@@ -264,41 +325,38 @@ def _ffn_params(args: ModelArgs) -> tuple[int, float | None]:
     return args.hidden_dim, multiplier
 
 
-def _untied(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if "output.weight" in state_dict:
-        return dict(state_dict)
-    return {**state_dict, "output.weight": state_dict["tok_embeddings.weight"]}
+def _untied(tensors: LazyStateDict) -> LazyStateDict:
+    """`tensors`, with ``output.weight`` read from the embeddings when it is absent (tied)."""
+    if "output.weight" in tensors:
+        return tensors
+    specs = {name: tensors.spec(name) for name in tensors}
+    specs["output.weight"] = specs["tok_embeddings.weight"]
+    return LazyStateDict(specs, lambda name: tensors["tok_embeddings.weight" if name == "output.weight" else name])
 
 
-def _check_divisible(state_dict: Mapping[str, torch.Tensor], num_shards: int, folder: Path) -> None:
-    for name, tensor in state_dict.items():
-        dim = split_dim(name)
-        if dim is not None and tensor.shape[dim] % num_shards:
+def _check_divisible(args: ModelArgs, tensors: LazyStateDict, num_shards: int, folder: Path) -> None:
+    for heads, count in (("n_heads", args.n_heads), ("n_kv_heads", args.n_kv_heads)):
+        if count % num_shards:
+            raise Llama2Error(f"{folder}: cannot split {heads} = {count} heads into {num_shards} shards")
+    for name in tensors:
+        dim, shape = split_dim(name), tensors.spec(name).shape
+        if dim is not None and shape[dim] % num_shards:
             raise Llama2Error(
-                f"{folder}: cannot split {name} (dim {dim} of size {tensor.shape[dim]}) into {num_shards} shards"
+                f"{folder}: cannot split {name} (dim {dim} of size {shape[dim]}) into {num_shards} shards"
             )
 
 
-def shard_of(state_dict: Mapping[str, torch.Tensor], index: int, num_shards: int) -> dict[str, torch.Tensor]:
-    """Shard `index` of `num_shards`: each tensor's slice along its `SPLIT_DIMS` dimension."""
-    shard = {}
-    for name, tensor in state_dict.items():
-        dim = split_dim(name)
-        piece = tensor if dim is None else tensor.chunk(num_shards, dim=dim)[index]
-        shard[name] = _compact(piece)
-    return shard
+def _shard_specs(tensors: LazyStateDict, index: int, num_shards: int) -> dict[str, TensorSpec]:
+    specs = {}
+    for name in tensors:
+        dim, (shape, dtype) = split_dim(name), tensors.spec(name)
+        if dim is not None:
+            shape = tuple(n // num_shards if axis == dim else n for axis, n in enumerate(shape))
+        specs[name] = TensorSpec(shape, dtype)
+    return specs
 
 
-def _compact(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` with storage of its own (torch.save writes a view's whole storage)."""
-    owns_storage = tensor.storage_offset() == 0 and tensor.untyped_storage().nbytes() == tensor.nbytes
-    if tensor.is_contiguous() and owns_storage:
-        return tensor
-    return tensor.clone(memory_format=torch.contiguous_format)
-
-
-def _remove_stale_shards(folder: Path, num_shards: int) -> None:
-    for path in folder.iterdir():
-        match = SHARD_PATTERN.fullmatch(path.name)
-        if match and int(match.group(1)) >= num_shards:
-            path.unlink()
+def shard_piece(name: str, tensor: torch.Tensor, index: int, num_shards: int) -> torch.Tensor:
+    """Shard `index` of `num_shards` of canonical tensor `name`: its slice along its `SPLIT_DIMS` dimension."""
+    dim = split_dim(name)
+    return tensor if dim is None else tensor.chunk(num_shards, dim=dim)[index]

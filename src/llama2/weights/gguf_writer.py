@@ -1,0 +1,206 @@
+"""Write GGUF files (llama.cpp's format) from canonical weights, one tensor at a time.
+
+`gguf.GGUFWriter` writes the header, metadata and tensor table first (sizes are known
+from shapes and types), then each tensor as it is read, converted and quantized, so a
+conversion holds one tensor at a time. Quantization is `gguf.quants.quantize`, the
+reference implementation that llama.cpp's own converter uses.
+
+Per-tensor types follow llama.cpp: 1-D tensors (norms) stay F32; the requested type
+applies to 2-D weights whose rows are a whole number of its blocks (others fall back to
+F16); for Q4_0/Q4_1 files the output projection (or, with tied embeddings, the token
+embeddings that serve as it) is kept at Q8_0 where llama.cpp would use Q6_K, which the
+`gguf` package cannot produce.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGUFWriter, LlamaFileType
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import quantize
+
+from ..config import ModelArgs
+from ..errors import Llama2Error
+from .checkpoint import LazyStateDict, TensorSpec, lazy
+from .common import atomic_output, check_state_dict
+from .dequant import tensor_nbytes
+from .gguf import gguf_name
+
+T = GGMLQuantizationType
+
+TENSOR_TYPES: dict[str, T | None] = {
+    "auto": None,  # each tensor's own float type (F32, F16 or BF16)
+    "f32": T.F32,
+    "f16": T.F16,
+    "bf16": T.BF16,
+    "q8_0": T.Q8_0,
+    "q4_0": T.Q4_0,
+    "q4_1": T.Q4_1,
+}
+"""`--type` names -> GGML types a GGUF file can be written in."""
+
+_FILE_TYPES = {
+    T.F32: LlamaFileType.ALL_F32,
+    T.F16: LlamaFileType.MOSTLY_F16,
+    T.BF16: LlamaFileType.MOSTLY_BF16,
+    T.Q8_0: LlamaFileType.MOSTLY_Q8_0,
+    T.Q4_0: LlamaFileType.MOSTLY_Q4_0,
+    T.Q4_1: LlamaFileType.MOSTLY_Q4_1,
+}
+_FLOAT_TYPES = {torch.float32: T.F32, torch.float16: T.F16, torch.bfloat16: T.BF16}
+_QUANTIZED = frozenset({T.Q8_0, T.Q4_0, T.Q4_1})
+_QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
+_ARCH = "llama"
+
+
+def write_gguf(
+    args: ModelArgs,
+    state_dict: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    tensor_type: str = "auto",
+    tokenizer=None,
+    tokenizer_metadata: Mapping[str, Any] | None = None,
+    chat_template: str | None = None,
+    name: str | None = None,
+) -> Path:
+    """Write a GGUF file of a Llama model that llama.cpp loads.
+
+    The file is written under a temporary name and renamed into place when complete.
+
+    Args:
+        args: the architecture.
+        state_dict: canonical weights matching `args` (a dict or a `LazyStateDict`).
+        path: the ``.gguf`` file to write.
+        tensor_type: a key of `TENSOR_TYPES` (see the module docstring for the
+            per-tensor choice).
+        tokenizer: a `llama2.tokenizer.Tokenizer` to describe in the metadata.
+        tokenizer_metadata: ``tokenizer.*`` keys to write as they are (from a GGUF
+            source); they win over `tokenizer`.
+        chat_template: the chat template to write (default: the tokenizer's).
+        name: ``general.name``.
+
+    Returns:
+        The path.
+
+    Raises:
+        Llama2Error: an unknown `tensor_type`, a state dict that does not match `args`, or
+            a vocabulary whose size differs from the embeddings'.
+    """
+    from .tokenizer_files import gguf_tokenizer_metadata
+
+    path = Path(path)
+    if tensor_type not in TENSOR_TYPES:
+        raise Llama2Error(f"unknown GGUF tensor type {tensor_type!r} (choose from {', '.join(TENSOR_TYPES)})")
+    tensors = lazy(state_dict)
+    check_state_dict(tensors, args, "state dict")
+    types = {n: choose_type(n, tensors.spec(n), TENSOR_TYPES[tensor_type], args.tie_word_embeddings) for n in tensors}
+    if tokenizer_metadata is None and tokenizer is not None:
+        tokenizer_metadata = gguf_tokenizer_metadata(tokenizer, chat_template)
+    metadata = {**model_metadata(args, _file_type(types), name), **_checked_vocabulary(tokenizer_metadata, args, path)}
+    with atomic_output(path) as temp:
+        _write(temp, metadata, tensors, types)
+    return path
+
+
+def choose_type(name: str, spec: TensorSpec, requested: T | None, tied: bool) -> T:
+    """The GGML type canonical tensor `name` is stored in when `requested` is asked for (None: its own)."""
+    if len(spec.shape) < 2:
+        return T.F32
+    if requested is None:
+        return _FLOAT_TYPES.get(spec.dtype, T.F32)
+    output = name == "output.weight" or (tied and name == "tok_embeddings.weight")
+    if requested in (T.Q4_0, T.Q4_1) and output:
+        requested = T.Q8_0
+    if spec.shape[-1] % GGML_QUANT_SIZES[requested][0]:
+        return T.F16
+    return requested
+
+
+def encode(tensor: torch.Tensor, qtype: T) -> np.ndarray:
+    """`tensor`'s data in GGML type `qtype`, by `gguf.quants.quantize` (uint8 blocks for quantized types)."""
+    return quantize(tensor.detach().cpu().float().numpy(), qtype)
+
+
+def model_metadata(args: ModelArgs, file_type: LlamaFileType, name: str | None = None) -> dict[str, Any]:
+    """The ``general.*`` and ``llama.*`` keys describing `args` (``general.architecture`` aside)."""
+    metadata: dict[str, Any] = {
+        "general.name": name or "llama",
+        "general.file_type": int(file_type),
+        f"{_ARCH}.context_length": args.max_seq_len,
+        f"{_ARCH}.embedding_length": args.dim,
+        f"{_ARCH}.block_count": args.n_layers,
+        f"{_ARCH}.feed_forward_length": args.hidden_dim,
+        f"{_ARCH}.rope.dimension_count": args.head_dim,
+        f"{_ARCH}.attention.head_count": args.n_heads,
+        f"{_ARCH}.attention.head_count_kv": args.n_kv_heads,
+        f"{_ARCH}.attention.layer_norm_rms_epsilon": float(args.norm_eps),
+        f"{_ARCH}.rope.freq_base": float(args.rope_theta),
+        f"{_ARCH}.vocab_size": args.vocab_size,
+    }
+    if file_type in {_FILE_TYPES[t] for t in _QUANTIZED}:
+        metadata["general.quantization_version"] = _QUANTIZATION_VERSION
+    return metadata
+
+
+def _file_type(types: Mapping[str, T]) -> LlamaFileType:
+    """llama.cpp's file type: that of the 2-D weights' most common storage type."""
+    counts: dict[T, int] = {}
+    for qtype in types.values():
+        counts[qtype] = counts.get(qtype, 0) + 1
+    weights = {qtype: n for qtype, n in counts.items() if qtype != T.F32} or counts
+    return _FILE_TYPES[max(weights, key=weights.__getitem__)]
+
+
+def _checked_vocabulary(metadata: Mapping[str, Any] | None, args: ModelArgs, path: Path) -> dict[str, Any]:
+    """`metadata` after checking its token list matches the embeddings (llama.cpp requires it)."""
+    if not metadata:
+        return {}
+    tokens = metadata.get("tokenizer.ggml.tokens") or []
+    if len(tokens) != args.vocab_size:
+        raise Llama2Error(
+            f"{path}: the tokenizer has {len(tokens)} tokens but the model has {args.vocab_size} embeddings; "
+            "llama.cpp needs them equal"
+        )
+    return dict(metadata)
+
+
+def _write(path: Path, metadata: Mapping[str, Any], tensors: LazyStateDict, types: Mapping[str, T]) -> None:
+    writer = GGUFWriter(path, _ARCH)
+    try:
+        for key, value in metadata.items():
+            _add_value(writer, key, value)
+        for name in tensors:
+            shape = tensors.spec(name).shape
+            writer.add_tensor_info(
+                gguf_name(name), shape, np.dtype(np.float32), tensor_nbytes(types[name], shape), raw_dtype=types[name]
+            )
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for name in tensors:
+            writer.write_tensor_data(encode(tensors[name], types[name]))
+    finally:
+        writer.close()
+
+
+def _add_value(writer: GGUFWriter, key: str, value: Any) -> None:
+    """Add a plain python value with the GGUF type llama.cpp expects for it."""
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value) if 0 <= value < 2**32 else writer.add_int64(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    elif isinstance(value, (list, tuple)):
+        writer.add_array(key, list(value))
+    else:
+        raise Llama2Error(f"cannot write metadata {key} of type {type(value).__name__} to GGUF")
