@@ -1,0 +1,158 @@
+"""The model a run trains: a preset initialized from scratch or a loaded checkpoint, made ready
+for its device (LoRA/QLoRA, activation checkpointing, torch.compile, FSDP2)."""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import PRESETS, ModelArgs, model_args_from_preset
+from ..errors import Llama2Error
+from ..model import Transformer
+from ..tokenizer import Tokenizer, llama2_tokenizer_path
+from .config import TrainConfig
+from .distributed import DistributedEnv, shard_model
+from .lora import LoRAConfig, apply_lora
+
+INIT_STD = 0.02
+
+
+@dataclass
+class TrainingModel:
+    """A model to train, with what it was made from.
+
+    Attributes:
+        model: the `Transformer` (unsharded, on the CPU, float32).
+        args: its architecture.
+        tokenizer: its tokenizer.
+        chat_template: the checkpoint's chat template, if any.
+        source: the preset name or checkpoint path.
+    """
+
+    model: Transformer
+    args: ModelArgs
+    tokenizer: Tokenizer
+    chat_template: str | None
+    source: str
+
+
+def init_weights(model: Transformer) -> None:
+    """GPT-2 style initialization: normal(0, 0.02) weights, residual projections (wo, w2)
+    scaled by 1/sqrt(2 * layers), norms at one. Uses the global torch RNG."""
+    residual_std = INIT_STD / math.sqrt(2 * model.args.n_layers)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 1:
+                param.fill_(1.0)
+            else:
+                std = residual_std if name.endswith(("wo.weight", "w2.weight")) else INIT_STD
+                param.normal_(0.0, std)
+
+
+def load_training_model(config: TrainConfig) -> TrainingModel:
+    """A preset (random init with the current torch seed; Llama 2's tokenizer unless
+    `config.tokenizer`) or a checkpoint loaded in float32 on the CPU, in training mode.
+
+    Raises:
+        Llama2Error: an unreadable model or a tokenizer bigger than the embeddings.
+    """
+    if config.model in PRESETS:
+        args = model_args_from_preset(config.model)
+        tokenizer = Tokenizer.from_file(config.tokenizer or llama2_tokenizer_path())
+        model = Transformer(args)
+        init_weights(model)
+        loaded = TrainingModel(model, args, tokenizer, tokenizer.chat_template, config.model)
+    else:
+        from ..generation import build_model
+        from ..weights import load_checkpoint
+        from ..weights.inspect import checkpoint_tokenizer
+
+        checkpoint = load_checkpoint(config.model, dtype=torch.float32)
+        tokenizer = checkpoint_tokenizer(checkpoint, config.tokenizer)
+        model = build_model(checkpoint, torch.device("cpu"), torch.float32)
+        template = checkpoint.chat_template or tokenizer.chat_template
+        loaded = TrainingModel(model, checkpoint.args, tokenizer, template, checkpoint.source)
+    if loaded.tokenizer.n_words > loaded.args.vocab_size:
+        raise Llama2Error(
+            f"{config.model}: the tokenizer has {loaded.tokenizer.n_words} tokens but the model only "
+            f"{loaded.args.vocab_size} embeddings"
+        )
+    loaded.model.train()
+    return loaded
+
+
+def lora_config(config: TrainConfig) -> LoRAConfig | None:
+    """The run's LoRA settings, or None for full training."""
+    if not config.lora_rank:
+        return None
+    return LoRAConfig(config.lora_rank, config.lora_alpha, config.lora_dropout, list(config.lora_targets), config.qlora)
+
+
+def prepare_model(model: Transformer, config: TrainConfig, env: DistributedEnv, bf16: bool) -> nn.Module:
+    """Adapters, device, activation checkpointing, compilation, then FSDP2 (in this order).
+
+    Returns:
+        The module to train (the same `Transformer`, changed in place).
+    """
+    adapters = lora_config(config)
+    if adapters is not None:
+        apply_lora(model, adapters)
+    model.to(env.device)
+    for block in model.layers:
+        if config.activation_checkpointing:
+            from torch.distributed._composable import checkpoint as activation_checkpoint
+
+            activation_checkpoint(block)
+        if compile_enabled(config, env.device):
+            block.compile()
+    if env.world_size > 1:
+        shard_model(model, env, param_dtype=torch.bfloat16 if bf16 else None)
+    return model
+
+
+def compile_enabled(config: TrainConfig, device: torch.device) -> bool:
+    """`config.compile`, defaulting to on for CUDA and off on the CPU (compilation costs minutes there)."""
+    return config.compile if config.compile is not None else device.type == "cuda"
+
+
+def bf16_enabled(config: TrainConfig, device: torch.device) -> bool:
+    """`config.bf16`, defaulting to on for CUDA devices with bfloat16 support, off on the CPU."""
+    if config.bf16 is not None:
+        return config.bf16
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; weight decay on matrices only (not norms)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=config.lr, betas=tuple(config.betas), eps=config.eps
+    )
+
+
+def cosine_with_warmup(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warmup to 1, then cosine decay to `min_ratio` at `max_steps`.
+
+    `step` counts optimizer steps taken so far (the multiplier for the next one).
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """`cosine_with_warmup` as a scheduler; its checkpointed state is the step count only,
+    so a resumed run may change `max_steps`."""
+    schedule = functools.partial(
+        cosine_with_warmup, warmup_steps=config.warmup_steps, max_steps=config.max_steps, min_ratio=config.min_lr_ratio
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
