@@ -15,6 +15,13 @@ pytestmark = pytest.mark.model
 
 @pytest.fixture(scope="module")
 def llama(default_model_path):
+    """The exact path: every weight dequantized to float32."""
+    return Llama.build(default_model_path, max_seq_len=1024, max_batch_size=4, device="cpu", quant="none")
+
+
+@pytest.fixture(scope="module")
+def fast_llama(default_model_path):
+    """The default CPU path: Q4_1 layers computed on their packed blocks, int8 head, bfloat16."""
     return Llama.build(default_model_path, max_seq_len=1024, max_batch_size=4, device="cpu")
 
 
@@ -29,8 +36,10 @@ def test_chat_prompt_tokens_equal_llama_cpp(llama, cases):
         assert llama.chat_format.encode_dialog_prompt(case["dialog"]) == case["prompt_tokens"]
 
 
-def test_greedy_next_token_agrees_with_llama_cpp(llama, cases):
+@pytest.mark.parametrize("path", ["llama", "fast_llama"])
+def test_greedy_next_token_agrees_with_llama_cpp(path, request, cases):
     """Teacher-forced on llama.cpp's greedy continuation, our argmax matches at >= 95% of positions."""
+    llama = request.getfixturevalue(path)
     agree = total = 0
     with torch.inference_mode():
         for case in cases:
@@ -46,7 +55,17 @@ def test_greedy_next_token_agrees_with_llama_cpp(llama, cases):
     assert agree / total >= 0.95, f"agreement {agree}/{total} = {agree / total:.3f}"
 
 
-def test_greedy_chat_answer_is_coherent_english(llama):
+def test_fast_path_keeps_blocks_packed(fast_llama):
+    from llama2.quant import Int4Linear, Int8Linear
+
+    layer = fast_llama.model.layers[0]
+    assert isinstance(layer.attention.wq, Int4Linear) and isinstance(layer.feed_forward.w2, Int4Linear)
+    assert isinstance(fast_llama.model.output, Int8Linear)
+    assert fast_llama.model.norm.weight.dtype == torch.bfloat16
+
+
+def test_greedy_chat_answer_is_coherent_english(fast_llama):
+    llama = fast_llama
     dialog = [{"role": "user", "content": "What is the capital of France?"}]
     answer = llama.chat_completion([dialog], temperature=0, max_gen_len=48)[0]["generation"]["content"]
     assert "Paris" in answer

@@ -22,9 +22,10 @@ from .chat import resolve_chat_format
 from .config import ModelArgs
 from .errors import Llama2Error
 from .model import Transformer
+from .quant import PACKABLE_GGUF_TYPES, int4_from_gguf, quantize_head, quantize_model
 from .sampling import SamplingParams, sample_next
 from .tokenizer import Tokenizer
-from .weights import Checkpoint, load_checkpoint
+from .weights import Checkpoint, open_checkpoint
 from .weights.inspect import checkpoint_tokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -70,16 +71,63 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype) -> Transformer:
-    """Build the Transformer without allocating, then take the checkpoint's tensors as its weights."""
+QUANT_MODES = ("auto", "none", "int8", "int4")
+
+
+def packed_gguf_linears(checkpoint: Checkpoint, device: torch.device, quant: str) -> dict[str, str]:
+    """Canonical names of the block linears whose GGUF blocks can be computed on packed (name -> type).
+
+    Only with ``quant="auto"`` on the CPU, where PyTorch's int4 kernel runs.
+    """
+    if quant != "auto" or device.type != "cpu" or not hasattr(checkpoint.state_dict, "read_raw"):
+        return {}
+    return {
+        name: kind
+        for name, kind in checkpoint.tensor_types.items()
+        if kind in PACKABLE_GGUF_TYPES and name.startswith("layers.") and name.endswith(".weight")
+        and checkpoint.args.dim % 32 == 0 and checkpoint.args.hidden_dim % 32 == 0
+    }
+
+
+def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, quant: str = "none") -> Transformer:
+    """Build the Transformer without allocating, then take the checkpoint's tensors one by one.
+
+    Args:
+        checkpoint: a checkpoint, typically lazy (`open_checkpoint`) so that only the
+            model's own memory is ever allocated.
+        quant: "none" keeps every weight as `dtype`; "int8"/"int4" quantize the linear
+            layers after loading (`llama2.quant.quantize_model`); "auto" computes GGUF
+            Q4_0/Q4_1 layers straight from their packed blocks on the CPU (int8 head)
+            and leaves other checkpoints as they are.
+    """
+    if quant not in QUANT_MODES:
+        raise Llama2Error(f"unknown quantization {quant!r}; choose one of {', '.join(QUANT_MODES)}")
     with torch.device("meta"):
         model = Transformer(checkpoint.args)
-    state_dict = {name: t.to(device=device, dtype=dtype) for name, t in checkpoint.state_dict.items()}
+    packed = packed_gguf_linears(checkpoint, device, quant)
+    state_dict = {}
+    for name in checkpoint.state_dict:
+        if name in packed:
+            parent, attr = name.removesuffix(".weight").rsplit(".", 1)
+            shape = tuple(model.get_submodule(f"{parent}.{attr}").weight.shape)
+            layer = int4_from_gguf(checkpoint.state_dict.read_raw(name), packed[name], shape)
+            setattr(model.get_submodule(parent), attr, layer)
+        else:
+            state_dict[name] = checkpoint.state_dict[name].to(device=device, dtype=dtype)
     try:
-        model.load_state_dict(state_dict, strict=True, assign=True)
+        missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
     except RuntimeError as err:
-        first_line = str(err).strip().splitlines()[0]
+        first_line = str(err).strip().splitlines()[-1].strip()
         raise Llama2Error(f"{checkpoint.source}: weights do not match the model config ({first_line})") from None
+    packed_modules = tuple(name.removesuffix("weight") for name in packed)  # their buffers came with them
+    missing = [key for key in missing if not key.startswith(packed_modules)] if packed else missing
+    if missing or unexpected:
+        raise Llama2Error(f"{checkpoint.source}: weights do not match the model config "
+                          f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")  # fmt: skip
+    if packed:
+        quantize_head(model)
+    elif quant in ("int8", "int4"):
+        quantize_model(model, quant)
     return model.eval()
 
 
@@ -133,6 +181,7 @@ class Llama:
         dtype: torch.dtype | None = None,
         chat_format: str | None = None,
         compile: bool = False,
+        quant: str = "auto",
     ) -> "Llama":
         """Load a model and its tokenizer.
 
@@ -145,23 +194,27 @@ class Llama:
             max_batch_size: most prompts generated together.
             seed: seed of the sampling generator.
             device: where to run (default: CUDA when available, else CPU).
-            dtype: weight and activation dtype (default: float32 for small models on CPU,
-                bfloat16 otherwise).
+            dtype: weight and activation dtype (default: bfloat16 for quantized layers,
+                else float32 for small models on CPU and bfloat16 otherwise).
             chat_format: override of the chat format (``"llama-2"``, ``"chatml"``, a
                 Jinja template); the checkpoint's own template is used otherwise.
             compile: compile the decode step with torch.compile (a slow first start,
                 cached on disk for the next).
+            quant: "auto" (GGUF Q4_0/Q4_1 layers computed on their packed blocks on the
+                CPU, with bfloat16 activations), "none" (dequantize everything to
+                `dtype`), "int8" or "int4" (quantize the linear layers after loading).
         """
         device = torch.device(device) if device is not None else default_device()
-        checkpoint = load_checkpoint(source, dtype=dtype or torch.float32, device="cpu")
-        dtype = dtype or default_dtype(checkpoint.args, device)
+        checkpoint = open_checkpoint(source)
+        quantized = quant in ("int8", "int4") or bool(packed_gguf_linears(checkpoint, device, quant))
+        dtype = dtype or (torch.bfloat16 if quantized else default_dtype(checkpoint.args, device))
         tokenizer = checkpoint_tokenizer(checkpoint, tokenizer_path)
         if tokenizer.n_words > checkpoint.args.vocab_size:
             raise Llama2Error(
                 f"{checkpoint.source}: tokenizer has {tokenizer.n_words} tokens but the model only "
                 f"{checkpoint.args.vocab_size} embeddings"
             )
-        model = build_model(checkpoint, device, dtype)
+        model = build_model(checkpoint, device, dtype, quant)
         checkpoint.state_dict = {}  # the model owns the tensors now
         max_seq_len = max_seq_len or min(checkpoint.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
         if max_seq_len > checkpoint.args.max_seq_len:

@@ -186,3 +186,13 @@ def unpack_q4_blocks(raw: torch.Tensor, shape: tuple[int, int], has_minimum: boo
     q = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=-1)  # [N, G, 32]
     minimum = halves[..., 1] if has_minimum else None
     return q.reshape(out_features, in_features), halves[..., 0], minimum
+
+
+# GGUF block types packed straight into `Int4Linear`, and whether their blocks carry a minimum.
+PACKABLE_GGUF_TYPES = {"Q4_0": False, "Q4_1": True}
+
+
+def int4_from_gguf(raw: torch.Tensor, type_name: str, shape: tuple[int, int]) -> Int4Linear:
+    """An `Int4Linear` computing exactly a GGUF Q4_0/Q4_1 tensor's values (scales in bfloat16)."""
+    q, scale, minimum = unpack_q4_blocks(raw, shape, PACKABLE_GGUF_TYPES[type_name])
+    return Int4Linear.from_q4_blocks(q, scale, minimum)

@@ -120,9 +120,12 @@ def open_gguf(path: str | os.PathLike[str], device: str | torch.device = "cpu") 
     def load(name: str) -> torch.Tensor:
         return _load_tensor(tensors[name], specs[name].shape, torch.device(device), source)
 
+    def read_raw(name: str) -> torch.Tensor:
+        return _read_bytes(source, tensors[name])
+
     return Checkpoint(
         args=args,
-        state_dict=LazyStateDict(specs, load, source),
+        state_dict=GGUFStateDict(specs, load, source, read_raw),
         tokenizer_metadata={k: v for k, v in meta.items() if k.startswith("tokenizer.")} or None,
         chat_template=_optional_str(meta, "tokenizer.chat_template", source),
         source=source,
@@ -130,6 +133,19 @@ def open_gguf(path: str | os.PathLike[str], device: str | torch.device = "cpu") 
         tensor_types={name: t.tensor_type.name for name, t in tensors.items()},
         metadata=_scalar_metadata(meta),
     )
+
+
+class GGUFStateDict(LazyStateDict):
+    """A lazy GGUF state dict that also hands out a tensor's stored bytes undecoded.
+
+    `read_raw(name)` returns the uint8 block bytes of a tensor (its GGML type is
+    `Checkpoint.tensor_types[name]`), so quantized blocks can be packed for compute
+    without a detour through float32.
+    """
+
+    def __init__(self, specs, load, source: str, read_raw):
+        super().__init__(specs, load, source)
+        self.read_raw = read_raw
 
 
 def read_gguf_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
