@@ -9,7 +9,7 @@ from gguf.quants import dequantize, quantize
 from llama2.config import model_args_from_preset
 from llama2.errors import Llama2Error
 from llama2.model import Transformer
-from llama2.quant import Int4Linear, Int8Linear, quantize_model, unpack_q4_blocks
+from llama2.quant import Int4Linear, Int8Linear, int8_from_gguf, quantize_model, unpack_q4_blocks
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -82,3 +82,39 @@ def test_tied_embedding_shares_the_int8_head_table():
 def test_unknown_quantization():
     with pytest.raises(Llama2Error, match="unknown quantization"):
         quantize_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), "int3")
+
+
+def test_int8_from_gguf_q8_0_blocks():
+    weight = np.random.default_rng(1).standard_normal((64, 128)).astype(np.float32)
+    blocks = quantize(weight, GGMLQuantizationType.Q8_0)
+    reference = torch.from_numpy(dequantize(blocks, GGMLQuantizationType.Q8_0))
+    layer = int8_from_gguf(torch.from_numpy(blocks).reshape(-1), "Q8_0", (64, 128))
+    assert relative_error(layer.dequantize(), reference) < 1e-2
+
+
+@pytest.mark.parametrize(("kind", "layer_type"), [("int4", Int4Linear), ("int8", Int8Linear)])
+def test_quantize_command_then_packed_loading(tmp_path, kind, layer_type):
+    """`llama2 quantize` writes a GGUF whose blocks load packed and compute what the dequantized file does."""
+    import shutil
+
+    from helpers import make_hf_llama
+
+    from llama2.cli import main
+    from llama2.generation import Llama
+    from llama2.tokenizer import llama2_tokenizer_path
+
+    source = tmp_path / "hf"
+    make_hf_llama(source, gqa=True, vocab_size=32000)
+    shutil.copy(llama2_tokenizer_path(), source / "tokenizer.model")
+    dest = tmp_path / f"model-{kind}.gguf"
+    assert main(["quantize", str(source), str(dest), "--type", kind]) == 0
+
+    packed = Llama.build(dest, device="cpu", max_seq_len=32)
+    exact = Llama.build(dest, device="cpu", max_seq_len=32, quant="none")
+    assert isinstance(packed.model.layers[1].feed_forward.w2, layer_type)
+    assert isinstance(exact.model.layers[1].feed_forward.w2, torch.nn.Linear)
+    tokens = torch.randint(0, 32000, (1, 12))
+    for llama in (packed, exact):
+        llama.model.clear_caches()
+    with torch.no_grad():
+        assert relative_error(packed.model(tokens), exact.model(tokens)) < 0.05

@@ -22,7 +22,7 @@ from .chat import resolve_chat_format
 from .config import ModelArgs
 from .errors import Llama2Error
 from .model import Transformer
-from .quant import PACKABLE_GGUF_TYPES, int4_from_gguf, quantize_head, quantize_model
+from .quant import PACKED_FROM_GGUF, quantize_head, quantize_model
 from .sampling import SamplingParams, sample_next
 from .tokenizer import Tokenizer
 from .weights import Checkpoint, open_checkpoint
@@ -84,7 +84,7 @@ def packed_gguf_linears(checkpoint: Checkpoint, device: torch.device, quant: str
     return {
         name: kind
         for name, kind in checkpoint.tensor_types.items()
-        if kind in PACKABLE_GGUF_TYPES and name.startswith("layers.") and name.endswith(".weight")
+        if kind in PACKED_FROM_GGUF and name.startswith("layers.") and name.endswith(".weight")
         and checkpoint.args.dim % 32 == 0 and checkpoint.args.hidden_dim % 32 == 0
     }
 
@@ -97,8 +97,8 @@ def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype
             model's own memory is ever allocated.
         quant: "none" keeps every weight as `dtype`; "int8"/"int4" quantize the linear
             layers after loading (`llama2.quant.quantize_model`); "auto" computes GGUF
-            Q4_0/Q4_1 layers straight from their packed blocks on the CPU (int8 head)
-            and leaves other checkpoints as they are.
+            Q4_0/Q4_1 layers straight from their packed blocks and Q8_0 layers as
+            per-channel int8 on the CPU (int8 head), and leaves other checkpoints as they are.
     """
     if quant not in QUANT_MODES:
         raise Llama2Error(f"unknown quantization {quant!r}; choose one of {', '.join(QUANT_MODES)}")
@@ -110,7 +110,7 @@ def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype
         if name in packed:
             parent, attr = name.removesuffix(".weight").rsplit(".", 1)
             shape = tuple(model.get_submodule(f"{parent}.{attr}").weight.shape)
-            layer = int4_from_gguf(checkpoint.state_dict.read_raw(name), packed[name], shape)
+            layer = PACKED_FROM_GGUF[packed[name]](checkpoint.state_dict.read_raw(name), packed[name], shape)
             setattr(model.get_submodule(parent), attr, layer)
         else:
             state_dict[name] = checkpoint.state_dict[name].to(device=device, dtype=dtype)

@@ -188,11 +188,25 @@ def unpack_q4_blocks(raw: torch.Tensor, shape: tuple[int, int], has_minimum: boo
     return q.reshape(out_features, in_features), halves[..., 0], minimum
 
 
-# GGUF block types packed straight into `Int4Linear`, and whether their blocks carry a minimum.
-PACKABLE_GGUF_TYPES = {"Q4_0": False, "Q4_1": True}
+def unpack_q8_0_blocks(raw: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """GGUF Q8_0 block bytes (an fp16 scale d and 32 int8 values q; value = d * q) as float32 [out, in]."""
+    out_features, in_features = shape
+    blocks = raw.reshape(out_features, in_features // 32, 34)  # [N, G, bytes]
+    scale = blocks[..., :2].contiguous().view(torch.float16).float()  # [N, G, 1]
+    values = blocks[..., 2:].contiguous().view(torch.int8).float()  # [N, G, 32]
+    return (values * scale).reshape(out_features, in_features)
 
 
 def int4_from_gguf(raw: torch.Tensor, type_name: str, shape: tuple[int, int]) -> Int4Linear:
     """An `Int4Linear` computing exactly a GGUF Q4_0/Q4_1 tensor's values (scales in bfloat16)."""
-    q, scale, minimum = unpack_q4_blocks(raw, shape, PACKABLE_GGUF_TYPES[type_name])
+    q, scale, minimum = unpack_q4_blocks(raw, shape, type_name == "Q4_1")
     return Int4Linear.from_q4_blocks(q, scale, minimum)
+
+
+def int8_from_gguf(raw: torch.Tensor, type_name: str, shape: tuple[int, int]) -> Int8Linear:
+    """An `Int8Linear` from GGUF Q8_0 blocks, re-scaled from per-block to per-row scales."""
+    return Int8Linear.from_float(unpack_q8_0_blocks(raw, shape))
+
+
+# GGUF block types computed on packed weights, and the layer built from their blocks.
+PACKED_FROM_GGUF = {"Q4_0": int4_from_gguf, "Q4_1": int4_from_gguf, "Q8_0": int8_from_gguf}
