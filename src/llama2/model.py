@@ -8,6 +8,9 @@ reader maps to.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -94,7 +97,24 @@ class KVCache(nn.Module):
         rows = slots[:, None]  # [B, 1], broadcast against positions
         self.k[rows, :, positions] = k.transpose(1, 2).to(self.k.dtype)  # indexed view is [B, T, n_kv, head_dim]
         self.v[rows, :, positions] = v.transpose(1, 2).to(self.v.dtype)
-        return self.k[slots, :, :kv_len], self.v[slots, :, :kv_len]
+        # index_select after slicing copies kv_len positions per row (advanced indexing would gather the whole row).
+        return self.k[:, :, :kv_len].index_select(0, slots), self.v[:, :, :kv_len].index_select(0, slots)
+
+
+class CacheWrite(NamedTuple):
+    """Where a cached forward stores keys/values, and how its rows attend.
+
+    Attributes:
+        input_pos: [T] or [B, T] positions of the tokens.
+        slots: [B] KV-cache rows of the batch rows (None: rows 0..B-1).
+        row_kv_lens: per-row cache lengths; when given, attention runs row by row over
+            each row's own length, so a row's result is bitwise what a batch of one
+            computes (padded keys would change the float summation order).
+    """
+
+    input_pos: torch.Tensor
+    slots: torch.Tensor | None
+    row_kv_lens: tuple[int, ...] | None = None
 
 
 class Attention(nn.Module):
@@ -117,15 +137,15 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        cache_write: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+        cache_write: CacheWrite | None = None,
     ) -> torch.Tensor:
         """Attention over `x` ([B, T, dim]).
 
         Args:
             cos, sin: rotary tables for the T positions.
             mask: boolean [(B, 1,) T, S] (True = may attend), or None for plain causal.
-            cache_write: (input_pos, slots) to store this step's keys/values in the KV
-                cache and attend over its first S positions; None without a cache.
+            cache_write: where to store this step's keys/values in the KV cache (then
+                attend over its first S positions); None without a cache.
         """
         batch, seq_len, _ = x.shape
         q = self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim)
@@ -135,9 +155,24 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, head_dim]
 
         if cache_write is not None:
-            input_pos, slots = cache_write
-            k, v = self.kv_cache.update(input_pos, k, v, mask.shape[-1], slots)
-        out = F.scaled_dot_product_attention(
+            k, v = self.kv_cache.update(cache_write.input_pos, k, v, mask.shape[-1], cache_write.slots)
+        if cache_write is not None and cache_write.row_kv_lens is not None:
+            out = self._attend_rows(q, k, v, mask, cache_write.row_kv_lens)
+        else:
+            out = self._attend(q, k, v, mask)
+        out = out.transpose(1, 2).reshape(batch, seq_len, -1)  # [B, T, n_heads * head_dim]
+        return self.wo(out)
+
+    def _attend_rows(self, q, k, v, mask, lengths: Sequence[int]) -> torch.Tensor:
+        """Attention one row at a time, row i over its first lengths[i] cached positions."""
+        rows = [
+            self._attend(q[i : i + 1], k[i : i + 1, :, :n], v[i : i + 1, :, :n], mask[i : i + 1, ..., :n])
+            for i, n in enumerate(lengths)
+        ]
+        return torch.cat(rows)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
             q,
             k.to(q.dtype),
             v.to(q.dtype),
@@ -145,8 +180,6 @@ class Attention(nn.Module):
             is_causal=mask is None,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
-        out = out.transpose(1, 2).reshape(batch, seq_len, -1)  # [B, T, n_heads * head_dim]
-        return self.wo(out)
 
 
 class FeedForward(nn.Module):
@@ -227,7 +260,7 @@ class Transformer(nn.Module):
         *,
         cache_slots: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
-        kv_len: int | None = None,
+        kv_len: int | Sequence[int] | None = None,
         last_logits_only: bool = False,
     ) -> torch.Tensor:
         """Logits for `tokens`.
@@ -244,7 +277,8 @@ class Transformer(nn.Module):
             kv_len: how many leading cache positions to attend over (at least the
                 largest position + 1); computed from `input_pos` when None. Passing it
                 from the host saves a device sync and lets a compiled step treat it as
-                a dynamic size.
+                a dynamic size. A sequence gives each row's own length (batch-invariant
+                decode for servers: see `CacheWrite.row_kv_lens`).
             last_logits_only: compute logits for the last position only (saves the
                 [B, T, vocab] projection during prefill).
 
@@ -257,9 +291,13 @@ class Transformer(nn.Module):
             raise ValueError("input_pos is required once KV caches are set up")
         if input_pos is None:
             input_pos = torch.arange(seq_len, device=tokens.device)
+        row_kv_lens = None
+        if kv_len is not None and not isinstance(kv_len, int):
+            row_kv_lens = tuple(kv_len)
+            kv_len = max(row_kv_lens)
         if cached:
             mask = cache_mask(input_pos, kv_len)
-            cache_write = (input_pos, cache_slots)
+            cache_write = CacheWrite(input_pos, cache_slots, row_kv_lens)
         else:
             mask = None if document_ids is None else document_mask(document_ids)
             cache_write = None
