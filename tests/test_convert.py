@@ -179,8 +179,10 @@ def test_llama2_vocabulary_in_gguf(llama_vocab, tmp_path):
     assert gguf_field(reader, "tokenizer.ggml.tokens") == [reference.id_to_piece(i) for i in range(n)]
     assert np.allclose(gguf_field(reader, "tokenizer.ggml.scores"), [reference.get_score(i) for i in range(n)])
     kinds = gguf_field(reader, "tokenizer.ggml.token_type")
-    expected_kinds = [3 if reference.is_control(i) else 2 if reference.is_unknown(i) else 6 if reference.is_byte(i) else 1
-                      for i in range(n)]  # fmt: skip
+    def kind(i: int) -> int:  # llama.cpp's token types
+        return 3 if reference.is_control(i) else 2 if reference.is_unknown(i) else 6 if reference.is_byte(i) else 1
+
+    expected_kinds = [kind(i) for i in range(n)]
     assert kinds == expected_kinds
     ids = {key: gguf_field(reader, f"tokenizer.ggml.{key}_token_id") for key in ("bos", "eos", "unknown")}
     assert ids == {"bos": 1, "eos": 2, "unknown": 0}
@@ -202,7 +204,7 @@ def test_llama2_vocabulary_in_gguf(llama_vocab, tmp_path):
 
 @pytest.mark.model
 def test_bpe_vocabulary_travels(default_model_path, tmp_path):
-    """SmolLM2's byte-level BPE: GGUF keys rebuilt from it match the original file's; transformers reads our HF files."""
+    """SmolLM2's byte-level BPE: rebuilt GGUF keys match the original file's; transformers reads our HF files."""
     transformers = pytest.importorskip("transformers")
     from llama2.weights.gguf import read_gguf_metadata
     from llama2.weights.tokenizer_files import gguf_tokenizer_metadata, write_hf_tokenizer, write_meta_tokenizer
@@ -249,7 +251,8 @@ def test_quantized_blocks_equal_gguf_quantize(tmp_path, kind, tie):
         expected_type = T.F32 if name.endswith("norm.weight") else T.Q8_0 if name == head else requested
         assert tensor.tensor_type == expected_type, name
         blocks = gguf_quantize(state_dict[name].numpy(), expected_type)
-        assert np.array_equal(np.asarray(tensor.data).reshape(-1).view(np.uint8), blocks.reshape(-1).view(np.uint8)), name
+        written = np.asarray(tensor.data).reshape(-1).view(np.uint8)
+        assert np.array_equal(written, blocks.reshape(-1).view(np.uint8)), name
         decoded = torch.from_numpy(np.ascontiguousarray(gguf_dequantize(blocks, expected_type), dtype=np.float32))
         assert torch.equal(back[name], decoded.reshape(back[name].shape)), name
         bound = {T.F32: 0.0, T.Q8_0: 0.005, T.Q4_0: 0.08, T.Q4_1: 0.05}[expected_type]
@@ -260,7 +263,8 @@ def test_quantized_blocks_equal_gguf_quantize(tmp_path, kind, tie):
 def test_rows_not_divisible_by_blocks_fall_back_to_f16(tmp_path):
     args = tiny_args(dim=48, n_heads=12, n_kv_heads=6, hidden_dim=80)  # rows of 48 and 80 values
     state_dict = random_state_dict(args)
-    types = {name: t.tensor_type for name, t in gguf_tensors(write_gguf(args, state_dict, tmp_path / "m.gguf", tensor_type="q4_0")).items()}
+    path = write_gguf(args, state_dict, tmp_path / "m.gguf", tensor_type="q4_0")
+    types = {name: t.tensor_type for name, t in gguf_tensors(path).items()}
     assert types["layers.0.feed_forward.w1.weight"] == T.F16 and types["norm.weight"] == T.F32
 
 

@@ -78,9 +78,15 @@ def lazy(state_dict: Mapping[str, torch.Tensor]) -> LazyStateDict:
 
 
 def warn_if_not_finite(name: str, tensor: torch.Tensor, source: str) -> None:
-    """Warn (`Llama2Warning`) when floating-point `tensor` holds NaN or infinite values."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
+    """Warn (`Llama2Warning`) when floating-point `tensor` holds NaN or infinite values.
+
+    A NaN or infinity makes the sum non-finite, and summing runs at memory speed (unlike
+    `isfinite`), so only a non-finite sum (or an overflowing one) costs the exact count.
+    """
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
         warnings.warn(f"{source}: tensor {name} has {bad} NaN/Inf value(s)", Llama2Warning, stacklevel=3)
 
 

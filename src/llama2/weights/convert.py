@@ -125,7 +125,8 @@ def _check_options(to: str, dtype: str, **options) -> dict:
         if value is not None and _FORMAT_OPTIONS[option] != to:
             raise Llama2Error(f"{option} applies to {_FORMAT_OPTIONS[option]} output only, not {to}")
     if options["tensor_type"] is not None and options["tensor_type"] not in TENSOR_TYPES:
-        raise Llama2Error(f"unknown GGUF tensor type {options['tensor_type']!r} (choose from {', '.join(TENSOR_TYPES)})")
+        choices = ", ".join(TENSOR_TYPES)
+        raise Llama2Error(f"unknown GGUF tensor type {options['tensor_type']!r} (choose from {choices})")
     return options
 
 

@@ -124,12 +124,12 @@ def _canonical_names(locations: dict[str, _WeightFile], args: ModelArgs) -> dict
     """Canonical name -> Hugging Face name of every weight, each checked against `args`."""
     expected = expected_shapes(args)
     names: dict[str, str] = {}
-    for hf_name, file in locations.items():
-        name = canonical_name(hf_name, file.path)
+    for theirs, file in locations.items():
+        name = canonical_name(theirs, file.path)
         if name is None or (name == "output.weight" and args.tie_word_embeddings):
             continue  # a dropped buffer, or the redundant lm_head of a tied model
-        check_spec(name, file.spec(hf_name), expected, str(file.path), label=f"{hf_name} ({name})")
-        names[name] = hf_name
+        check_spec(name, file.spec(theirs), expected, str(file.path), label=f"{theirs} ({name})")
+        names[name] = theirs
     return names
 
 
@@ -436,16 +436,22 @@ def plan_shards(specs: Mapping[str, TensorSpec], max_shard_bytes: int) -> dict[s
         ``model-0000i-of-0000n.safetensors`` for more.
     """
     groups: list[dict[str, TensorSpec]] = [{}]
+    size = 0
     for name, spec in specs.items():
-        if groups[-1] and data_size(groups[-1]) + data_size({name: spec}) > max_shard_bytes:
+        nbytes = data_size({name: spec})
+        if groups[-1] and size + nbytes > max_shard_bytes:
             groups.append({})
+            size = 0
         groups[-1][name] = spec
+        size += nbytes
     if len(groups) == 1:
         return {WEIGHT_LAYOUTS[0][0]: groups[0]}
     return {f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors": group for i, group in enumerate(groups)}
 
 
-def _write_shards(folder: Path, tensors: LazyStateDict, shards: dict[str, dict[str, TensorSpec]], args: ModelArgs) -> None:
+def _write_shards(
+    folder: Path, tensors: LazyStateDict, shards: dict[str, dict[str, TensorSpec]], args: ModelArgs
+) -> None:
     canonical = {hf_name(name): name for name in tensors}
     for file_name, specs in shards.items():
         with SafetensorsWriter(folder / file_name, specs, {"format": "pt"}) as writer:

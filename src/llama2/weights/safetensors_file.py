@@ -147,10 +147,11 @@ def _entry(name: str, info: object, data_start: int, size: int, path: Path) -> _
         raise _corrupt(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
     start, end = data_start + offsets[0], data_start + offsets[1]
     if end > size:
-        raise _corrupt(path, f"tensor {name!r} data (bytes {start}..{end}) runs past the end of the file ({size} bytes)")
+        raise _corrupt(path, f"tensor {name!r} data (bytes {start}..{end}) runs past the end of the file ({size})")
     nbytes = prod(shape) * DTYPES[dtype].itemsize
     if end - start != nbytes:
-        raise _corrupt(path, f"tensor {name!r} of {dtype} {shape} needs {nbytes} bytes but its data_offsets span {end - start}")
+        span = end - start
+        raise _corrupt(path, f"tensor {name!r} of {dtype} {shape} needs {nbytes} bytes, its data_offsets span {span}")
     return _Entry(TensorSpec(tuple(shape), DTYPES[dtype]), start, end)
 
 
@@ -180,7 +181,8 @@ def header_bytes(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str] | 
         if spec.dtype not in _NAMES:
             raise Llama2Error(f"tensor {name}: dtype {dtype_name(spec.dtype)} cannot be stored in safetensors")
         nbytes = prod(spec.shape) * spec.dtype.itemsize
-        header[name] = {"dtype": _NAMES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + nbytes]}
+        entry = {"dtype": _NAMES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = entry
         offset += nbytes
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-(len(text) + _LENGTH_BYTES) % _ALIGNMENT)
@@ -213,7 +215,8 @@ class SafetensorsWriter:
             raise Llama2Error(f"{self.path}: tensor {name} was not announced")
         expected, spec = self._pending.pop(0)
         if name != expected or (tuple(tensor.shape), tensor.dtype) != spec:
-            raise Llama2Error(f"{self.path}: got tensor {name} {list(tensor.shape)} {tensor.dtype}, expected {expected} {spec}")
+            got = f"{name} {list(tensor.shape)} {tensor.dtype}"
+            raise Llama2Error(f"{self.path}: got tensor {got}, expected {expected} {spec}")
         write_tensor_bytes(self._file, tensor)
 
     def __enter__(self) -> SafetensorsWriter:

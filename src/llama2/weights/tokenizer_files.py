@@ -87,7 +87,8 @@ def _bpe_metadata(tokenizer: HFTokenizer) -> dict[str, Any]:
         )
     pre = tokenizer.gguf_pre_tokenizer()
     if pre is None:
-        warnings.warn("the tokenizer's pre-tokenizer matches none llama.cpp knows; writing 'default'", Llama2Warning, stacklevel=3)
+        message = "the tokenizer's pre-tokenizer matches none llama.cpp knows; writing 'default'"
+        warnings.warn(message, Llama2Warning, stacklevel=3)
     tokens, types = _bpe_vocabulary(tokenizer.n_words, model["vocab"], data.get("added_tokens") or [])
     return {
         "tokenizer.ggml.model": "gpt2",
