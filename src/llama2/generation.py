@@ -22,7 +22,7 @@ from .chat import resolve_chat_format
 from .config import ModelArgs
 from .errors import Llama2Error
 from .model import Transformer
-from .quant import PACKED_FROM_GGUF, quantize_head, quantize_model
+from .quant import PACKED_FROM_GGUF, Int8Linear, install_int8_head, quantize_model
 from .sampling import SamplingParams, sample_next
 from .tokenizer import Tokenizer
 from .weights import Checkpoint, open_checkpoint
@@ -72,6 +72,7 @@ def default_device() -> torch.device:
 
 
 QUANT_MODES = ("auto", "none", "int8", "int4")
+HEAD_WEIGHTS = ("tok_embeddings.weight", "output.weight")  # int8 when the layers are packed
 
 
 def packed_gguf_linears(checkpoint: Checkpoint, device: torch.device, quant: str) -> dict[str, str]:
@@ -105,30 +106,36 @@ def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype
     with torch.device("meta"):
         model = Transformer(checkpoint.args)
     packed = packed_gguf_linears(checkpoint, device, quant)
-    state_dict = {}
+    state_dict, int8_tables = {}, {}
     for name in checkpoint.state_dict:
         if name in packed:
             parent, attr = name.removesuffix(".weight").rsplit(".", 1)
             shape = tuple(model.get_submodule(f"{parent}.{attr}").weight.shape)
             layer = PACKED_FROM_GGUF[packed[name]](checkpoint.state_dict.read_raw(name), packed[name], shape)
             setattr(model.get_submodule(parent), attr, layer)
+        elif packed and name in HEAD_WEIGHTS:
+            int8_tables[name] = Int8Linear.from_float(checkpoint.state_dict[name])
         else:
             state_dict[name] = checkpoint.state_dict[name].to(device=device, dtype=dtype)
-    try:
-        missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
-    except RuntimeError as err:
-        first_line = str(err).strip().splitlines()[-1].strip()
-        raise Llama2Error(f"{checkpoint.source}: weights do not match the model config ({first_line})") from None
-    packed_modules = tuple(name.removesuffix("weight") for name in packed)  # their buffers came with them
-    missing = [key for key in missing if not key.startswith(packed_modules)] if packed else missing
-    if missing or unexpected:
-        raise Llama2Error(f"{checkpoint.source}: weights do not match the model config "
-                          f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")  # fmt: skip
-    if packed:
-        quantize_head(model)
-    elif quant in ("int8", "int4"):
+    if int8_tables:
+        install_int8_head(model, int8_tables, dtype)
+    load_weights(model, state_dict, checkpoint.source)
+    if quant in ("int8", "int4") and not packed:
         quantize_model(model, quant)
     return model.eval()
+
+
+def load_weights(model: Transformer, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Assign `state_dict` to a model built on the meta device; every tensor must end up real."""
+    try:
+        _, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    except RuntimeError as err:
+        first_line = str(err).strip().splitlines()[-1].strip()
+        raise Llama2Error(f"{source}: weights do not match the model config ({first_line})") from None
+    missing = [name for name, t in model.state_dict().items() if t.is_meta]  # modules swapped in came with their tensors
+    if missing or unexpected:
+        raise Llama2Error(f"{source}: weights do not match the model config "
+                          f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")  # fmt: skip
 
 
 def compile_decode_step(model: Transformer) -> Callable[..., torch.Tensor]:

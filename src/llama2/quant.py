@@ -38,11 +38,15 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales.to(torch.bfloat16).contiguous())
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor) -> "Int8Linear":
-        """Symmetric per-channel quantization of a float weight [out, in]."""
-        w = weight.float()
-        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        q = torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8)
+    def from_float(cls, weight: torch.Tensor, rows_per_chunk: int = 4096) -> "Int8Linear":
+        """Symmetric per-channel quantization of a float weight [out, in], a few rows at a time."""
+        q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+        for start in range(0, weight.shape[0], rows_per_chunk):
+            rows = weight[start : start + rows_per_chunk].float()
+            row_scales = rows.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+            q[start : start + rows_per_chunk] = torch.round(rows / row_scales[:, None]).clamp(-128, 127)
+            scales[start : start + rows_per_chunk] = row_scales
         return cls(q, scales)
 
     def dequantize(self) -> torch.Tensor:
@@ -154,14 +158,23 @@ def quantize_model(model: nn.Module, kind: str) -> nn.Module:
 
 
 def quantize_head(model: nn.Module) -> None:
-    """Make the output head int8; a tied embedding then shares its int8 table."""
-    dtype = model.tok_embeddings.weight.dtype
-    if model.output is None:
-        head = Int8Linear.from_float(model.tok_embeddings.weight.detach())
-        model.tok_embeddings = Int8Embedding(head, dtype)
-        model.output = head
-    elif isinstance(model.output, nn.Linear):
-        model.output = Int8Linear.from_float(model.output.weight.detach())
+    """Make the output head and the embedding lookup int8 (one shared table when tied)."""
+    tables = {"tok_embeddings.weight": Int8Linear.from_float(model.tok_embeddings.weight.detach())}
+    if isinstance(model.output, nn.Linear):
+        tables["output.weight"] = Int8Linear.from_float(model.output.weight.detach())
+    install_int8_head(model, tables, model.norm.weight.dtype)
+
+
+def install_int8_head(model: nn.Module, tables: dict[str, Int8Linear], dtype: torch.dtype) -> None:
+    """Use int8 tables as the embedding lookup and output head.
+
+    Args:
+        tables: ``"tok_embeddings.weight"`` (and ``"output.weight"`` for an untied head).
+        dtype: activation dtype the embedding lookup returns.
+    """
+    embedding = tables["tok_embeddings.weight"]
+    model.output = tables.get("output.weight", embedding)
+    model.tok_embeddings = Int8Embedding(embedding, dtype)
 
 
 def unpack_q4_blocks(raw: torch.Tensor, shape: tuple[int, int], has_minimum: bool):
