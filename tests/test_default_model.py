@@ -64,13 +64,18 @@ def test_fast_path_keeps_blocks_packed(fast_llama):
     assert fast_llama.model.norm.weight.dtype == torch.bfloat16
 
 
-def test_greedy_chat_answer_is_coherent_english(fast_llama):
-    llama = fast_llama
+def test_greedy_chat_answer_is_coherent_english(llama):
     dialog = [{"role": "user", "content": "What is the capital of France?"}]
     answer = llama.chat_completion([dialog], temperature=0, max_gen_len=48)[0]["generation"]["content"]
     assert "Paris" in answer
     words = answer.split()
     assert len(words) >= 3 and all(w.isascii() for w in words)
+
+
+def test_fast_path_answer_is_coherent(fast_llama):
+    dialog = [{"role": "user", "content": "Give me a Python function that reverses a string."}]
+    answer = fast_llama.chat_completion([dialog], temperature=0, max_gen_len=64)[0]["generation"]["content"]
+    assert "def " in answer and "[::-1]" in answer and "Python" in answer
 
 
 def test_batched_chat_equals_single_chats(llama, cases):
