@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import expect_error
+from train_helpers import one_thread  # noqa: F401 (autouse fixture)
 from llama2.chat import JinjaChatFormat, Llama2ChatFormat, resolve_chat_format
 from llama2.config import ModelArgs
 from llama2.model import Transformer

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from helpers import make_hf_llama, random_tokens
+from train_helpers import one_thread  # noqa: F401 (autouse fixture)
 from llama2.model import Transformer
 from llama2.train.packing import Batch
 from llama2.train.trainer import causal_lm_loss

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from helpers import expect_error
+from train_helpers import one_thread  # noqa: F401 (autouse fixture)
 from llama2.config import ModelArgs
 from llama2.model import Transformer
 from llama2.train.lora import LoRAConfig, LoRALinear, apply_lora, load_adapters, merge_lora, save_adapters

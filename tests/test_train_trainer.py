@@ -13,7 +13,7 @@ from llama2.train.config import TrainConfig
 from llama2.train.model_setup import build_optimizer, cosine_with_warmup
 from llama2.train.trainer import Trainer
 from llama2.weights import read_meta
-from train_helpers import losses, tiny_config, write_chat_corpus
+from train_helpers import losses, one_thread, tiny_config, write_chat_corpus  # noqa: F401 (one_thread: autouse fixture)
 
 
 class Crash(Exception):
@@ -108,3 +108,13 @@ def test_sft_trains_on_answers_only_and_exports_a_loadable_model(tmp_path):
     assert not torch.equal(exported.state_dict["layers.0.attention.wq.weight"], wq)  # the adapters moved it
     adapter_config = json.loads((tmp_path / "sft" / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["rank"] == 4 and adapter_config["base_model"] == "tiny"
+
+
+def test_activation_checkpointing_is_exact_and_bf16_autocast_is_close(tmp_path):
+    def first_losses(name, **overrides):
+        Trainer(tiny_config(tmp_path, name, max_steps=2, save_every=100, **overrides)).train()
+        return losses(tmp_path / name)
+
+    reference = first_losses("fp32")
+    assert first_losses("checkpointed", activation_checkpointing=True) == pytest.approx(reference, rel=1e-6)
+    assert first_losses("bf16", bf16=True) == pytest.approx(reference, rel=2e-2)

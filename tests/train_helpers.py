@@ -6,8 +6,21 @@ import json
 import random
 from pathlib import Path
 
+import pytest
+import torch
+
 from llama2.train.config import TrainConfig
 from llama2.train.metrics import METRICS_FILE, read_metrics
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run each test on one CPU thread: tiny models gain nothing from more, and on a busy
+    machine thread synchronization would dominate their run time. Import into a test module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 WORDS = "the cat dog bird sat ran flew on under mat log tree big small red blue and then".split()
 

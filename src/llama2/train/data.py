@@ -173,7 +173,6 @@ class _Progress:
     offset: int = 0
     tokens: int = 0
     documents: int = 0
-    skipped: int = 0
     open_document: bool = False
 
 

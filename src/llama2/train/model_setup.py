@@ -26,7 +26,7 @@ class TrainingModel:
     """A model to train, with what it was made from.
 
     Attributes:
-        model: the `Transformer` (unsharded, on the CPU, float32).
+        model: the `Transformer` (unsharded, float32).
         args: its architecture.
         tokenizer: its tokenizer.
         chat_template: the checkpoint's chat template, if any.
@@ -53,9 +53,12 @@ def init_weights(model: Transformer) -> None:
                 param.normal_(0.0, std)
 
 
-def load_training_model(config: TrainConfig) -> TrainingModel:
-    """A preset (random init with the current torch seed; Llama 2's tokenizer unless
-    `config.tokenizer`) or a checkpoint loaded in float32 on the CPU, in training mode.
+def load_training_model(config: TrainConfig, device: torch.device = torch.device("cpu")) -> TrainingModel:
+    """A preset or a checkpoint, in float32 on `device`, in training mode.
+
+    A preset is built on the meta device and initialized in place on `device` (no
+    full-size CPU copy) with the current torch seed; it uses Llama 2's tokenizer unless
+    `config.tokenizer` names another.
 
     Raises:
         Llama2Error: an unreadable model or a tokenizer bigger than the embeddings.
@@ -63,7 +66,9 @@ def load_training_model(config: TrainConfig) -> TrainingModel:
     if config.model in PRESETS:
         args = model_args_from_preset(config.model)
         tokenizer = Tokenizer.from_file(config.tokenizer or llama2_tokenizer_path())
-        model = Transformer(args)
+        with torch.device("meta"):
+            model = Transformer(args)
+        model.to_empty(device=device)
         init_weights(model)
         loaded = TrainingModel(model, args, tokenizer, tokenizer.chat_template, config.model)
     else:
@@ -73,7 +78,7 @@ def load_training_model(config: TrainConfig) -> TrainingModel:
 
         checkpoint = load_checkpoint(config.model, dtype=torch.float32)
         tokenizer = checkpoint_tokenizer(checkpoint, config.tokenizer)
-        model = build_model(checkpoint, torch.device("cpu"), torch.float32)
+        model = build_model(checkpoint, device, torch.float32)
         template = checkpoint.chat_template or tokenizer.chat_template
         loaded = TrainingModel(model, checkpoint.args, tokenizer, template, checkpoint.source)
     if loaded.tokenizer.n_words > loaded.args.vocab_size:
@@ -93,15 +98,16 @@ def lora_config(config: TrainConfig) -> LoRAConfig | None:
 
 
 def prepare_model(model: Transformer, config: TrainConfig, env: DistributedEnv, bf16: bool) -> nn.Module:
-    """Adapters, device, activation checkpointing, compilation, then FSDP2 (in this order).
+    """Device, adapters (quantizing a QLoRA base there), activation checkpointing,
+    compilation, then FSDP2 (in this order).
 
     Returns:
         The module to train (the same `Transformer`, changed in place).
     """
+    model.to(env.device)
     adapters = lora_config(config)
     if adapters is not None:
         apply_lora(model, adapters)
-    model.to(env.device)
     for block in model.layers:
         if config.activation_checkpointing:
             from torch.distributed._composable import checkpoint as activation_checkpoint

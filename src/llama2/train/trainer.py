@@ -73,7 +73,7 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
 
         torch.manual_seed(config.seed)  # the same initialization on every process
-        self.loaded = load_training_model(config)
+        self.loaded = load_training_model(config, self.env.device)
         self.seq_len = resolve_seq_len(config, self.loaded.args.max_seq_len)
         self.train_rows, self.val_rows = self._load_data()
         self.bf16 = bf16_enabled(config, self.env.device)
