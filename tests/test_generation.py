@@ -179,3 +179,16 @@ def test_compiled_decode_equals_eager(tokenizer):
     compiled = Llama(eager.model, tokenizer, None, max_seq_len=64, max_batch_size=2, compile=True)
     actual, _ = compiled.generate(prompts, max_gen_len=10, temperature=0, stop_ids=frozenset())
     assert actual == expected
+
+
+def test_chunked_prefill_equals_one_pass(tokenizer, monkeypatch):
+    import llama2.generation as generation
+
+    llama = make_llama(tokenizer)
+    prompt = tokenizer.encode("A prompt long enough to be cut into several prefill chunks", bos=True, eos=False)
+    kwargs = dict(max_gen_len=6, temperature=0, logprobs=True, echo=True, stop_ids=frozenset())
+    whole, whole_logprobs = llama.generate([prompt], **kwargs)
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", 4)
+    chunked, chunked_logprobs = llama.generate([prompt], **kwargs)
+    assert chunked == whole
+    assert chunked_logprobs[0] == pytest.approx(whole_logprobs[0], abs=1e-4)

@@ -30,6 +30,7 @@ from .weights.inspect import checkpoint_tokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_MAX_SEQ_LEN = 4096
+PREFILL_CHUNK = 512  # prompt tokens per forward: bounds activation memory on long prompts
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -138,15 +139,23 @@ def load_weights(model: Transformer, state_dict: dict[str, torch.Tensor], source
                           f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")  # fmt: skip
 
 
-def compile_decode_step(model: Transformer) -> Callable[..., torch.Tensor]:
-    """The model's forward compiled for one-token decode steps.
+def compile_model(model: Transformer) -> Callable[..., torch.Tensor]:
+    """The model's forward compiled for prefill chunks and decode steps.
 
-    The attended cache length is a dynamic size (one graph for every position); on the
-    CPU the graph is frozen with its weights and called through a C++ wrapper. Inductor
-    caches compiled code on disk, so a second start skips most of the cold compile.
+    Sequence and cache lengths are dynamic sizes (a graph for decode and one for
+    prefill, whatever the position); on the CPU the graphs are frozen with their weights
+    and called through a C++ wrapper. Inductor caches compiled code on disk, so a second
+    start skips most of the cold compile.
     """
     options = {"cpp_wrapper": True, "freezing": True} if model.norm.weight.device.type == "cpu" else {}
     return torch.compile(model, dynamic=True, options=options)
+
+
+def _record_logprobs(token_logprobs, logits, tokens, start: int, end: int, pad: int) -> None:
+    """Log-probabilities of tokens[:, start+1:end+1] under the logits of positions start..end-1."""
+    token_logprobs[:, start + 1 : end + 1] = -F.cross_entropy(
+        logits.transpose(1, 2), tokens[:, start + 1 : end + 1], reduction="none", ignore_index=pad
+    )
 
 
 class Llama:
@@ -174,7 +183,7 @@ class Llama:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.last_stats = GenerationStats()
         model.setup_caches(max_batch_size, max_seq_len)
-        self.decode_step = compile_decode_step(model) if compile else model
+        self.step = compile_model(model) if compile else model
 
     @staticmethod
     def build(
@@ -293,20 +302,20 @@ class Llama:
                 logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none", ignore_index=pad
             )
         start = time.perf_counter()
+        while min_len - prev_pos > PREFILL_CHUNK:  # long prompts: prefill in chunks
+            logits = self._forward(tokens, prev_pos, prev_pos + PREFILL_CHUNK, want_logprobs)
+            if want_logprobs:
+                _record_logprobs(token_logprobs, logits, tokens, prev_pos, prev_pos + PREFILL_CHUNK, pad)
+            prev_pos += PREFILL_CHUNK
         for cur_pos in range(min_len, total_len):
-            positions = torch.arange(prev_pos, cur_pos, device=self.device)
-            step = self.decode_step if cur_pos - prev_pos == 1 else self.model
-            logits = step(tokens[:, prev_pos:cur_pos], positions, kv_len=cur_pos, last_logits_only=not want_logprobs)
+            logits = self._forward(tokens, prev_pos, cur_pos, want_logprobs)
             next_token = sample_next(logits[:, -1], sampling, generator, tokens[:, :cur_pos])
             next_token = torch.where(in_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
             tokens[:, cur_pos] = next_token
             if want_logprobs:
-                targets = tokens[:, prev_pos + 1 : cur_pos + 1]
-                token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
-                    logits.transpose(1, 2), targets, reduction="none", ignore_index=pad
-                )
+                _record_logprobs(token_logprobs, logits, tokens, prev_pos, cur_pos, pad)
             finished |= ~in_prompt[:, cur_pos] & torch.isin(next_token, stop_tensor)
-            if prev_pos == 0:
+            if cur_pos == min_len:
                 stats.prefill_s = time.perf_counter() - start
                 start = time.perf_counter()
             else:
@@ -316,6 +325,11 @@ class Llama:
             yield cur_pos, tokens, finished, token_logprobs
             if bool(finished.all()):
                 break
+
+    def _forward(self, tokens: torch.Tensor, start: int, end: int, all_logits: bool) -> torch.Tensor:
+        """Feed tokens[:, start:end] at their positions; logits of every position or the last."""
+        positions = torch.arange(start, end, device=self.device)
+        return self.step(tokens[:, start:end], positions, kv_len=end, last_logits_only=not all_logits)
 
     def _sampling_context(self, seed: int | None) -> torch.Generator:
         if seed is None:

@@ -24,6 +24,8 @@ from torch import nn
 from .errors import Llama2Error
 
 INT4_INNER_K_TILES = 2
+# From this many rows (prefill) a dense bfloat16 GEMM on the unpacked weight beats the int4 kernel.
+DENSE_MIN_ROWS = 32
 QUANT_TYPES = ("int8", "int4")
 
 
@@ -78,7 +80,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(torch.bfloat16).contiguous())
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).cpu().contiguous(), INT4_INNER_K_TILES)
         self.register_buffer("weight_packed", packed.to(q.device))
-        self._dense: torch.Tensor | None = None
+        pairs = q.to(torch.uint8).reshape(self.out_features, -1, 2)  # [N, K/2, 2]
+        self.register_buffer("q_pairs", (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous())  # [N, K/2]
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int = 32) -> "Int4Linear":
@@ -106,20 +109,24 @@ class Int4Linear(nn.Module):
         return cls(q.to(torch.int32), scales_and_zeros.float(), 32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":
+        rows = x.numel() // self.in_features
+        if x.device.type == "cpu" and rows < DENSE_MIN_ROWS:
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 flat, self.weight_packed, self.group_size, self.scales_and_zeros
             )
             return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        return F.linear(x, self.dequantize().to(x.dtype))
+        # Many rows (prefill) or no int4 kernel: unpack to a dense weight, one GEMM.
+        dtype = torch.bfloat16 if x.device.type == "cpu" else x.dtype
+        return F.linear(x.to(dtype), self.dequantize(dtype)).to(x.dtype)
 
-    def dequantize(self) -> torch.Tensor:
-        """The float weight [out, in] this layer computes with (through the kernel itself)."""
-        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
-        sz = self.scales_and_zeros.cpu()
-        columns = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight_packed.cpu(), self.group_size, sz)
-        return columns.T.float().to(self.weight_packed.device)  # [out, in]
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight [out, in] this layer computes: (q - 8) * scale + zero per group."""
+        q = torch.stack((self.q_pairs & 0x0F, self.q_pairs >> 4), dim=-1)  # [N, K/2, 2]
+        q = q.reshape(self.out_features, -1, self.group_size).float()  # [N, G, g]
+        scale = self.scales_and_zeros[..., 0].T.float().unsqueeze(-1)  # [N, G, 1]
+        zero = self.scales_and_zeros[..., 1].T.float().unsqueeze(-1)
+        return ((q - 8) * scale + zero).reshape(self.out_features, self.in_features).to(dtype)
 
 
 class Int8Embedding(nn.Module):
