@@ -250,9 +250,9 @@ def test_packing_properties(tmp_path_factory, lengths, seq_len, split):
 
 
 def test_batch_plan_splits_the_global_batch_across_processes():
-    single = [list(r) for r in BatchPlan(8, 1, 0, 8).micro_batches(3)]
+    single = [list(r) for r in BatchPlan(8, 1, 0, 8).micro_batches(24)]
     assert single == [list(range(24, 32))]
-    shards = [list(r) for rank in range(2) for r in BatchPlan(8, 2, rank, 2).micro_batches(3)]
+    shards = [list(r) for rank in range(2) for r in BatchPlan(8, 2, rank, 2).micro_batches(24)]
     assert sorted(sum(shards, [])) == single[0] and len(shards) == 4
     expect_error(lambda: BatchPlan(6, 4, 0, 1), "multiple of processes")
 

@@ -47,7 +47,7 @@ def run(cmd: list[str], timeout: int = 300) -> None:
 def test_two_process_fsdp_matches_one_process_and_reshards_on_resume(tmp_path):
     config = run_config(tmp_path)
     run(command(*TRAIN, str(config), "--output-dir", str(tmp_path / "one")))
-    torchrun = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517"]
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     run(command(*torchrun, *TRAIN, str(config), "--output-dir", str(tmp_path / "two")))
 
     single, sharded = losses(tmp_path / "one"), losses(tmp_path / "two")

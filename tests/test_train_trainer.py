@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from helpers import expect_error
 from llama2.train.checkpoint import completed_checkpoints, latest_checkpoint
 from llama2.train.config import TrainConfig
 from llama2.train.model_setup import build_optimizer, cosine_with_warmup
@@ -118,3 +119,31 @@ def test_activation_checkpointing_is_exact_and_bf16_autocast_is_close(tmp_path):
     reference = first_losses("fp32")
     assert first_losses("checkpointed", activation_checkpointing=True) == pytest.approx(reference, rel=1e-6)
     assert first_losses("bf16", bf16=True) == pytest.approx(reference, rel=2e-2)
+
+
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_export_through_the_weights_writers(tmp_path, fmt):
+    trainer = Trainer(tiny_config(tmp_path, fmt, max_steps=1, export=fmt))
+    trainer.train()
+    tokens = torch.randint(32000, (1, 9), generator=torch.Generator().manual_seed(0))
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = trainer.model(tokens)
+    if fmt == "hf":  # transformers itself reads the exported folder
+        import transformers
+
+        reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / fmt / "final", dtype=torch.float32)
+        with torch.no_grad():
+            got = reference(input_ids=tokens).logits
+    else:
+        from helpers import our_model
+        from llama2.weights import read_gguf
+
+        with torch.no_grad():
+            got = our_model(read_gguf(tmp_path / fmt / "final.gguf"))(tokens)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_resuming_into_a_different_model_is_a_one_line_error(tmp_path):
+    Trainer(tiny_config(tmp_path, "run", max_steps=3)).train()
+    expect_error(lambda: Trainer(tiny_config(tmp_path, "run", max_steps=6, lora_rank=4)), "cannot resume", "step_00000003")

@@ -54,7 +54,9 @@ def run(output_dir: Path) -> None:
 
     train, heldout_path = write_data(output_dir.parent / "format-data")
     heldout = json.loads(heldout_path.read_text())
-    llama = Llama.build("smollm2-135m-instruct", max_seq_len=256, max_batch_size=BATCH, device="cpu", dtype=torch.float32)
+    llama = Llama.build(
+        "smollm2-135m-instruct", max_seq_len=256, max_batch_size=BATCH, device="cpu", dtype=torch.float32, quant="none"
+    )
     before = measure(llama, heldout, "before")
 
     code = llama2(["train", "sft", str(HERE / "lora_format.yaml"), "--output-dir", str(output_dir), "--data", str(train)])

@@ -45,8 +45,8 @@ def run(output_dir: Path) -> None:
 
     model = Llama.build(output_dir / "final", max_seq_len=128, device="cpu")
     prompt = "Mia had a small dog named"
-    sample = model.text_completion([prompt], temperature=0, max_gen_len=40)[0]["generation"]
-    print(f"greedy sample: {prompt}{sample}")
+    sample = model.text_completion([prompt], temperature=0, max_gen_len=40, echo=True)[0]["generation"]
+    print(f"greedy sample: {sample}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
@@ -158,7 +159,7 @@ def load_checkpoint(
             options=_options(trainable_only),
         )
         scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, weights_only=True))
-    except (OSError, RuntimeError, KeyError, ValueError) as error:
+    except (OSError, RuntimeError, KeyError, ValueError, CheckpointException) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise Llama2Error(f"{folder}: cannot resume from this checkpoint ({first_line})") from error
     rng_path = folder / f"rng_{env.rank}.pt"

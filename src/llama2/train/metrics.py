@@ -79,13 +79,17 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
-def flops_per_token(args: ModelArgs, seq_len: int) -> float:
-    """Training FLOPs per token: 6 per matmul weight plus attention (PaLM, appendix B).
+def flops_per_token(args: ModelArgs, seq_len: int, frozen_base: bool = False) -> float:
+    """Model FLOPs per trained token: 6 per matmul weight plus attention (PaLM, appendix B).
 
-    The embedding lookup is no matmul; the output head is one even when tied to it.
+    The embedding lookup is no matmul; the output head is one even when tied to it. A
+    frozen base (LoRA) needs no weight gradients: 4 per weight (forward and input
+    gradients; the small adapters are left out). Recomputation (activation
+    checkpointing) is not counted, as is usual for MFU.
     """
     matmul_params = args.num_params() - args.vocab_size * args.dim * (0 if args.tie_word_embeddings else 1)
-    return 6 * matmul_params + 12 * args.n_layers * args.dim * seq_len
+    per_weight = 4 if frozen_base else 6
+    return per_weight * matmul_params + 12 * args.n_layers * args.dim * seq_len
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype, override_tflops: float | None = None) -> float:
@@ -98,7 +102,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype, override_tflops: float 
     return measured_matmul_flops(dtype)
 
 
-def measured_matmul_flops(dtype: torch.dtype, size: int = 1024, seconds: float = 0.3) -> float:
+def measured_matmul_flops(dtype: torch.dtype, size: int = 2048, seconds: float = 0.5) -> float:
     """FLOP/s of square matmuls on this CPU: the best observed rate stands in for its peak."""
     generator = torch.Generator().manual_seed(0)  # leaves the global RNG (dropout, resume) alone
     a = torch.randn(size, size, generator=generator).to(dtype)

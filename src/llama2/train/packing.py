@@ -3,8 +3,8 @@
 `PackedRows` puts examples back to back in full rows, keeping each token's position
 within its example and the example's id so attention stays inside it; `PaddedRows` puts
 one example per row. `EpochSampler` and `BatchPlan` give the rows of every step as a
-pure function of the step number, which is all a checkpoint needs to resume the data
-exactly, whatever the number of processes.
+pure function of the number of samples read before it, which is all a checkpoint needs
+to resume the data exactly, whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -231,10 +231,11 @@ class EpochSampler:
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """Which samples each process reads at each step.
+    """Which samples each process reads in one step.
 
-    The global batch of step s is samples s*B .. (s+1)*B-1; process r of W takes the r-th
-    of W equal slices and reads it in micro-batches (accumulating gradients).
+    A step's global batch is the next `global_batch` samples of the run; process r of W
+    takes the r-th of W equal slices and reads it in micro-batches (accumulating
+    gradients).
     """
 
     global_batch: int
@@ -254,10 +255,10 @@ class BatchPlan:
     def accumulation_steps(self) -> int:
         return self.global_batch // (self.world_size * self.micro_batch)
 
-    def micro_batches(self, step: int) -> Iterator[range]:
-        """Sample numbers of this process's micro-batches at `step` (0-based)."""
+    def micro_batches(self, first_sample: int) -> Iterator[range]:
+        """Sample numbers of this process's micro-batches in the step starting at `first_sample`."""
         per_rank = self.global_batch // self.world_size
-        first = step * self.global_batch + self.rank * per_rank
+        first = first_sample + self.rank * per_rank
         for k in range(self.accumulation_steps):
             start = first + k * self.micro_batch
             yield range(start, start + self.micro_batch)

@@ -26,7 +26,7 @@ from ..errors import Llama2Error
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, step_folder
 from .config import CONFIG_FILE, PAPER_SEQ_LEN, TrainConfig, save_config
 from .data import TokenDataset, is_prepared, prepare_data
-from .distributed import DistributedEnv, all_reduce_sum, barrier, init_distributed, shutdown
+from .distributed import DistributedEnv, all_reduce_sum, broadcast_object, init_distributed, shutdown
 from .metrics import MetricsLog, flops_per_token, peak_flops
 from .model_setup import (
     bf16_enabled,
@@ -71,6 +71,8 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.output_dir = Path(config.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        micro = config.micro_batch_size or min(4, config.batch_size // self.env.world_size or 1)
+        self.plan = BatchPlan(config.batch_size, self.env.world_size, self.env.rank, micro)
 
         torch.manual_seed(config.seed)  # the same initialization on every process
         self.loaded = load_training_model(config, self.env.device)
@@ -81,10 +83,8 @@ class Trainer:
         self.model = prepare_model(self.loaded.model, config, self.env, self.bf16)
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = build_scheduler(self.optimizer, config)
-        micro = config.micro_batch_size or min(4, config.batch_size // self.env.world_size or 1)
-        self.plan = BatchPlan(config.batch_size, self.env.world_size, self.env.rank, micro)
         self.sampler = EpochSampler(len(self.train_rows), config.seed)
-        self.flops_per_token = flops_per_token(self.loaded.args, self.seq_len)
+        self.flops_per_token = flops_per_token(self.loaded.args, self.seq_len, frozen_base=self.lora is not None)
         self.peak_flops = peak_flops(self.env.device, torch.bfloat16 if self.bf16 else torch.float32, config.peak_tflops)
         self.state = {"step": 0, "samples_seen": 0, "tokens_seen": 0, "elapsed_s": 0.0}
         self._resume()  # last: it sets the random state training continues from
@@ -98,17 +98,26 @@ class Trainer:
         """Prepare (on rank 0) or open the training and validation data; build their rows."""
         chat_format = None
         if self.config.mode == "sft":
-            tokenizer = self.loaded.tokenizer
-            chat_format = resolve_chat_format(tokenizer, self.loaded.chat_template, self.config.chat_format)
+            chat_format = resolve_chat_format(self.loaded.tokenizer, self.loaded.chat_template, self.config.chat_format)
         datasets = {}
         for split, paths in (("train", self.config.data), ("val", self.config.val_data)):
             if not paths:
                 continue
+            folder = Path(paths[0]) if is_prepared(paths) else self.output_dir / "data" / split
+            error = None
             if self.env.is_main and not is_prepared(paths):
-                prepare_data(paths, self.output_dir / "data" / split, self.loaded.tokenizer, chat_format)
-            barrier(self.env)
-            datasets[split] = TokenDataset(paths[0] if is_prepared(paths) else self.output_dir / "data" / split)
+                try:
+                    prepare_data(paths, folder, self.loaded.tokenizer, chat_format)
+                except Llama2Error as caught:
+                    error = str(caught)
+            error = broadcast_object(error, self.env)  # the other processes wait here for rank 0
+            if error:
+                raise Llama2Error(error)
+            datasets[split] = TokenDataset(folder)
         rows = {split: self._rows(dataset) for split, dataset in datasets.items()}
+        for split, split_rows in rows.items():
+            if len(split_rows) == 0:
+                raise Llama2Error(f"the {split} data gives no {self.seq_len}-token rows: add data or lower --seq-len")
         return rows["train"], rows.get("val")
 
     def _rows(self, dataset: TokenDataset) -> Rows:
@@ -139,7 +148,7 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         """One optimizer step on the global batch of `step`; returns its metrics."""
         start = time.perf_counter()
-        batches = [self._batch(samples) for samples in self.plan.micro_batches(step)]
+        batches = [self._batch(samples) for samples in self.plan.micro_batches(self.state["samples_seen"])]
         local_tokens = sum(b.num_tokens for b in batches)
         local_targets = sum(b.num_targets for b in batches)
         tokens, targets = all_reduce_sum([local_tokens, local_targets], self.env)
