@@ -19,6 +19,11 @@ from train_helpers import losses, write_text_corpus
 TRAIN = ["-m", "llama2.cli", "train", "pretrain"]
 
 
+def train_args(config: Path, output_dir: Path) -> list[str]:
+    """`llama2 train pretrain CONFIG` on the CPU (gloo, also where a GPU exists) into `output_dir`."""
+    return [*TRAIN, str(config), "--device", "cpu", "--output-dir", str(output_dir)]
+
+
 def run_config(tmp_path: Path, **overrides) -> Path:
     """A YAML config for a tiny pretraining run (flags on the command line override it)."""
     corpus = tmp_path / "corpus.jsonl"
@@ -46,9 +51,9 @@ def run(cmd: list[str], timeout: int = 300) -> None:
 
 def test_two_process_fsdp_matches_one_process_and_reshards_on_resume(tmp_path):
     config = run_config(tmp_path)
-    run(command(*TRAIN, str(config), "--output-dir", str(tmp_path / "one")))
+    run(command(*train_args(config, tmp_path / "one")))
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    run(command(*torchrun, *TRAIN, str(config), "--output-dir", str(tmp_path / "two")))
+    run(command(*torchrun, *train_args(config, tmp_path / "two")))
 
     single, sharded = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(single) == list(range(1, 7))
@@ -60,14 +65,14 @@ def test_two_process_fsdp_matches_one_process_and_reshards_on_resume(tmp_path):
     # Lose everything after step 3 of the 2-process run, then resume it in one process:
     # torch.distributed.checkpoint reshards the state, and the curve goes on unchanged.
     shutil.rmtree(tmp_path / "two" / "checkpoints" / "step_00000006")
-    run(command(*TRAIN, str(config), "--output-dir", str(tmp_path / "two")))
+    run(command(*train_args(config, tmp_path / "two")))
     assert losses(tmp_path / "two") == pytest.approx(single, rel=1e-5)
 
 
 def test_sigkill_then_same_command_resumes_exactly(tmp_path):
     config = run_config(tmp_path, max_steps=40, save_every=5, batch_size=8, seq_len=128)
     killed_dir, reference_dir = tmp_path / "killed", tmp_path / "reference"
-    cmd = command(*TRAIN, str(config), "--output-dir", str(killed_dir))
+    cmd = command(*train_args(config, killed_dir))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
@@ -86,7 +91,7 @@ def test_sigkill_then_same_command_resumes_exactly(tmp_path):
     assert checkpoints and checkpoints[-1] >= "step_00000010" and max(losses(killed_dir)) < 40
 
     run(cmd)  # the same command again
-    run(command(*TRAIN, str(config), "--output-dir", str(reference_dir)))
+    run(command(*train_args(config, reference_dir)))
     expected = losses(reference_dir)
     assert sorted(expected) == list(range(1, 41))
     assert losses(killed_dir) == pytest.approx(expected, rel=1e-6)
