@@ -53,8 +53,8 @@ def init_weights(model: Transformer) -> None:
                 param.normal_(0.0, std)
 
 
-def load_training_model(config: TrainConfig, device: torch.device = torch.device("cpu")) -> TrainingModel:
-    """A preset or a checkpoint, in float32 on `device`, in training mode.
+def load_training_model(config: TrainConfig, device: torch.device | None = None) -> TrainingModel:
+    """A preset or a checkpoint, in float32 on `device` (default: the CPU), in training mode.
 
     A preset is built on the meta device and initialized in place on `device` (no
     full-size CPU copy) with the current torch seed; it uses Llama 2's tokenizer unless
@@ -63,6 +63,7 @@ def load_training_model(config: TrainConfig, device: torch.device = torch.device
     Raises:
         Llama2Error: an unreadable model or a tokenizer bigger than the embeddings.
     """
+    device = device or torch.device("cpu")
     if config.model in PRESETS:
         args = model_args_from_preset(config.model)
         tokenizer = Tokenizer.from_file(config.tokenizer or llama2_tokenizer_path())
