@@ -237,3 +237,25 @@ def test_per_row_cache_lengths_make_batched_decode_bitwise_single(tokenizer):
         for i in range(3):
             alone = model(tokens[i : i + 1], positions[i : i + 1], cache_slots=torch.tensor([i]), kv_len=kv_lens[i : i + 1])
             assert torch.equal(together[i], alone[0])
+
+
+def test_answers_do_not_depend_on_what_else_runs_in_bfloat16(tokenizer):
+    """bfloat16 magnifies summation-order changes: alone or together, each sequence gives the same tokens."""
+    llama = make_llama(tokenizer, max_batch_size=4, max_seq_len=64)
+    llama.model.to(torch.bfloat16)
+    llama.model.setup_caches(4, 64)
+    engine = Engine(llama, prefill_chunk=8)
+    engine.start()
+    try:
+        requests = [GenerationRequest(encode(tokenizer, p), 20, index=i) for i, p in enumerate(PROMPTS)]
+        alone = []
+        for request in requests:
+            collector = Collector(1)
+            engine.submit([GenerationRequest(request.prompt_ids, 20)], collector)
+            alone.append(collector.wait().text(0))
+        together = Collector(len(requests))
+        engine.submit(requests, together)
+        together.wait()
+    finally:
+        engine.stop()
+    assert [together.text(i) for i in range(len(requests))] == alone

@@ -164,11 +164,20 @@ class Attention(nn.Module):
         return self.wo(out)
 
     def _attend_rows(self, q, k, v, mask, lengths: Sequence[int]) -> torch.Tensor:
-        """Attention one row at a time, row i over its first lengths[i] cached positions."""
-        rows = [
-            self._attend(q[i : i + 1], k[i : i + 1, :, :n], v[i : i + 1, :, :n], mask[i : i + 1, ..., :n])
-            for i, n in enumerate(lengths)
-        ]
+        """Attention one row at a time, row i over its first lengths[i] cached positions.
+
+        A one-token query sees all of its row's positions, so it goes without a mask:
+        bitwise the result of an all-true mask, minus the mask's conversion per call.
+        """
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        gqa = self.n_kv_heads != self.n_heads
+        rows = []
+        for i, n in enumerate(lengths):
+            row_mask = None if q.shape[2] == 1 else mask[i : i + 1, ..., :n]
+            rows.append(
+                F.scaled_dot_product_attention(q[i : i + 1], k[i : i + 1, :, :n], v[i : i + 1, :, :n], attn_mask=row_mask,
+                                               enable_gqa=gqa)  # fmt: skip
+            )
         return torch.cat(rows)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

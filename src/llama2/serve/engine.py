@@ -2,13 +2,17 @@
 
 Requests wait in a bounded queue until one of the `max_batch_size` KV-cache slots is
 free. Each engine step (a token boundary) drops cancelled sequences, admits waiting
-ones, prefills prompts in chunks of at most `prefill_chunk` tokens (so a long prompt
-delays the running sequences by one chunk per step, not by its whole length), then
-decodes one token for every sequence whose prompt is in the cache, in one batched
-forward pass with per-row positions and cache slots. Every sequence keeps its own
-sampling settings, seeded generator, stop tokens and stop strings; its text pieces go
-to the request's `sink` (thread-safe, e.g. `loop.call_soon_threadsafe` onto an asyncio
-queue).
+ones, prefills at most `prefill_chunk` prompt tokens (so a long prompt delays the
+running sequences by one chunk per step, not by its whole length), then decodes one
+token for every sequence whose prompt is in the cache, in one batched forward pass with
+per-row positions, cache slots and cache lengths. Every sequence keeps its own sampling
+settings, seeded generator, stop tokens and stop strings; its text pieces go to the
+request's `sink` (thread-safe, e.g. `loop.call_soon_threadsafe` onto an asyncio queue).
+
+Batch invariance: a sequence's tokens do not depend on what else runs. Prompt chunks
+start at fixed multiples of `prefill_chunk`, and decode attention runs per row over the
+row's own cache length (the linear layers are row-independent), so greedy answers equal
+`Llama.chat_completion`'s (whose prefill uses the same chunks by default).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import Llama2Error
-from ..generation import Llama, TextStreamer
+from ..generation import PREFILL_CHUNK, Llama, TextStreamer
+from ..quant import DENSE_MIN_ROWS
 from ..sampling import SamplingParams, sample_next
 from .metrics import ServerMetrics
 
@@ -41,7 +46,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PREFILL_CHUNK = 256
+# Llama's own prefill chunk: a prompt is split exactly as `Llama` splits it, so greedy
+# answers equal `Llama.chat_completion`'s at any prompt length.
+DEFAULT_PREFILL_CHUNK = PREFILL_CHUNK
+# int4 layers switch from their packed kernel to a dense GEMM at DENSE_MIN_ROWS rows; a
+# decode pass stays below it, so each row computes exactly as in a batch of one.
+DECODE_ROWS_PER_PASS = DENSE_MIN_ROWS - 1
 _SEED_MODULUS = 1 << 64
 
 
@@ -166,8 +176,9 @@ class _Sequence:
 class Engine:
     """Continuous-batching generation over a `Llama`'s model and KV caches.
 
-    The model, its caches and every sequence belong to one worker thread, started by
-    `start` and ended by `stop`; `submit` and `Ticket.cancel` are safe from any thread.
+    The model, its caches and every sequence belong to the thread running the loop (a
+    worker thread from `start`, or the caller of `run`) until `stop`; `submit` and
+    `Ticket.cancel` are safe from any thread.
 
     Args:
         llama: the loaded model; its `max_batch_size` is the number of KV-cache slots and
@@ -209,22 +220,37 @@ class Engine:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> None:
-        """Start the worker thread (idempotent)."""
+    def open(self) -> None:
+        """Accept requests; the caller then drives the loop with `run` (e.g. from the main thread)."""
         with self._cond:
-            if self._thread is not None:
+            self._closed = False
+
+    def start(self) -> None:
+        """Accept requests and run the loop in a worker thread (no-op while already open)."""
+        with self._cond:
+            if not self._closed:
                 return
             self._closed = False
             self._thread = threading.Thread(target=self._run, name="llama2-engine", daemon=True)
             self._thread.start()
 
+    def run(self) -> None:
+        """Accept requests and run the loop in the calling thread until `stop` (from another thread).
+
+        PyTorch's OpenMP workers answer the main thread's parallel regions fastest (about
+        twice as fast as a second thread's on small decode steps), so a server process
+        runs the engine here and its HTTP event loop in a thread.
+        """
+        self.open()
+        self._run()
+
     def stop(self, timeout: float | None = 30.0) -> None:
-        """Refuse new requests, cancel the remaining ones and join the worker thread."""
+        """Refuse new requests, cancel the remaining ones and join the worker thread, if any."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
             thread, self._thread = self._thread, None
-        if thread is not None:
+        if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
     @property
@@ -311,7 +337,7 @@ class Engine:
         """Block until there is something to do; False once closed."""
         with self._cond:
             while not self._closed and not self._active and not self._waiting:
-                self._cond.wait()
+                self._cond.wait(0.5)  # a timeout keeps a main thread responsive to signals everywhere
             return not self._closed
 
     def _step(self) -> None:
@@ -339,13 +365,18 @@ class Engine:
         self.metrics.running.set(len(self._active))
 
     def _prefill(self) -> None:
-        """Feed up to `prefill_chunk` prompt tokens, oldest sequence first."""
+        """Feed up to `prefill_chunk` prompt tokens, oldest sequence first.
+
+        A prompt's chunks always start at multiples of `prefill_chunk` (whatever else is
+        running), so its cache and first token do not depend on the other requests, and a
+        prompt of at most `prefill_chunk` tokens is prefilled in one pass like `Llama`'s.
+        """
         budget = self.prefill_chunk
         for seq in [s for s in self._active if not s.decoding]:
-            if budget == 0:
-                return
             start = seq.prefilled
-            end = min(seq.prompt_len, start + budget)
+            end = min(seq.prompt_len, start + self.prefill_chunk)
+            if end - start > budget:
+                return  # the next step has room for the whole chunk
             tokens = torch.tensor([seq.tokens[start:end]], dtype=torch.long, device=self._device)
             positions = torch.arange(start, end, device=self._device)
             slots = torch.tensor([seq.slot], device=self._device)
@@ -356,10 +387,14 @@ class Engine:
                 self._accept(seq, logits[0, -1])
 
     def _decode(self) -> None:
-        """One batched forward pass: the last token of every decoding sequence."""
+        """The last token of every decoding sequence, in batched forward passes."""
         rows = [s for s in self._active if s.decoding]
-        if not rows:
-            return
+        for first in range(0, len(rows), DECODE_ROWS_PER_PASS):
+            self._decode_rows(rows[first : first + DECODE_ROWS_PER_PASS])
+        if rows:
+            self.metrics.window.add(len(rows))
+
+    def _decode_rows(self, rows: list[_Sequence]) -> None:
         tokens = torch.tensor([[s.tokens[-1]] for s in rows], dtype=torch.long, device=self._device)  # [B, 1]
         positions = torch.tensor([[len(s.tokens) - 1] for s in rows], device=self._device)  # [B, 1]
         slots = torch.tensor([s.slot for s in rows], device=self._device)  # [B]
@@ -367,7 +402,6 @@ class Engine:
         logits = self.model(tokens, positions, cache_slots=slots, kv_len=kv_lens)[:, -1]  # [B, vocab]
         for seq, row_logits in zip(rows, logits):
             self._accept(seq, row_logits)
-        self.metrics.window.add(len(rows))
 
     def _accept(self, seq: _Sequence, logits: torch.Tensor) -> None:
         """Sample the sequence's next token from its logits ([vocab]) and report it."""

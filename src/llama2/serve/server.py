@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 
 import torch
 import uvicorn
+from uvicorn.server import HANDLED_SIGNALS
 
 from ..errors import Llama2Error
 from ..generation import Llama
@@ -38,6 +41,7 @@ def serve_command(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=getattr(torch, args.dtype) if args.dtype else None,
         chat_format=args.chat_format,
+        quant=args.quant,
     )
     return run_server(
         llama,
@@ -90,6 +94,14 @@ def bind_socket(host: str, port: int) -> socket.socket:
         raise Llama2Error(f"cannot listen on {host}:{port}: {err}") from None
 
 
+def _serve_http(server: uvicorn.Server, sock: socket.socket, engine: Engine) -> None:
+    """The HTTP event loop (in a thread); stopping it stops the engine, however it ends."""
+    try:
+        server.run(sockets=[sock])
+    finally:
+        engine.stop()
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -108,6 +120,11 @@ def run_server(
     log_level: str = "warning",
 ) -> int:
     """Serve `llama` over HTTP until SIGINT/SIGTERM; in-flight requests finish first.
+
+    The engine runs in this (the main) thread and uvicorn's event loop in another; the
+    signals go to uvicorn's handler, which starts its graceful shutdown (stop accepting,
+    let open responses finish for up to 30 s, cancel the rest, then the app's shutdown
+    stops the engine).
 
     Returns:
         0 after a clean shutdown.
@@ -128,11 +145,17 @@ def run_server(
     config = uvicorn.Config(
         app, log_level=log_level, access_log=False, timeout_graceful_shutdown=SHUTDOWN_GRACE_S, lifespan="on"
     )
+    server = uvicorn.Server(config)
+    http = threading.Thread(target=_serve_http, args=(server, sock, engine), name="llama2-http")
+    previous = {sig: signal.signal(sig, server.handle_exit) for sig in HANDLED_SIGNALS}  # uvicorn's own handler
     try:
-        uvicorn.Server(config).run(sockets=[sock])
-    except KeyboardInterrupt:
-        pass  # uvicorn re-raises the SIGINT it shut down for
+        engine.open()  # before the app's lifespan starts, so it does not start a worker thread
+        http.start()
+        engine.run()  # here, in the main thread, until the app shuts down
+        http.join()
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         sock.close()
     print("llama2 serve: stopped", file=sys.stderr, flush=True)
     return 0
