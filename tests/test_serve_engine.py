@@ -169,6 +169,7 @@ def test_full_queue_refuses_and_cancel_frees_the_slot(tokenizer):
         prompt = encode(tokenizer, PROMPTS[0])
         first = engine.submit([GenerationRequest(prompt, 40)], blocking_sink)
         assert entered.wait(30)
+        engine.submit([GenerationRequest(prompt, 3)], Collector(1)).cancel()  # leaves its queue place at once
         waiting = Collector(1)
         engine.submit([GenerationRequest(prompt, 3)], waiting)  # takes the one queue place
         with pytest.raises(QueueFullError, match="busy"):

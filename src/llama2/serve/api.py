@@ -547,7 +547,7 @@ async def _stream_chunks(
 async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
     """Server-sent events: `data: {json}` per chunk, then `data: [DONE]`."""
     async for chunk in chunks:
-        yield b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n"
+        yield b"data: " + json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
     yield b"data: [DONE]\n\n"
 
 

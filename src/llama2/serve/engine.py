@@ -303,6 +303,7 @@ class Engine:
             if self._closed:
                 self.metrics.rejected.labels("closed").inc()
                 raise EngineClosedError("the server is shutting down; retry on another instance")
+            self._drop_cancelled_waiting()  # a client that left frees its queue place at once
             if self._in_flight + len(sequences) > self.num_slots + self.max_queue:
                 self.metrics.rejected.labels("queue_full").inc()
                 raise QueueFullError(
@@ -314,6 +315,16 @@ class Engine:
             self.metrics.queue_depth.set(len(self._waiting))
             self._cond.notify_all()
         return ticket
+
+    def _drop_cancelled_waiting(self) -> None:
+        """Forget waiting sequences whose tickets were cancelled (with the lock held)."""
+        kept = deque(seq for seq in self._waiting if not seq.ticket.cancelled)
+        dropped = len(self._waiting) - len(kept)
+        if dropped:
+            self._waiting = kept
+            self._in_flight -= dropped
+            self.metrics.sequences_finished.labels("cancelled").inc(dropped)
+            self.metrics.queue_depth.set(len(kept))
 
     def _new_sequence(self, request: GenerationRequest, ticket: Ticket, now: float) -> _Sequence:
         seed = self._seeds.getrandbits(63) if request.seed is None else request.seed % _SEED_MODULUS
@@ -353,12 +364,9 @@ class Engine:
 
     def _admit(self) -> None:
         with self._cond:
+            self._drop_cancelled_waiting()
             while self._free_slots and self._waiting:
                 seq = self._waiting.popleft()
-                if seq.ticket.cancelled:
-                    self._in_flight -= 1
-                    self.metrics.sequences_finished.labels("cancelled").inc()
-                    continue
                 seq.slot = self._free_slots.pop(0)
                 self._active.append(seq)
             self.metrics.queue_depth.set(len(self._waiting))
