@@ -1,4 +1,4 @@
-"""The `llama2` command: chat, generate, tokenize, info, pull, list."""
+"""The `llama2` command: chat, generate, tokenize, info, pull, list, convert."""
 
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seq-len", type=int, help="context to allocate (default: the model's, at most 4096)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight/activation dtype")
+    parser.add_argument("--quant", choices=["auto", "none", "int8", "int4"], default="auto",
+                        help="auto: compute GGUF Q4_0/Q4_1 layers on their packed blocks (CPU); none: dequantize; "
+                        "int8/int4: quantize after loading")  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first start, cached after)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
     parser.add_argument("--max-tokens", "-n", type=int, default=512, help="most tokens to generate per answer")
@@ -66,12 +69,33 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--tokenizer", help="tokenizer file to use instead of the model's own")
     info.set_defaults(handler=cmd_info)
 
-    pull = commands.add_parser("pull", help="download a named model into the cache")
-    pull.add_argument("name")
+    pull = commands.add_parser("pull", help="download a named model or a Hugging Face repo (ORG/NAME) into the cache")
+    pull.add_argument("name", help="a model name (llama2 list) or a Hugging Face repo id, e.g. meta-llama/Llama-2-7b-chat-hf")
+    pull.add_argument("--revision", help="Hub branch, tag or commit")
+    pull.add_argument("--file", help="download this one file of the Hub repo (e.g. a .gguf)")
     pull.set_defaults(handler=cmd_pull)
+
+    convert = commands.add_parser("convert", help="convert weights between Meta, Hugging Face and GGUF formats")
+    convert.add_argument("source", help="model name, GGUF file, HF or Meta folder")
+    convert.add_argument("dest", help="output folder (meta, hf) or file (gguf)")
+    convert.add_argument("--to", required=True, choices=["meta", "hf", "gguf"], help="output format")
+    convert.add_argument("--shards", type=int, help="meta: model-parallel shards (1, 2, 8 as Llama 2 7B/13B/70B)")
+    convert.add_argument("--type", help="gguf: auto, f32, f16, bf16, q8_0, q4_0, q4_1 (default: auto, as stored)")
+    convert.add_argument("--max-shard-size", type=float, help="hf: safetensors shard size limit in GB (default: 5)")
+    convert.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help="meta, hf: cast weights")
+    convert.add_argument("--tokenizer", help="tokenizer to ship instead of the source's own")
+    convert.add_argument("--force", action="store_true", help="replace an existing destination")
+    convert.set_defaults(handler=cmd_convert)
 
     list_ = commands.add_parser("list", help="list named models and whether they are downloaded")
     list_.set_defaults(handler=cmd_list)
+
+    quantize = commands.add_parser("quantize", help="write a quantized GGUF (int8 = Q8_0, int4 = Q4_0) of any checkpoint")
+    quantize.add_argument("source", help="model name, GGUF file, HF or Meta folder")
+    quantize.add_argument("dest", help="output .gguf file")
+    quantize.add_argument("--type", required=True, choices=sorted(QUANTIZE_TYPES), help="int8 or int4 (groups of 32)")
+    quantize.add_argument("--force", action="store_true", help="replace an existing destination")
+    quantize.set_defaults(handler=cmd_quantize)
 
     bench = commands.add_parser("bench", help="measure prompt and decode speed, load time and peak memory")
     add_run_options(bench)
@@ -80,6 +104,32 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     bench.set_defaults(handler=cmd_bench)
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching) with a chat page")
+    add_model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (0 picks a free one; default: 8000)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 and /metrics (default: $LLAMA2_API_KEY)")
+    serve.add_argument("--max-batch-size", type=int, default=16, help="KV-cache slots: most requests generated together")
+    serve.add_argument("--max-seq-len", type=int, help="context of each slot (default: the model's, at most 2048)")
+    serve.add_argument("--max-queue", type=int, default=64, help="most requests waiting for a slot before 429s")
+    serve.add_argument("--served-model-name", help="the model name clients send (default: --model)")
+    serve.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight/activation dtype")
+    serve.add_argument("--quant", choices=["auto", "none", "int8", "int4"], default="auto", help="as for chat (default: auto)")
+    serve.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
+    serve.set_defaults(handler=cmd_serve)
+
+    from .train.config import add_train_arguments  # no torch import: the parser stays fast
+
+    train = commands.add_parser("train", help="pretrain or fine-tune (full, LoRA, QLoRA); rerun to resume")
+    add_train_arguments(train)
+    train.set_defaults(handler=cmd_train)
+
+    plot = commands.add_parser("plot", help="plot a training run's loss and learning rate as PNG")
+    plot.add_argument("run_dir", help="the run's --output-dir")
+    plot.add_argument("--output", "-o", help="folder for the PNG files (default: RUN_DIR)")
+    plot.set_defaults(handler=cmd_plot)
     return parser
 
 
@@ -104,6 +154,7 @@ def build_llama(args: argparse.Namespace):
         dtype=dtype,
         chat_format=args.chat_format,
         compile=args.compile,
+        quant=args.quant,
     )
 
 
@@ -252,6 +303,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+QUANTIZE_TYPES = {"int8": "q8_0", "int4": "q4_0"}
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .weights.convert import convert
+
+    path = convert(args.source, args.dest, "gguf", tensor_type=QUANTIZE_TYPES[args.type], overwrite=args.force,
+                   progress=sys.stderr.isatty())  # fmt: skip
+    print(path)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
@@ -271,10 +334,49 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_pull(args: argparse.Namespace) -> int:
-    from .weights import registry
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.server import serve_command
 
-    path = registry.pull(args.name)
+    return serve_command(args)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from .weights import hub, registry
+
+    if args.name in registry.MODELS and args.revision is None and args.file is None:
+        path = registry.pull(args.name)
+    elif hub.is_repo_id(args.name):
+        path = hub.pull(args.name, revision=args.revision, filename=args.file)
+    else:
+        raise Llama2Error(f"{args.name}: not a model name ({', '.join(registry.model_names())}) or a Hugging Face repo id ORG/NAME")
+    print(path)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import signal
+    import warnings
+
+    from .errors import Llama2Warning
+    from .weights.convert import convert
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"llama2: warning: {message}", file=sys.stderr)
+
+    def terminate(signum, frame) -> None:
+        raise SystemExit(128 + signum)  # unwinds, so the half-written output is removed
+
+    max_shard_bytes = None if args.max_shard_size is None else int(args.max_shard_size * 1024**3)
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", Llama2Warning)
+            warnings.showwarning = show
+            path = convert(args.source, args.dest, args.to, num_shards=args.shards, tensor_type=args.type,
+                           max_shard_bytes=max_shard_bytes, dtype=args.dtype, tokenizer_path=args.tokenizer,
+                           overwrite=args.force, progress=sys.stderr.isatty())  # fmt: skip
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(path)
     return 0
 
@@ -285,6 +387,22 @@ def cmd_list(args: argparse.Namespace) -> int:
     for entry in registry.list_models():
         where = str(entry.path) if entry.path else "(not downloaded)"
         print(f"{entry.name:<28} {entry.description}  {where}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.config import config_from_args
+    from .train.trainer import run_training
+
+    run_training(config_from_args(args))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .train.plot import plot_run
+
+    for path in plot_run(args.run_dir, args.output):
+        print(path)
     return 0
 
 

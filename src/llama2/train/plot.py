@@ -39,7 +39,7 @@ def plot_run(run_dir: str | os.PathLike, output_dir: str | os.PathLike | None = 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise Llama2Error("plotting needs matplotlib: pip install 'llama2[train]'") from None
+        raise Llama2Error("plotting needs matplotlib: pip install matplotlib") from None
     out = Path(output_dir or run_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
