@@ -5,7 +5,9 @@ import torch
 
 from llama2.config import ModelArgs, llama2_ffn_hidden_dim, model_args_from_preset
 from llama2.errors import Llama2Error
-from llama2.model import RMSNorm, Transformer
+import torch.nn.functional as F
+
+from llama2.model import RMSNorm, Transformer, small_query_attention
 
 
 @pytest.mark.parametrize(
@@ -69,6 +71,31 @@ def test_cache_slots_and_per_row_positions_match_independent_runs():
         logits = model(tokens, pos, cache_slots=slots)
         torch.testing.assert_close(logits[0, 0], reference_a[5 + step], atol=1e-4, rtol=0)
         torch.testing.assert_close(logits[1, 0], reference_b[10 + step], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_query_attention_matches_sdpa(dtype):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 3, 16), torch.randn(2, 2, 70, 16), torch.randn(2, 2, 70, 16)
+    mask = torch.rand(2, 1, 3, 70) < 0.8
+    mask[..., 0] = True
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    got = small_query_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask)
+    torch.testing.assert_close(got.float(), expected, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=0)
+
+
+def test_small_query_attention_rows_are_bitwise_independent_of_padding():
+    """A server decodes rows of different lengths together; each must equal its solo run exactly."""
+    torch.manual_seed(0)
+    lengths = [51, 53, 1, 64, 65, 127, 200, 333, 58, 60, 57, 59]
+    longest = max(lengths)
+    q = torch.randn(len(lengths), 9, 1, 64).bfloat16()
+    k, v = (torch.randn(len(lengths), 3, longest, 64).bfloat16() * 3 for _ in range(2))
+    mask = (torch.arange(longest) < torch.tensor(lengths)[:, None])[:, None, None, :]  # [B, 1, 1, S]
+    together = small_query_attention(q, k, v, mask)
+    for row, n in enumerate(lengths):
+        alone = small_query_attention(q[row : row + 1], k[row : row + 1, :, :n], v[row : row + 1, :, :n], None)
+        assert torch.equal(alone[0], together[row]), f"row of length {n}"
 
 
 @torch.no_grad()

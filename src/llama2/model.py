@@ -107,9 +107,10 @@ class CacheWrite(NamedTuple):
     Attributes:
         input_pos: [T] or [B, T] positions of the tokens.
         slots: [B] KV-cache rows of the batch rows (None: rows 0..B-1).
-        row_kv_lens: per-row cache lengths; when given, attention runs row by row over
-            each row's own length, so a row's result is bitwise what a batch of one
-            computes (padded keys would change the float summation order).
+        row_kv_lens: per-row cache lengths; when given, a row's result is bitwise what a
+            batch of one computes: attention runs row by row over each row's own length
+            (padded keys would change SDPA's summation order), except for small queries on
+            the CPU, whose kernel is exact under padding (`small_query_attention`).
     """
 
     input_pos: torch.Tensor
@@ -156,10 +157,10 @@ class Attention(nn.Module):
 
         if cache_write is not None:
             k, v = self.kv_cache.update(cache_write.input_pos, k, v, mask.shape[-1], cache_write.slots)
-        if cache_write is not None and cache_write.row_kv_lens is not None:
+        if cache_write is not None and cache_write.row_kv_lens is not None and not is_small_query(q):
             out = self._attend_rows(q, k, v, mask, cache_write.row_kv_lens)
         else:
-            out = self._attend(q, k, v, mask)
+            out = self._attend(q, k, v, mask, cached=cache_write is not None)
         out = out.transpose(1, 2).reshape(batch, seq_len, -1)  # [B, T, n_heads * head_dim]
         return self.wo(out)
 
@@ -169,26 +170,71 @@ class Attention(nn.Module):
         A one-token query sees all of its row's positions, so it goes without a mask:
         bitwise the result of an all-true mask, minus the mask's conversion per call.
         """
-        k, v = k.to(q.dtype), v.to(q.dtype)
-        gqa = self.n_kv_heads != self.n_heads
         rows = []
         for i, n in enumerate(lengths):
             row_mask = None if q.shape[2] == 1 else mask[i : i + 1, ..., :n]
-            rows.append(
-                F.scaled_dot_product_attention(q[i : i + 1], k[i : i + 1, :, :n], v[i : i + 1, :, :n], attn_mask=row_mask,
-                                               enable_gqa=gqa)  # fmt: skip
-            )
+            rows.append(self._attend(q[i : i + 1], k[i : i + 1, :, :n], v[i : i + 1, :, :n], row_mask, cached=True))
         return torch.cat(rows)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _attend(self, q, k, v, mask: torch.Tensor | None, cached: bool) -> torch.Tensor:
+        """Softmax attention; `mask` None means causal without a cache, all visible with one."""
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        if cached and is_small_query(q):
+            return small_query_attention(q, k, v, mask)
         return F.scaled_dot_product_attention(
-            q,
-            k.to(q.dtype),
-            v.to(q.dtype),
-            attn_mask=mask,
-            is_causal=mask is None,
-            enable_gqa=self.n_kv_heads != self.n_heads,
+            q, k, v, attn_mask=mask, is_causal=mask is None and not cached, enable_gqa=self.n_kv_heads != self.n_heads
         )
+
+
+# Decode-sized queries on the CPU: small matmuls beat the flash kernel ~5x (it tiles for long queries).
+SMALL_QUERY_MAX = 16
+# Keys are processed in blocks of this many positions, each block one fixed-shape matmul.
+KEY_BLOCK = 64
+
+
+def is_small_query(q: torch.Tensor) -> bool:
+    """Whether cached attention for `q` ([B, H, T, head_dim]) goes through `small_query_attention`."""
+    return q.device.type == "cpu" and q.shape[2] <= SMALL_QUERY_MAX
+
+
+def small_query_attention(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention for a few query positions over cached keys, scores and softmax in fp32.
+
+    Row-invariant: a row's result does not depend on how many keys the batch pads it to,
+    so rows of different lengths are computed together and each comes out bitwise as if
+    it ran alone over its own keys (tests/test_model.py checks it). Two things make it so:
+    the matmuls run on fixed-shape blocks of KEY_BLOCK keys (a BLAS call's rounding may
+    change with its sizes), and masked keys get exactly zero weight, which the
+    reductions add lane by lane without changing a sum.
+
+    Args:
+        q: [B, H, T, head_dim]; k, v: [B, KV, S, head_dim] with H a multiple of KV
+            (query heads h*R .. h*R+R-1 share key/value head h).
+        mask: boolean [T, S] or [B, 1, T, S] (True = may attend), or None (all visible).
+
+    Returns:
+        [B, H, T, head_dim] in q's dtype.
+    """
+    batch, n_heads, seq_len, head_dim = q.shape
+    n_kv_heads, kv_len = k.shape[1], k.shape[2]
+    group = n_heads // n_kv_heads
+    pad = -kv_len % KEY_BLOCK
+    if mask is None:
+        mask = torch.ones(seq_len, kv_len, dtype=torch.bool, device=q.device)
+    k, v, mask = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad)), F.pad(mask, (0, pad), value=False)
+    blocks = (kv_len + pad) // KEY_BLOCK
+    k = k.float().view(batch, n_kv_heads, blocks, KEY_BLOCK, head_dim)
+    v = v.view(batch, n_kv_heads, blocks, KEY_BLOCK, head_dim)
+    grouped = q.reshape(batch, n_kv_heads, 1, group * seq_len, head_dim).float()  # [B, KV, 1, R*T, hd]
+    scores = grouped @ k.transpose(-1, -2) * head_dim**-0.5  # [B, KV, blocks, R*T, KEY_BLOCK]
+    scores = scores.view(batch, n_kv_heads, blocks, group, seq_len, KEY_BLOCK)
+    visible = mask.unflatten(-1, (blocks, KEY_BLOCK)).transpose(-3, -2).unsqueeze(-3)  # [(B, 1,) blocks, 1, T, KB]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    scores = scores.permute(0, 1, 3, 4, 2, 5).reshape(batch, n_kv_heads, group, seq_len, blocks * KEY_BLOCK)
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)  # [B, KV, R, T, S']
+    probs = probs.view(batch, n_kv_heads, group * seq_len, blocks, KEY_BLOCK).transpose(2, 3)  # [B, KV, blocks, R*T, KB]
+    out = (probs @ v).sum(dim=2)  # per-block [R*T, KB] @ [KB, hd], then over blocks: [B, KV, R*T, hd]
+    return out.view(batch, n_heads, seq_len, head_dim)  # [B, KV, R*T, hd] -> [B, H, T, hd]
 
 
 class FeedForward(nn.Module):
