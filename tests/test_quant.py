@@ -9,7 +9,7 @@ from gguf.quants import dequantize, quantize
 from llama2.config import model_args_from_preset
 from llama2.errors import Llama2Error
 from llama2.model import Transformer
-from llama2.quant import Int4Linear, Int8Linear, int8_from_gguf, quantize_model, unpack_q4_blocks
+from llama2.quant import Int4Linear, Int8Linear, int8_from_gguf, quantize_model, unpack_int4pack, unpack_q4_blocks
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -47,6 +47,13 @@ def test_int4_from_float_groups():
     assert relative_error(layer.dequantize(), weight) < 0.12  # 4-bit min/max groups
     x = torch.randn(4, 128)
     assert relative_error(layer(x), x @ layer.dequantize().T) < 1e-2
+
+
+@pytest.mark.parametrize(("out_features", "in_features"), [(64, 32), (192, 576), (1536, 576), (96, 64), (80, 128), (32, 64)])
+def test_unpack_int4pack_inverts_pytorchs_packer(out_features, in_features):
+    q = torch.randint(0, 16, (out_features, in_features), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+    assert torch.equal(unpack_int4pack(packed, out_features, in_features).int(), q)
 
 
 def test_int4_rejects_unaligned_width():

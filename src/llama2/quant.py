@@ -80,8 +80,6 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(torch.bfloat16).contiguous())
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).cpu().contiguous(), INT4_INNER_K_TILES)
         self.register_buffer("weight_packed", packed.to(q.device))
-        pairs = q.to(torch.uint8).reshape(self.out_features, -1, 2)  # [N, K/2, 2]
-        self.register_buffer("q_pairs", (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous())  # [N, K/2]
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int = 32) -> "Int4Linear":
@@ -122,11 +120,32 @@ class Int4Linear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight [out, in] this layer computes: (q - 8) * scale + zero per group."""
-        q = torch.stack((self.q_pairs & 0x0F, self.q_pairs >> 4), dim=-1)  # [N, K/2, 2]
+        q = unpack_int4pack(self.weight_packed, self.out_features, self.in_features)
         q = q.reshape(self.out_features, -1, self.group_size).float()  # [N, G, g]
         scale = self.scales_and_zeros[..., 0].T.float().unsqueeze(-1)  # [N, G, 1]
         zero = self.scales_and_zeros[..., 1].T.float().unsqueeze(-1)
         return ((q - 8) * scale + zero).reshape(self.out_features, self.in_features).to(dtype)
+
+
+def unpack_int4pack(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The 4-bit values [N, K] (uint8, 0..15) inside `_convert_weight_to_int4pack_for_cpu`'s output.
+
+    That layout (PyTorch's, checked against the packer by tests/test_quant.py) takes rows in
+    blocks of 64: per block, a [K, 32] byte array whose low nibbles are rows 0..31 and high
+    nibbles rows 32..63; the rows after the last full block are a [K, rest / 2] array of
+    row pairs (even row low, odd row high). Unpacking it means the packed weight is the
+    only copy a layer keeps.
+    """
+    n, k = out_features, in_features
+    full = n // 64 * 64
+    flat = packed.reshape(-1)
+    blocks = flat[: full * k // 2].view(n // 64, k, 32)
+    rows = torch.cat((blocks & 0x0F, blocks >> 4), dim=2).transpose(1, 2).reshape(full, k)  # [NB, 64, K] -> [full, K]
+    if full == n:
+        return rows
+    pairs = flat[full * k // 2 :].view(k, (n - full) // 2)
+    rest = torch.stack((pairs & 0x0F, pairs >> 4), dim=-1).reshape(k, n - full).T  # [K, rest/2, 2] -> [rest, K]
+    return torch.cat((rows, rest))
 
 
 class Int8Embedding(nn.Module):
