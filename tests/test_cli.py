@@ -1,12 +1,14 @@
 """The `llama2` command: outputs, golden end-to-end agreement, and one-line errors."""
 
 import json
+import math
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import make_hf_llama
 from llama2.cli import main
@@ -89,6 +91,28 @@ def test_generate_equals_python_api(capsys, tiny_llama_folder):
     code, out, _ = run_cli(capsys, "generate", "--model", str(tiny_llama_folder), "-t", "0", "-n", "10", "--device", "cpu", "Once upon")
     assert code == 0
     assert out == "Once upon" + expected + "\n"
+
+
+def test_perplexity_equals_a_full_sequence_forward(capsys, tiny_llama_folder, tmp_path):
+    """Cached windows scored by `llama2 perplexity` against the cache-free (training) forward."""
+    text = "The quick brown fox jumps over the lazy dog. " * 6
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    llama = Llama.build(tiny_llama_folder, max_batch_size=1, device="cpu")
+    tokens = llama.tokenizer.encode(text, bos=False, eos=False)
+    llama.model.clear_caches()
+    losses = []
+    with torch.no_grad():
+        for start in range(0, len(tokens) - 1, 16):
+            window = torch.tensor([tokens[start : start + 16]])
+            logits = llama.model(window)[0, :-1]
+            losses.append(torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="none"))
+    expected = math.exp(torch.cat(losses).mean().item())
+    code, out, _ = run_cli(capsys, "perplexity", "--model", str(tiny_llama_folder), "--device", "cpu", "--window", "16",
+                           str(tmp_path / "t.txt"))  # fmt: skip
+    assert code == 0
+    assert abs(float(out.split()[1]) / expected - 1) < 1e-3, (out, expected)
+    code, _, err = run_cli(capsys, "perplexity", "--model", str(tiny_llama_folder), str(tmp_path / "missing.txt"))
+    assert code != 0 and "cannot read" in err and "Traceback" not in err
 
 
 def test_chat_equals_python_api(capsys, tiny_llama_folder):

@@ -9,6 +9,7 @@ import torch
 from llama2.generation import Llama
 
 FIXTURE = Path(__file__).parent / "fixtures" / "llamacpp_greedy_smollm2.json"
+HELDOUT_TEXT = Path(__file__).parent / "fixtures" / "heldout.txt"  # written for this test, never trained on
 
 pytestmark = pytest.mark.model
 
@@ -91,3 +92,15 @@ def test_streamed_chat_equals_chat_completion(llama, cases):
     complete = llama.chat_completion([dialog], temperature=0, max_gen_len=40)[0]["generation"]["content"]
     streamed = "".join(llama.stream_chat(dialog, temperature=0, max_gen_len=40))
     assert streamed == complete
+
+
+def test_int8_perplexity_within_two_percent_of_bfloat16(default_model_path):
+    """Per-channel int8 layers (computed by the int8 kernel) stay faithful on held-out text."""
+    perplexities = {}
+    for quant in ("none", "int8"):
+        llama = Llama.build(default_model_path, max_seq_len=512, device="cpu", dtype=torch.bfloat16, quant=quant)
+        tokens = llama.tokenizer.encode(HELDOUT_TEXT.read_text(encoding="utf-8"), bos=False, eos=False)
+        assert len(tokens) > 400
+        perplexities[quant] = llama.perplexity(tokens, window=256)
+    assert 1 < perplexities["none"] < 100, perplexities  # a real model on plain English, not garbage
+    assert abs(perplexities["int8"] / perplexities["none"] - 1) <= 0.02, perplexities

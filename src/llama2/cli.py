@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     bench.set_defaults(handler=cmd_bench)
 
+    perplexity = commands.add_parser("perplexity", help="perplexity of a model on a text file (compare quantizations)")
+    add_run_options(perplexity)
+    perplexity.add_argument("text_file", help="UTF-8 text to score")
+    perplexity.add_argument("--window", type=int, default=512, help="tokens per independently scored window")
+    perplexity.set_defaults(handler=cmd_perplexity)
+
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching) with a chat page")
     add_model_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
@@ -331,6 +337,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"time to 1st tok  {result['time_to_first_token_s'] * 1000:.0f} ms")
     print(f"decode           {result['decode_tokens_per_s']:.1f} tok/s ({args.gen_len} tokens)")
     print(f"peak RSS         {rss:.0f} MB" if rss is not None else "peak RSS         unknown on this platform")
+    return 0
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    try:
+        text = Path(args.text_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise Llama2Error(f"{args.text_file}: cannot read the text: {err}") from None
+    if args.max_seq_len is None:
+        args.max_seq_len = args.window
+    llama = build_llama(args)
+    tokens = llama.tokenizer.encode(text, bos=False, eos=False)
+    print(f"perplexity {llama.perplexity(tokens, args.window):.4f} over {len(tokens)} tokens (windows of {args.window})")
     return 0
 
 

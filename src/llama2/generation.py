@@ -8,6 +8,8 @@ seeds and stopping at any of the model's end-of-turn tokens.
 
 from __future__ import annotations
 
+import math
+
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -335,6 +337,27 @@ class Llama:
         if seed is None:
             return self.generator
         return torch.Generator(device=self.device).manual_seed(seed)
+
+    @torch.inference_mode()
+    def perplexity(self, tokens: Sequence[int], window: int = 512) -> float:
+        """exp(mean next-token loss) over `tokens`, scored in independent windows.
+
+        The tokens are cut into windows of `window` (at most max_seq_len) tokens, each fed
+        from position 0 with a fresh context; every token but a window's first is scored.
+        """
+        window = min(window, self.max_seq_len)
+        if window < 2 or len(tokens) < 2:
+            raise Llama2Error("perplexity needs at least 2 tokens and a window of at least 2")
+        vocab = self.model.args.vocab_size
+        if any(not 0 <= t < vocab for t in tokens):
+            raise Llama2Error(f"token ids must be in [0, {vocab})")
+        loss_sum, scored = 0.0, 0
+        for start in range(0, len(tokens) - 1, window):
+            chunk = torch.tensor([tokens[start : start + window]], dtype=torch.long, device=self.device)  # [1, T>=2]
+            logits = self._forward(chunk, 0, chunk.shape[1], all_logits=True)  # [1, T, vocab]
+            loss_sum += F.cross_entropy(logits[0, :-1].float(), chunk[0, 1:], reduction="sum").item()
+            scored += chunk.shape[1] - 1
+        return math.exp(loss_sum / scored)
 
     # ------------------------------------------------------------------ Meta's API
 
