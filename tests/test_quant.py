@@ -9,7 +9,7 @@ from gguf.quants import dequantize, quantize
 from llama2.config import model_args_from_preset
 from llama2.errors import Llama2Error
 from llama2.model import Transformer
-from llama2.quant import Int4Linear, Int8Linear, int8_from_gguf, quantize_model, unpack_int4pack, unpack_q4_blocks
+from llama2.quant import Int4Linear, Int8Linear, int8_from_gguf, pack_int4, quantize_model, unpack_int4pack, unpack_q4_blocks
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -54,6 +54,7 @@ def test_unpack_int4pack_inverts_pytorchs_packer(out_features, in_features):
     q = torch.randint(0, 16, (out_features, in_features), dtype=torch.int32)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
     assert torch.equal(unpack_int4pack(packed, out_features, in_features).int(), q)
+    assert torch.equal(pack_int4(q.to(torch.uint8), rows_per_chunk=64), packed)  # chunked packing, same layout
 
 
 def test_int4_rejects_unaligned_width():

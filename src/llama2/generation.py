@@ -8,8 +8,10 @@ seeds and stopping at any of the model's end-of-turn tokens.
 
 from __future__ import annotations
 
+import ctypes
 import math
 
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from .chat import resolve_chat_format
 from .config import ModelArgs
 from .errors import Llama2Error
 from .model import Transformer
-from .quant import PACKED_FROM_GGUF, Int8Linear, install_int8_head, quantize_model
+from .quant import PACKED_FROM_GGUF, install_int8_head, int8_from_gguf, quantize_model
 from .sampling import SamplingParams, sample_next
 from .tokenizer import Tokenizer
 from .weights import Checkpoint, open_checkpoint
@@ -116,8 +118,10 @@ def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype
             shape = tuple(model.get_submodule(f"{parent}.{attr}").weight.shape)
             layer = PACKED_FROM_GGUF[packed[name]](checkpoint.state_dict.read_raw(name), packed[name], shape)
             setattr(model.get_submodule(parent), attr, layer)
+            release_freed_heap()  # the packing's temporaries sit between kept tensors
         elif packed and name in HEAD_WEIGHTS:
-            int8_tables[name] = Int8Linear.from_float(checkpoint.state_dict[name])
+            shape = checkpoint.state_dict.spec(name).shape
+            int8_tables[name] = int8_from_gguf(checkpoint.state_dict.read_raw(name), checkpoint.tensor_types[name], shape)
         else:
             state_dict[name] = checkpoint.state_dict[name].to(device=device, dtype=dtype)
     if int8_tables:
@@ -126,6 +130,20 @@ def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype
     if quant in ("int8", "int4") and not packed:
         quantize_model(model, quant)
     return model.eval()
+
+
+def release_freed_heap() -> None:
+    """Give memory freed by the C heap back to the OS (glibc's `malloc_trim`; a no-op elsewhere).
+
+    Packing a model tensor by tensor frees temporaries of a few MB between the tensors it
+    keeps; glibc holds on to those holes, which cost a 7B model ~0.9 GB of resident memory.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        pass
 
 
 def load_weights(model: Transformer, state_dict: dict[str, torch.Tensor], source: str) -> None:

@@ -19,13 +19,18 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from gguf.constants import GGMLQuantizationType
 from torch import nn
 
 from .errors import Llama2Error
+from .weights.dequant import dequantize
 
 INT4_INNER_K_TILES = 2
-# From this many rows (prefill) a dense bfloat16 GEMM on the unpacked weight beats the int4 kernel.
+# From this many rows (prefill) a dense bfloat16 GEMM on the unpacked weight beats the int4 kernel...
 DENSE_MIN_ROWS = 32
+# ...when the weight unpacks within the caches (~0.7 ns a value; a 4096 x 4096 weight takes
+# ~6 ns a value, more than the int4 kernel spends on a 512-row chunk).
+DENSE_MAX_WEIGHT_VALUES = 2**21
 QUANT_TYPES = ("int8", "int4")
 
 
@@ -42,13 +47,24 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_float(cls, weight: torch.Tensor, rows_per_chunk: int = 4096) -> "Int8Linear":
         """Symmetric per-channel quantization of a float weight [out, in], a few rows at a time."""
-        q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-        scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
-        for start in range(0, weight.shape[0], rows_per_chunk):
-            rows = weight[start : start + rows_per_chunk].float()
+        return cls.from_row_chunks(lambda start, end: weight[start:end], tuple(weight.shape), rows_per_chunk, weight.device)
+
+    @classmethod
+    def from_row_chunks(cls, read_rows, shape: tuple[int, int], rows_per_chunk: int = 4096, device=None) -> "Int8Linear":
+        """Per-channel quantization of a weight [out, in] handed over `rows_per_chunk` rows at a time.
+
+        Args:
+            read_rows: `read_rows(start, end)` returns rows start..end-1 as a float tensor,
+                so the whole float weight never needs to exist at once.
+        """
+        q = torch.empty(shape, dtype=torch.int8, device=device)
+        scales = torch.empty(shape[0], dtype=torch.float32, device=device)
+        for start in range(0, shape[0], rows_per_chunk):
+            end = min(start + rows_per_chunk, shape[0])
+            rows = read_rows(start, end).float()
             row_scales = rows.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-            q[start : start + rows_per_chunk] = torch.round(rows / row_scales[:, None]).clamp(-128, 127)
-            scales[start : start + rows_per_chunk] = row_scales
+            q[start:end] = torch.round(rows / row_scales[:, None]).clamp(-128, 127)
+            scales[start:end] = row_scales
         return cls(q, scales)
 
     def dequantize(self) -> torch.Tensor:
@@ -68,7 +84,7 @@ class Int4Linear(nn.Module):
     def __init__(self, q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int):
         """
         Args:
-            q: unsigned 4-bit values as int32 [out, in] (0..15).
+            q: unsigned 4-bit values [out, in] (0..15), any integer dtype.
             scales_and_zeros: [in // group_size, out, 2] (scale, zero).
             group_size: values per group along the input dimension.
         """
@@ -78,8 +94,7 @@ class Int4Linear(nn.Module):
         if self.in_features % (INT4_INNER_K_TILES * 16) or self.in_features % group_size:
             raise Llama2Error(f"int4 needs in_features divisible by 32 and the group size, got {self.in_features}")
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(torch.bfloat16).contiguous())
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).cpu().contiguous(), INT4_INNER_K_TILES)
-        self.register_buffer("weight_packed", packed.to(q.device))
+        self.register_buffer("weight_packed", pack_int4(q).to(q.device))
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int = 32) -> "Int4Linear":
@@ -104,17 +119,18 @@ class Int4Linear(nn.Module):
         """
         zero = torch.zeros_like(scale) if minimum is None else minimum + 8 * scale
         scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1)  # [G, N, 2]
-        return cls(q.to(torch.int32), scales_and_zeros.float(), 32)
+        return cls(q, scales_and_zeros.float(), 32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if x.device.type == "cpu" and rows < DENSE_MIN_ROWS:
+        small_weight = self.in_features * self.out_features <= DENSE_MAX_WEIGHT_VALUES
+        if x.device.type == "cpu" and (rows < DENSE_MIN_ROWS or not small_weight):
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 flat, self.weight_packed, self.group_size, self.scales_and_zeros
             )
             return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        # Many rows (prefill) or no int4 kernel: unpack to a dense weight, one GEMM.
+        # Many rows (prefill) on a small weight, or no int4 kernel: unpack to a dense weight, one GEMM.
         dtype = torch.bfloat16 if x.device.type == "cpu" else x.dtype
         return F.linear(x.to(dtype), self.dequantize(dtype)).to(x.dtype)
 
@@ -125,6 +141,22 @@ class Int4Linear(nn.Module):
         scale = self.scales_and_zeros[..., 0].T.float().unsqueeze(-1)  # [N, G, 1]
         zero = self.scales_and_zeros[..., 1].T.float().unsqueeze(-1)
         return ((q - 8) * scale + zero).reshape(self.out_features, self.in_features).to(dtype)
+
+
+def pack_int4(q: torch.Tensor, rows_per_chunk: int = 1024) -> torch.Tensor:
+    """PyTorch's CPU int4 layout of 4-bit values q [N, K], packed a chunk of rows at a time.
+
+    The layout is made of independent 64-row blocks (see `unpack_int4pack`), so chunks
+    of a multiple of 64 rows concatenate to the whole; the int32 copy the packer needs
+    then never exists for the whole weight (180 MB for a 7B FFN matrix).
+    """
+    chunks = [
+        torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            q[start : start + rows_per_chunk].to(device="cpu", dtype=torch.int32).contiguous(), INT4_INNER_K_TILES
+        )
+        for start in range(0, q.shape[0], rows_per_chunk)
+    ]
+    return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
 
 
 def unpack_int4pack(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
@@ -227,24 +259,26 @@ def unpack_q4_blocks(raw: torch.Tensor, shape: tuple[int, int], has_minimum: boo
     return q.reshape(out_features, in_features), halves[..., 0], minimum
 
 
-def unpack_q8_0_blocks(raw: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """GGUF Q8_0 block bytes (an fp16 scale d and 32 int8 values q; value = d * q) as float32 [out, in]."""
-    out_features, in_features = shape
-    blocks = raw.reshape(out_features, in_features // 32, 34)  # [N, G, bytes]
-    scale = blocks[..., :2].contiguous().view(torch.float16).float()  # [N, G, 1]
-    values = blocks[..., 2:].contiguous().view(torch.int8).float()  # [N, G, 32]
-    return (values * scale).reshape(out_features, in_features)
-
-
 def int4_from_gguf(raw: torch.Tensor, type_name: str, shape: tuple[int, int]) -> Int4Linear:
     """An `Int4Linear` computing exactly a GGUF Q4_0/Q4_1 tensor's values (scales in bfloat16)."""
     q, scale, minimum = unpack_q4_blocks(raw, shape, type_name == "Q4_1")
     return Int4Linear.from_q4_blocks(q, scale, minimum)
 
 
-def int8_from_gguf(raw: torch.Tensor, type_name: str, shape: tuple[int, int]) -> Int8Linear:
-    """An `Int8Linear` from GGUF Q8_0 blocks, re-scaled from per-block to per-row scales."""
-    return Int8Linear.from_float(unpack_q8_0_blocks(raw, shape))
+def int8_from_gguf(raw: torch.Tensor, type_name: str, shape: tuple[int, int], rows_per_chunk: int = 1024) -> Int8Linear:
+    """An `Int8Linear` from any GGUF 2-D tensor's bytes (Q8_0 blocks re-scaled per row, a Q4_0 table, F16, ...).
+
+    GGML rows are whole blocks, so the bytes are decoded `rows_per_chunk` rows at a time:
+    a 32000 x 4096 table never exists as float32 (which would be 0.5 GB).
+    """
+    qtype = GGMLQuantizationType[type_name]
+    row_bytes = raw.numel() // shape[0]
+    flat = raw.reshape(-1)
+
+    def read_rows(start: int, end: int) -> torch.Tensor:
+        return dequantize(flat[start * row_bytes : end * row_bytes], qtype, (end - start, shape[1]))
+
+    return Int8Linear.from_row_chunks(read_rows, shape, rows_per_chunk, raw.device)
 
 
 # GGUF block types computed on packed weights, and the layer built from their blocks.
