@@ -215,6 +215,8 @@ def small_query_attention(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
     Returns:
         [B, H, T, head_dim] in q's dtype.
     """
+    if torch.compiler.is_compiling():  # block counts would specialize the graph on kv_len % KEY_BLOCK
+        return _plain_small_query_attention(q, k, v, mask)
     batch, n_heads, seq_len, head_dim = q.shape
     n_kv_heads, kv_len = k.shape[1], k.shape[2]
     group = n_heads // n_kv_heads
@@ -235,6 +237,20 @@ def small_query_attention(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
     probs = probs.view(batch, n_kv_heads, group * seq_len, blocks, KEY_BLOCK).transpose(2, 3)  # [B, KV, blocks, R*T, KB]
     out = (probs @ v).sum(dim=2)  # per-block [R*T, KB] @ [KB, hd], then over blocks: [B, KV, R*T, hd]
     return out.view(batch, n_heads, seq_len, head_dim)  # [B, KV, R*T, hd] -> [B, H, T, hd]
+
+
+def _plain_small_query_attention(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+    """`small_query_attention` without key blocks, for compiled graphs (not row-invariant)."""
+    batch, n_heads, seq_len, head_dim = q.shape
+    n_kv_heads, kv_len = k.shape[1], k.shape[2]
+    group = n_heads // n_kv_heads
+    grouped = q.reshape(batch, n_kv_heads, group * seq_len, head_dim).float()  # [B, KV, R*T, hd]
+    scores = grouped @ k.float().transpose(-1, -2) * head_dim**-0.5  # [B, KV, R*T, S]
+    if mask is not None:
+        visible = mask.unsqueeze(-3)  # [(B, 1,) 1, T, S] against scores [B, KV, R, T, S]
+        scores = scores.view(batch, n_kv_heads, group, seq_len, kv_len).masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores.view(batch, n_kv_heads, group * seq_len, kv_len), dim=-1).to(v.dtype)
+    return (probs @ v).view(batch, n_heads, seq_len, head_dim)  # [B, KV, R*T, hd] -> [B, H, T, hd]
 
 
 class FeedForward(nn.Module):
