@@ -37,21 +37,30 @@ def test_chat_prompt_tokens_equal_llama_cpp(llama, cases):
         assert llama.chat_format.encode_dialog_prompt(case["dialog"]) == case["prompt_tokens"]
 
 
+@pytest.mark.parametrize("cached", [False, True], ids=["full-sequence", "cached-prefill"])
 @pytest.mark.parametrize("path", ["llama", "fast_llama"])
-def test_greedy_next_token_agrees_with_llama_cpp(path, request, cases):
-    """Teacher-forced on llama.cpp's greedy continuation, our argmax matches at >= 95% of positions."""
+def test_greedy_next_token_agrees_with_llama_cpp(path, cached, request, cases):
+    """Teacher-forced on llama.cpp's greedy continuation, our argmax matches at >= 95% of positions.
+
+    Both attention paths: the cache-free forward (training, scoring) and the cached
+    prefill that generation runs (on the CPU fast path: bfloat16 matmul attention).
+    """
     llama = request.getfixturevalue(path)
     agree = total = 0
     with torch.inference_mode():
         for case in cases:
             prompt, continuation = case["prompt_tokens"], case["continuation"]
             tokens = torch.tensor([prompt + continuation])
-            llama.model.clear_caches()
-            logits = llama.model(tokens)[0, len(prompt) - 1 : -1]
+            length = tokens.shape[1]
+            if cached:
+                logits = llama.model(tokens, torch.arange(length), kv_len=length)[0, len(prompt) - 1 : -1]
+            else:
+                llama.model.clear_caches()
+                logits = llama.model(tokens)[0, len(prompt) - 1 : -1]
+                llama.model.setup_caches(llama.max_batch_size, llama.max_seq_len)
             ours = logits.argmax(-1).tolist()
             agree += sum(a == b for a, b in zip(ours, continuation))
             total += len(continuation)
-    llama.model.setup_caches(llama.max_batch_size, llama.max_seq_len)
     assert total > 500
     assert agree / total >= 0.95, f"agreement {agree}/{total} = {agree / total:.3f}"
 

@@ -7,7 +7,7 @@ from llama2.config import ModelArgs, llama2_ffn_hidden_dim, model_args_from_pres
 from llama2.errors import Llama2Error
 import torch.nn.functional as F
 
-from llama2.model import RMSNorm, Transformer, _plain_small_query_attention, small_query_attention
+from llama2.model import RMSNorm, Transformer, matmul_attention, small_query_attention
 
 
 @pytest.mark.parametrize(
@@ -73,7 +73,7 @@ def test_cache_slots_and_per_row_positions_match_independent_runs():
         torch.testing.assert_close(logits[1, 0], reference_b[10 + step], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("attention", [small_query_attention, _plain_small_query_attention])
+@pytest.mark.parametrize("attention", [small_query_attention, matmul_attention])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_small_query_attention_matches_sdpa(dtype, attention):
     torch.manual_seed(0)
