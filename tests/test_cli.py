@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import make_hf_llama
+
 from llama2.cli import main
 from llama2.generation import Llama
 from llama2.tokenizer import llama2_tokenizer_path

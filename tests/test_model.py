@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llama2.config import ModelArgs, llama2_ffn_hidden_dim, model_args_from_preset
 from llama2.errors import Llama2Error
-import torch.nn.functional as F
-
 from llama2.model import RMSNorm, Transformer, matmul_attention, small_query_attention
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,8 +20,15 @@ from typing import TypedDict
 import torch
 import torch.nn.functional as F
 
-from .chat import UNSAFE_REQUEST_ERROR, ChatFormat, Dialog, Llama2ChatFormat, Message, contains_special_tags
-from .chat import resolve_chat_format
+from .chat import (
+    UNSAFE_REQUEST_ERROR,
+    ChatFormat,
+    Dialog,
+    Llama2ChatFormat,
+    Message,
+    contains_special_tags,
+    resolve_chat_format,
+)
 from .config import ModelArgs
 from .errors import Llama2Error
 from .model import Transformer

@@ -181,7 +181,8 @@ class Attention(nn.Module):
         k, v = k.to(q.dtype), v.to(q.dtype)
         if cached and is_small_query(q):
             return small_query_attention(q, k, v, mask)
-        if cached and q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[1] * q.shape[2] * k.shape[2] <= CHUNK_SCORES_MAX:
+        scores = q.shape[1] * q.shape[2] * k.shape[2]
+        if cached and q.device.type == "cpu" and q.dtype == torch.bfloat16 and scores <= CHUNK_SCORES_MAX:
             return matmul_attention(q, k, v, mask, torch.bfloat16)  # prefill chunks: ~1.5x the flash kernel
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and not cached, enable_gqa=self.n_kv_heads != self.n_heads
