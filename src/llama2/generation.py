@@ -84,6 +84,7 @@ def default_device() -> torch.device:
 
 QUANT_MODES = ("auto", "none", "int8", "int4")
 HEAD_WEIGHTS = ("tok_embeddings.weight", "output.weight")  # int8 when the layers are packed
+TRIM_EVERY_BYTES = 32 * 2**20  # packed GGUF bytes between heap trims (a trim walks the whole heap)
 
 
 def packed_gguf_linears(checkpoint: Checkpoint, device: torch.device, quant: str) -> dict[str, str]:
@@ -118,13 +119,17 @@ def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype
         model = Transformer(checkpoint.args)
     packed = packed_gguf_linears(checkpoint, device, quant)
     state_dict, int8_tables = {}, {}
+    unreleased = 0  # bytes packed since the heap was last trimmed
     for name in checkpoint.state_dict:
         if name in packed:
             parent, attr = name.removesuffix(".weight").rsplit(".", 1)
             shape = tuple(model.get_submodule(f"{parent}.{attr}").weight.shape)
-            layer = PACKED_FROM_GGUF[packed[name]](checkpoint.state_dict.read_raw(name), packed[name], shape)
-            setattr(model.get_submodule(parent), attr, layer)
-            release_freed_heap()  # the packing's temporaries sit between kept tensors
+            raw = checkpoint.state_dict.read_raw(name)
+            setattr(model.get_submodule(parent), attr, PACKED_FROM_GGUF[packed[name]](raw, packed[name], shape))
+            unreleased += raw.numel()
+            if unreleased >= TRIM_EVERY_BYTES:  # the packing's temporaries sit between kept tensors
+                release_freed_heap()
+                unreleased = 0
         elif packed and name in HEAD_WEIGHTS:
             shape = checkpoint.state_dict.spec(name).shape
             int8_tables[name] = int8_from_gguf(checkpoint.state_dict.read_raw(name), checkpoint.tensor_types[name], shape)
