@@ -1,4 +1,4 @@
-"""The `llama2` command: chat, generate, tokenize, info, pull, list, convert."""
+"""The `llama2` command: chat, generate, tokenize, info, models, conversion, speed, serving, training."""
 
 from __future__ import annotations
 
@@ -22,23 +22,33 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat-format", help="override the chat format: llama-2, chatml, raw, or a Jinja template file")
 
 
-def add_run_options(parser: argparse.ArgumentParser) -> None:
-    add_model_options(parser)
-    parser.add_argument("--max-seq-len", type=int, help="context to allocate (default: the model's, at most 4096)")
+def add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    """Where and how the model computes: device, dtype, quantization, threads."""
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight/activation dtype")
     parser.add_argument("--quant", choices=["auto", "none", "int8", "int4"], default="auto",
                         help="auto: compute GGUF Q4_0/Q4_1 layers on their packed blocks (CPU); none: dequantize; "
                         "int8/int4: quantize after loading")  # fmt: skip
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first start, cached after)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
+
+
+def add_load_options(parser: argparse.ArgumentParser) -> None:
+    """Everything `build_llama` reads."""
+    add_model_options(parser)
+    add_runtime_options(parser)
+    parser.add_argument("--max-seq-len", type=int, help="context to allocate (default: the model's, at most 4096)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first start, cached after)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the sampling generator")
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    add_load_options(parser)
     parser.add_argument("--max-tokens", "-n", type=int, default=512, help="most tokens to generate per answer")
     parser.add_argument("--temperature", "-t", type=float, default=0.6, help="0 for greedy decoding")
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--verbose", "-v", action="store_true", help="print timings to stderr")
 
 
@@ -106,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(handler=cmd_bench)
 
     perplexity = commands.add_parser("perplexity", help="perplexity of a model on a text file (compare quantizations)")
-    add_run_options(perplexity)
+    add_load_options(perplexity)
     perplexity.add_argument("text_file", help="UTF-8 text to score")
     perplexity.add_argument("--window", type=int, default=512, help="tokens per independently scored window")
     perplexity.set_defaults(handler=cmd_perplexity)
@@ -120,10 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-seq-len", type=int, help="context of each slot (default: the model's, at most 2048)")
     serve.add_argument("--max-queue", type=int, default=64, help="most requests waiting for a slot before 429s")
     serve.add_argument("--served-model-name", help="the model name clients send (default: --model)")
-    serve.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight/activation dtype")
-    serve.add_argument("--quant", choices=["auto", "none", "int8", "int4"], default="auto", help="as for chat (default: auto)")
-    serve.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
+    add_runtime_options(serve)
     serve.set_defaults(handler=cmd_serve)
 
     from .train.config import add_train_arguments  # no torch import: the parser stays fast

@@ -10,9 +10,10 @@ settings, seeded generator, stop tokens and stop strings; its text pieces go to 
 request's `sink` (thread-safe, e.g. `loop.call_soon_threadsafe` onto an asyncio queue).
 
 Batch invariance: a sequence's tokens do not depend on what else runs. Prompt chunks
-start at fixed multiples of `prefill_chunk`, and decode attention runs per row over the
-row's own cache length (the linear layers are row-independent), so greedy answers equal
-`Llama.chat_completion`'s (whose prefill uses the same chunks by default).
+start at fixed multiples of `prefill_chunk`, and decode attention covers each row's own
+cache length only (`Transformer.forward` with per-row `kv_len`: bitwise row-invariant;
+the linear layers are row-independent), so greedy answers equal `Llama.chat_completion`'s
+(whose prefill uses the same chunks by default).
 """
 
 from __future__ import annotations
