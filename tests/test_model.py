@@ -1,5 +1,7 @@
 """Model internals: presets, per-row cache slots, packed-sequence masks, fp32 norms."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -96,6 +98,18 @@ def test_small_query_attention_rows_are_bitwise_independent_of_padding():
     for row, n in enumerate(lengths):
         alone = small_query_attention(q[row : row + 1], k[row : row + 1, :, :n], v[row : row + 1, :, :n], None)
         assert torch.equal(alone[0], together[row]), f"row of length {n}"
+
+
+def test_small_query_attention_padding_invariant_on_a_recorded_server_row():
+    """A real decode row (SmolLM2 layer 10, 51 keys) a server padded to 53 keys.
+
+    Random data rarely shows it, but on this row plain matmuls over 51 and 53 keys round
+    differently (MKL picks its kernel by size); the fixed key blocks must not.
+    """
+    case = torch.load(Path(__file__).parent / "fixtures" / "attention_padding_case.pt", weights_only=True)
+    q, k, v, n = case["q"], case["k"], case["v"], int(case["length"])
+    mask = (torch.arange(k.shape[2]) < n)[None, None, None, :]  # [1, 1, 1, 53]
+    assert torch.equal(small_query_attention(q, k, v, mask), small_query_attention(q, k[:, :, :n], v[:, :, :n], None))
 
 
 @torch.no_grad()
