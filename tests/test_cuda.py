@@ -5,8 +5,9 @@ import torch
 
 from llama2.chat import Llama2ChatFormat
 from llama2.config import model_args_from_preset
-from llama2.generation import Llama
+from llama2.generation import Llama, compile_model
 from llama2.model import Transformer
+from llama2.quant import Int4Linear, quantize_model
 from llama2.tokenizer import Tokenizer, llama2_tokenizer_path
 
 pytestmark = [
@@ -15,9 +16,9 @@ pytestmark = [
 ]
 
 
-def random_model(seed: int = 0) -> Transformer:
+def random_model(seed: int = 0, max_seq_len: int = 256) -> Transformer:
     torch.manual_seed(seed)
-    model = Transformer(model_args_from_preset("tiny-gqa", vocab_size=32000)).eval()
+    model = Transformer(model_args_from_preset("tiny-gqa", vocab_size=32000, max_seq_len=max_seq_len)).eval()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.3)
     return model
@@ -64,3 +65,42 @@ def test_seeded_sampling_on_cuda_is_reproducible():
     first = llama.generate(prompt, max_gen_len=10, temperature=1.0, seed=5, stop_ids=frozenset())[0]
     second = llama.generate(prompt, max_gen_len=10, temperature=1.0, seed=5, stop_ids=frozenset())[0]
     assert first == second
+
+
+def test_compiled_cuda_graph_decode_equals_eager():
+    """torch.compile with CUDA graphs, the cache length crossing a bucket boundary (256)."""
+    tokenizer = Tokenizer.from_file(llama2_tokenizer_path())
+    prompt = [torch.randint(3, 32000, (250,), generator=torch.Generator().manual_seed(1)).tolist()]
+    outputs = []
+    for compile in (False, True):
+        model = random_model(max_seq_len=400).cuda()
+        llama = Llama(model, tokenizer, None, max_seq_len=400, max_batch_size=1, compile=compile)
+        outputs.append(llama.generate(prompt, max_gen_len=12, temperature=0, stop_ids=frozenset())[0])
+    assert outputs[0] == outputs[1]
+
+
+def test_int4_layer_on_cuda_matches_its_weight():
+    torch.manual_seed(0)
+    weight = torch.randn(96, 128)
+    cpu = Int4Linear.from_float(weight)
+    gpu = Int4Linear.from_float(weight.cuda())
+    assert torch.allclose(gpu.dequantize().cpu(), cpu.dequantize(), atol=2e-2, rtol=1e-2)  # bf16 rounding
+    x = torch.randn(3, 5, 128, dtype=torch.bfloat16)
+    expected = x.float() @ cpu.dequantize().T
+    actual = gpu(x.cuda()).float().cpu()
+    assert (actual - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_compiled_decode_on_cuda_equals_eager(kind):
+    model = quantize_model(random_model().to("cuda", torch.bfloat16), kind)
+    tokens = torch.randint(0, 32000, (1, 24), device="cuda")
+    last, position = tokens[:, -1:], torch.tensor([23], device="cuda")
+    with torch.no_grad():
+        model.setup_caches(1, 64)
+        model(tokens[:, :-1], torch.arange(23, device="cuda"))
+        expected = model(last, position, kv_len=64)[0, -1]
+        step = compile_model(model)
+        for _ in range(3):  # CUDA graphs are recorded on a later call than the first
+            actual = step(last, position, kv_len=64)[0, -1]
+    assert (expected - actual).abs().max() <= 0.02 * expected.abs().max()  # bf16 sums in another order

@@ -170,16 +170,24 @@ def load_weights(model: Transformer, state_dict: dict[str, torch.Tensor], source
                           f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")  # fmt: skip
 
 
-def compile_model(model: Transformer) -> Callable[..., torch.Tensor]:
+def compile_model(model: Transformer, matvec_as_reduction: bool = True) -> Callable[..., torch.Tensor]:
     """The model's forward compiled for prefill chunks and decode steps.
 
-    Sequence and cache lengths are dynamic sizes (a graph for decode and one for
-    prefill, whatever the position); on the CPU the graphs are frozen with their weights
-    and called through a C++ wrapper. Inductor caches compiled code on disk, so a second
-    start skips most of the cold compile.
+    On the CPU, sequence and cache lengths are dynamic sizes (a graph for decode and one
+    for prefill, whatever the position); the graphs are frozen with their weights and
+    called through a C++ wrapper. On CUDA the step replays CUDA graphs (one per cache
+    length, see `CUDA_GRAPH_KV_BUCKET`), and a one-row matrix product becomes a Triton
+    reduction that dequantizes int8 weights as it reads them. Inductor caches compiled
+    code on disk, so a second start skips most of the cold compile.
     """
-    options = {"cpp_wrapper": True, "freezing": True} if model.norm.weight.device.type == "cpu" else {}
-    return torch.compile(model, dynamic=True, options=options)
+    if model.norm.weight.device.type == "cpu":
+        return torch.compile(model, dynamic=True, options={"cpp_wrapper": True, "freezing": True})
+    return torch.compile(model, options={"triton.cudagraphs": True, "coordinate_descent_tuning": True})
+
+
+# A compiled CUDA decode step attends over the cache rounded up to a multiple of this many
+# positions (masked), so a 4096-token context needs at most 16 recorded CUDA graphs.
+CUDA_GRAPH_KV_BUCKET = 256
 
 
 def _record_logprobs(token_logprobs, logits, tokens, start: int, end: int, pad: int) -> None:
@@ -214,7 +222,12 @@ class Llama:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.last_stats = GenerationStats()
         model.setup_caches(max_batch_size, max_seq_len)
-        self.step = compile_model(model) if compile else model
+        self.decode_step = compile_model(model) if compile else model
+        # CUDA graphs are recorded per shape: there prompts are prefilled eagerly and the
+        # decode step's cache length is rounded up to buckets.
+        cuda_graphs = compile and self.device.type == "cuda"
+        self.prefill_step = model if cuda_graphs else self.decode_step
+        self.kv_len_bucket = CUDA_GRAPH_KV_BUCKET if cuda_graphs else 1
 
     @staticmethod
     def build(
@@ -360,7 +373,10 @@ class Llama:
     def _forward(self, tokens: torch.Tensor, start: int, end: int, all_logits: bool) -> torch.Tensor:
         """Feed tokens[:, start:end] at their positions; logits of every position or the last."""
         positions = torch.arange(start, end, device=self.device)
-        return self.step(tokens[:, start:end], positions, kv_len=end, last_logits_only=not all_logits)
+        if end - start > 1:
+            return self.prefill_step(tokens[:, start:end], positions, kv_len=end, last_logits_only=not all_logits)
+        kv_len = min(-(-end // self.kv_len_bucket) * self.kv_len_bucket, self.max_seq_len)  # end rounded up
+        return self.decode_step(tokens[:, start:end], positions, kv_len=kv_len, last_logits_only=not all_logits)
 
     def _sampling_context(self, seed: int | None) -> torch.Generator:
         if seed is None:

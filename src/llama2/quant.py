@@ -1,13 +1,14 @@
 """Weight-only quantized linear layers that keep their weights packed.
 
-Two layouts, both computed by PyTorch's own kernels on the CPU with bfloat16
-activations and by plain dequantize-and-matmul elsewhere:
+Two layouts, both computed by PyTorch's own kernels with bfloat16 activations:
 
 - `Int8Linear`: int8 weights with one scale per output channel
-  (`aten._weight_int8pack_mm`).
+  (`aten._weight_int8pack_mm` on the CPU; on CUDA a dequantize-and-matmul that
+  torch.compile fuses into one kernel).
 - `Int4Linear`: 4-bit weights in groups along the input dimension, each group with a
   scale and a zero point, value = (q - 8) * scale + zero
-  (`aten._weight_int4pack_mm_for_cpu`). GGUF's Q4_0 and Q4_1 blocks (32 values, an
+  (`aten._weight_int4pack_mm_for_cpu` on the CPU, `aten._weight_int4pack_mm` on CUDA;
+  each device has its own packed layout, so a layer is packed on the device it runs on). GGUF's Q4_0 and Q4_1 blocks (32 values, an
   fp16 scale and, for Q4_1, an fp16 minimum) are exactly this form, so GGUF files map
   onto it without re-quantizing.
 
@@ -75,7 +76,7 @@ class Int8Linear(nn.Module):
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
             out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
             return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None])
+        return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)  # compiled: one fused reduction
 
 
 class Int4Linear(nn.Module):
@@ -94,7 +95,7 @@ class Int4Linear(nn.Module):
         if self.in_features % (INT4_INNER_K_TILES * 16) or self.in_features % group_size:
             raise Llama2Error(f"int4 needs in_features divisible by 32 and the group size, got {self.in_features}")
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(torch.bfloat16).contiguous())
-        self.register_buffer("weight_packed", pack_int4(q).to(q.device))
+        self.register_buffer("weight_packed", pack_int4(q))
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int = 32) -> "Int4Linear":
@@ -122,20 +123,27 @@ class Int4Linear(nn.Module):
         return cls(q, scales_and_zeros.float(), 32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        small_weight = self.in_features * self.out_features <= DENSE_MAX_WEIGHT_VALUES
-        if x.device.type == "cpu" and (rows < DENSE_MIN_ROWS or not small_weight):
-            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                flat, self.weight_packed, self.group_size, self.scales_and_zeros
+        flat = x.reshape(-1, self.in_features)
+        if x.device.type == "cuda":
+            out = torch.ops.aten._weight_int4pack_mm(
+                flat.to(torch.bfloat16), self.weight_packed, self.group_size, self.scales_and_zeros
             )
             return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        # Many rows (prefill) on a small weight, or no int4 kernel: unpack to a dense weight, one GEMM.
-        dtype = torch.bfloat16 if x.device.type == "cpu" else x.dtype
-        return F.linear(x.to(dtype), self.dequantize(dtype)).to(x.dtype)
+        small_weight = self.in_features * self.out_features <= DENSE_MAX_WEIGHT_VALUES
+        if flat.shape[0] < DENSE_MIN_ROWS or not small_weight:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                flat.to(torch.bfloat16), self.weight_packed, self.group_size, self.scales_and_zeros
+            )
+            return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        # Many rows (prefill) on a small weight: unpack to a dense weight, one GEMM.
+        return F.linear(x.to(torch.bfloat16), self.dequantize(torch.bfloat16)).to(x.dtype)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight [out, in] this layer computes: (q - 8) * scale + zero per group."""
+        if self.weight_packed.device.type == "cuda":  # the kernel applied to the identity: W^T, rounded to bf16
+            identity = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.weight_packed.device)
+            columns = torch.ops.aten._weight_int4pack_mm(identity, self.weight_packed, self.group_size, self.scales_and_zeros)
+            return columns.T.to(dtype)  # [in, out] -> [out, in]
         q = unpack_int4pack(self.weight_packed, self.out_features, self.in_features)
         q = q.reshape(self.out_features, -1, self.group_size).float()  # [N, G, g]
         scale = self.scales_and_zeros[..., 0].T.float().unsqueeze(-1)  # [N, G, 1]
@@ -144,12 +152,16 @@ class Int4Linear(nn.Module):
 
 
 def pack_int4(q: torch.Tensor, rows_per_chunk: int = 1024) -> torch.Tensor:
-    """PyTorch's CPU int4 layout of 4-bit values q [N, K], packed a chunk of rows at a time.
+    """4-bit values q [N, K] in PyTorch's int4 layout for q's device (CUDA's, else the CPU's).
 
-    The layout is made of independent 64-row blocks (see `unpack_int4pack`), so chunks
-    of a multiple of 64 rows concatenate to the whole; the int32 copy the packer needs
-    then never exists for the whole weight (180 MB for a 7B FFN matrix).
+    The CPU layout is made of independent 64-row blocks (see `unpack_int4pack`), so it is
+    packed `rows_per_chunk` rows at a time and the int32 copy its packer needs never
+    exists for the whole weight (180 MB for a 7B FFN matrix).
     """
+    if q.device.type == "cuda":
+        q = q.to(torch.int32)
+        pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # [N, K/2], even columns in the high nibble
+        return torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), INT4_INNER_K_TILES)
     chunks = [
         torch.ops.aten._convert_weight_to_int4pack_for_cpu(
             q[start : start + rows_per_chunk].to(device="cpu", dtype=torch.int32).contiguous(), INT4_INNER_K_TILES
