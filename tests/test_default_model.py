@@ -69,7 +69,8 @@ def test_fast_path_keeps_blocks_packed(fast_llama):
     from llama2.quant import Int4Linear, Int8Linear
 
     layer = fast_llama.model.layers[0]
-    assert isinstance(layer.attention.wq, Int4Linear) and isinstance(layer.feed_forward.w2, Int4Linear)
+    assert isinstance(layer.attention.wqkv, Int4Linear) and isinstance(layer.feed_forward.w2, Int4Linear)
+    assert layer.attention.wqkv.out_features == 576 + 2 * 192 and layer.feed_forward.w13.out_features == 2 * 1536
     assert isinstance(fast_llama.model.output, Int8Linear)
     assert fast_llama.model.norm.weight.dtype == torch.bfloat16
 

@@ -8,6 +8,7 @@ from gguf.quants import dequantize, quantize
 
 from llama2.config import model_args_from_preset
 from llama2.errors import Llama2Error
+from llama2.fuse import fuse_projections
 from llama2.model import Transformer
 from llama2.quant import Int4Linear, Int8Linear, int8_from_gguf, pack_int4, quantize_model, unpack_int4pack, unpack_q4_blocks
 
@@ -126,3 +127,25 @@ def test_quantize_command_then_packed_loading(tmp_path, kind, layer_type):
         llama.model.clear_caches()
     with torch.no_grad():
         assert relative_error(packed.model(tokens), exact.model(tokens)) < 0.05
+
+
+@pytest.mark.parametrize("kind", ["none", "int8", "int4"])
+def test_fused_projections_compute_what_the_separate_ones_did(kind):
+    torch.manual_seed(0)
+    model = Transformer(model_args_from_preset("tiny-gqa", vocab_size=256, dim=128, n_heads=4, n_kv_heads=2, multiple_of=64)).eval()
+    if kind != "none":
+        model = quantize_model(model.to(torch.bfloat16), kind)
+    tokens = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        expected = model(tokens)
+        fuse_projections(model)
+        actual = model(tokens)
+    assert model.layers[0].attention.wqkv is not None and model.layers[0].feed_forward.w13 is not None
+    assert not hasattr(model.layers[0].attention, "wq")
+    assert torch.allclose(actual, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_int4_layers_with_a_partial_row_block_in_front_stay_apart():
+    layers = [Int4Linear.from_float(torch.randn(n, 64)) for n in (48, 64)]
+    assert Int4Linear.concat(layers) is None
+    assert Int4Linear.concat(layers[::-1]).dequantize().equal(torch.cat([layers[1].dequantize(), layers[0].dequantize()]))

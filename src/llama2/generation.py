@@ -31,6 +31,7 @@ from .chat import (
 )
 from .config import ModelArgs
 from .errors import Llama2Error
+from .fuse import fuse_projections
 from .model import Transformer
 from .quant import PACKED_FROM_GGUF, install_int8_head, int8_from_gguf, quantize_model
 from .sampling import SamplingParams, sample_next
@@ -274,7 +275,8 @@ class Llama:
                 f"{checkpoint.source}: tokenizer has {tokenizer.n_words} tokens but the model only "
                 f"{checkpoint.args.vocab_size} embeddings"
             )
-        model = build_model(checkpoint, device, dtype, quant)
+        model = fuse_projections(build_model(checkpoint, device, dtype, quant))
+        release_freed_heap()  # the separate projections' memory
         checkpoint.state_dict = {}  # the model owns the tensors now
         max_seq_len = max_seq_len or min(checkpoint.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
         if max_seq_len > checkpoint.args.max_seq_len:

@@ -130,6 +130,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.wqkv: nn.Module | None = None  # wq, wk, wv as one matmul (inference: `fuse_projections`)
         self.kv_cache: KVCache | None = None
 
     def forward(
@@ -149,9 +150,10 @@ class Attention(nn.Module):
                 attend over its first S positions); None without a cache.
         """
         batch, seq_len, _ = x.shape
-        q = self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim)
-        k = self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
+        q, k, v = self.project_qkv(x)
+        q = q.view(batch, seq_len, self.n_heads, self.head_dim)
+        k = k.view(batch, seq_len, self.n_kv_heads, self.head_dim)
+        v = v.view(batch, seq_len, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, head_dim]
 
@@ -163,6 +165,13 @@ class Attention(nn.Module):
             out = self._attend(q, k, v, mask, cached=cache_write is not None)
         out = out.transpose(1, 2).reshape(batch, seq_len, -1)  # [B, T, n_heads * head_dim]
         return self.wo(out)
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of x, [B, T, heads * head_dim] each."""
+        if self.wqkv is None:
+            return self.wq(x), self.wk(x), self.wv(x)
+        kv_width = self.n_kv_heads * self.head_dim
+        return self.wqkv(x).split((self.n_heads * self.head_dim, kv_width, kv_width), dim=-1)
 
     def _attend_rows(self, q, k, v, mask, lengths: Sequence[int]) -> torch.Tensor:
         """Attention one row at a time, row i over its first lengths[i] cached positions.
@@ -270,9 +279,14 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w13: nn.Module | None = None  # w1 and w3 as one matmul (inference: `fuse_projections`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is None:
+            gate, up = self.w1(x), self.w3(x)
+        else:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):

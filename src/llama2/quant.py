@@ -68,6 +68,11 @@ class Int8Linear(nn.Module):
             scales[start:end] = row_scales
         return cls(q, scales)
 
+    @classmethod
+    def concat(cls, layers: list["Int8Linear"]) -> "Int8Linear":
+        """One layer computing `layers`' outputs side by side."""
+        return cls(torch.cat([layer.weight for layer in layers]), torch.cat([layer.scales for layer in layers]))
+
     def dequantize(self) -> torch.Tensor:
         return self.weight.float() * self.scales.float()[:, None]
 
@@ -89,13 +94,37 @@ class Int4Linear(nn.Module):
             scales_and_zeros: [in // group_size, out, 2] (scale, zero).
             group_size: values per group along the input dimension.
         """
-        super().__init__()
-        self.out_features, self.in_features = q.shape
-        self.group_size = group_size
-        if self.in_features % (INT4_INNER_K_TILES * 16) or self.in_features % group_size:
-            raise Llama2Error(f"int4 needs in_features divisible by 32 and the group size, got {self.in_features}")
+        out_features, in_features = q.shape
+        if in_features % (INT4_INNER_K_TILES * 16) or in_features % group_size:
+            raise Llama2Error(f"int4 needs in_features divisible by 32 and the group size, got {in_features}")
+        self._init_packed(pack_int4(q), scales_and_zeros, group_size, out_features, in_features)
+
+    def _init_packed(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, out_features: int,
+                     in_features: int) -> None:  # fmt: skip
+        nn.Module.__init__(self)
+        self.out_features, self.in_features, self.group_size = out_features, in_features, group_size
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(torch.bfloat16).contiguous())
-        self.register_buffer("weight_packed", pack_int4(q))
+        self.register_buffer("weight_packed", packed)
+
+    @classmethod
+    def concat(cls, layers: list["Int4Linear"]) -> "Int4Linear | None":
+        """One layer computing `layers`' outputs side by side, without repacking; None if the layouts do not join.
+
+        Both packed layouts keep output rows in independent blocks (64 rows on the CPU,
+        8 on CUDA), so whole blocks concatenate; only the last layer may end in a partial one.
+        """
+        first = layers[0]
+        rows_per_block = 8 if first.weight_packed.device.type == "cuda" else 64
+        if any(layer.group_size != first.group_size or layer.in_features != first.in_features for layer in layers):
+            return None
+        if any(layer.out_features % rows_per_block for layer in layers[:-1]):
+            return None
+        fused = cls.__new__(cls)
+        packed = torch.cat([layer.weight_packed for layer in layers])  # dim 0 runs over output-row blocks
+        scales_and_zeros = torch.cat([layer.scales_and_zeros for layer in layers], dim=1)  # [G, N, 2]
+        out_features = sum(layer.out_features for layer in layers)
+        fused._init_packed(packed, scales_and_zeros, first.group_size, out_features, first.in_features)
+        return fused
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int = 32) -> "Int4Linear":
