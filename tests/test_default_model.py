@@ -22,8 +22,16 @@ def llama(default_model_path):
 
 @pytest.fixture(scope="module")
 def fast_llama(default_model_path):
-    """The default CPU path: Q4_1 layers computed on their packed blocks, int8 head, bfloat16."""
+    """The default CPU path: the file's Q4_1/Q8_0 blocks computed as stored (llama2's kernel), bfloat16."""
     return Llama.build(default_model_path, max_seq_len=1024, max_batch_size=4, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def stock_llama(default_model_path):
+    """The CPU path without llama2's kernel: Q4_1 repacked for PyTorch's int4 kernel, int8 head."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("llama2.generation.gguf_matmul_available", lambda: False)
+        return Llama.build(default_model_path, max_seq_len=1024, max_batch_size=4, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +45,30 @@ def test_chat_prompt_tokens_equal_llama_cpp(llama, cases):
         assert llama.chat_format.encode_dialog_prompt(case["dialog"]) == case["prompt_tokens"]
 
 
-@pytest.mark.parametrize("cached", [False, True], ids=["full-sequence", "cached-prefill"])
-@pytest.mark.parametrize("path", ["llama", "fast_llama"])
-def test_greedy_next_token_agrees_with_llama_cpp(path, cached, request, cases):
+def stepwise_logits(model, prompt: list[int], continuation: list[int]) -> torch.Tensor:
+    """Logits predicting each continuation token: the prompt prefilled, then one cached decode step per token."""
+    logits = [model(torch.tensor([prompt]), torch.arange(len(prompt)), kv_len=len(prompt), last_logits_only=True)[0]]
+    for offset, token in enumerate(continuation[:-1]):
+        position = len(prompt) + offset
+        logits.append(model(torch.tensor([[token]]), torch.tensor([position]), kv_len=position + 1)[0])
+    return torch.cat(logits)  # [len(continuation), vocab]
+
+
+AGREEMENT_CASES = [
+    (path, mode)
+    for path in ("llama", "fast_llama", "stock_llama")
+    for mode in ("full-sequence", "cached-prefill", "decode-steps")
+    if (path, mode) != ("llama", "decode-steps")  # the exact path decodes with its prefill's fp32 matmuls
+]
+
+
+@pytest.mark.parametrize(("path", "mode"), AGREEMENT_CASES)
+def test_greedy_next_token_agrees_with_llama_cpp(path, mode, request, cases):
     """Teacher-forced on llama.cpp's greedy continuation, our argmax matches at >= 95% of positions.
 
-    Both attention paths: the cache-free forward (training, scoring) and the cached
-    prefill that generation runs (on the CPU fast path: bfloat16 matmul attention).
+    Every attention and matmul path: the cache-free forward (training, scoring), the
+    cached prefill that generation runs (on the CPU fast path: bfloat16 matmul attention,
+    weights decoded per chunk) and decode steps (the quantized kernels).
     """
     llama = request.getfixturevalue(path)
     agree = total = 0
@@ -52,7 +77,9 @@ def test_greedy_next_token_agrees_with_llama_cpp(path, cached, request, cases):
             prompt, continuation = case["prompt_tokens"], case["continuation"]
             tokens = torch.tensor([prompt + continuation])
             length = tokens.shape[1]
-            if cached:
+            if mode == "decode-steps":
+                logits = stepwise_logits(llama.model, prompt, continuation)
+            elif mode == "cached-prefill":
                 logits = llama.model(tokens, torch.arange(length), kv_len=length)[0, len(prompt) - 1 : -1]
             else:
                 llama.model.clear_caches()
@@ -66,13 +93,19 @@ def test_greedy_next_token_agrees_with_llama_cpp(path, cached, request, cases):
 
 
 def test_fast_path_keeps_blocks_packed(fast_llama):
-    from llama2.quant import Int4Linear, Int8Linear
+    from llama2.kernels import gguf_matmul_available
+    from llama2.quant import GGUFLinear, Int4Linear, Int8Linear
 
-    layer = fast_llama.model.layers[0]
-    assert isinstance(layer.attention.wqkv, Int4Linear) and isinstance(layer.feed_forward.w2, Int4Linear)
+    layer, model = fast_llama.model.layers[0], fast_llama.model
     assert layer.attention.wqkv.out_features == 576 + 2 * 192 and layer.feed_forward.w13.out_features == 2 * 1536
-    assert isinstance(fast_llama.model.output, Int8Linear)
-    assert fast_llama.model.norm.weight.dtype == torch.bfloat16
+    if gguf_matmul_available():  # the file's Q4_1 blocks and Q8_0 table, as stored
+        assert isinstance(layer.attention.wqkv, GGUFLinear) and layer.attention.wqkv.type_name == "Q4_1"
+        assert layer.attention.wqkv.blocks.numel() == (576 + 2 * 192) * 576 // 32 * 20
+        assert isinstance(model.output, GGUFLinear) and model.output.type_name == "Q8_0"
+    else:
+        assert isinstance(layer.attention.wqkv, Int4Linear) and isinstance(layer.feed_forward.w2, Int4Linear)
+        assert isinstance(model.output, Int8Linear)
+    assert model.norm.weight.dtype == torch.bfloat16
 
 
 def test_greedy_chat_answer_is_coherent_english(llama):

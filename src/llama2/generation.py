@@ -33,7 +33,8 @@ from .config import ModelArgs
 from .errors import Llama2Error
 from .fuse import fuse_projections
 from .model import Transformer
-from .quant import PACKED_FROM_GGUF, install_int8_head, int8_from_gguf, quantize_model
+from .kernels import gguf_matmul_available
+from .quant import PACKED_GGUF_TYPES, gguf_layer, install_quantized_head, quantize_model
 from .sampling import SamplingParams, sample_next
 from .tokenizer import Tokenizer
 from .weights import Checkpoint, open_checkpoint
@@ -84,7 +85,7 @@ def default_device() -> torch.device:
 
 
 QUANT_MODES = ("auto", "none", "int8", "int4")
-HEAD_WEIGHTS = ("tok_embeddings.weight", "output.weight")  # int8 when the layers are packed
+HEAD_WEIGHTS = ("tok_embeddings.weight", "output.weight")  # quantized too when the layers are packed
 TRIM_EVERY_BYTES = 32 * 2**20  # packed GGUF bytes between heap trims (a trim walks the whole heap)
 
 
@@ -98,7 +99,7 @@ def packed_gguf_linears(checkpoint: Checkpoint, device: torch.device, quant: str
     return {
         name: kind
         for name, kind in checkpoint.tensor_types.items()
-        if kind in PACKED_FROM_GGUF and name.startswith("layers.") and name.endswith(".weight")
+        if kind in PACKED_GGUF_TYPES and name.startswith("layers.") and name.endswith(".weight")
         and checkpoint.args.dim % 32 == 0 and checkpoint.args.hidden_dim % 32 == 0
     }
 
@@ -110,34 +111,38 @@ def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype
         checkpoint: a checkpoint, typically lazy (`open_checkpoint`) so that only the
             model's own memory is ever allocated.
         quant: "none" keeps every weight as `dtype`; "int8"/"int4" quantize the linear
-            layers after loading (`llama2.quant.quantize_model`); "auto" computes GGUF
-            Q4_0/Q4_1 layers straight from their packed blocks and Q8_0 layers as
-            per-channel int8 on the CPU (int8 head), and leaves other checkpoints as they are.
+            layers after loading (`llama2.quant.quantize_model`); "auto", on the CPU,
+            computes GGUF Q4_0/Q4_1/Q8_0 layers and head from their blocks as stored
+            where llama2's kernel runs (`llama2.kernels`), else repacked for PyTorch's
+            int4 kernel (Q8_0 and the head as per-channel int8), and leaves other
+            checkpoints as they are.
     """
     if quant not in QUANT_MODES:
         raise Llama2Error(f"unknown quantization {quant!r}; choose one of {', '.join(QUANT_MODES)}")
     with torch.device("meta"):
         model = Transformer(checkpoint.args)
     packed = packed_gguf_linears(checkpoint, device, quant)
-    state_dict, int8_tables = {}, {}
+    keep_blocks = bool(packed) and gguf_matmul_available()
+    state_dict, head_tables = {}, {}
     unreleased = 0  # bytes packed since the heap was last trimmed
     for name in checkpoint.state_dict:
         if name in packed:
             parent, attr = name.removesuffix(".weight").rsplit(".", 1)
             shape = tuple(model.get_submodule(f"{parent}.{attr}").weight.shape)
             raw = checkpoint.state_dict.read_raw(name)
-            setattr(model.get_submodule(parent), attr, PACKED_FROM_GGUF[packed[name]](raw, packed[name], shape))
+            setattr(model.get_submodule(parent), attr, gguf_layer(raw, packed[name], shape, keep_blocks))
             unreleased += raw.numel()
             if unreleased >= TRIM_EVERY_BYTES:  # the packing's temporaries sit between kept tensors
                 release_freed_heap()
                 unreleased = 0
         elif packed and name in HEAD_WEIGHTS:
             shape = checkpoint.state_dict.spec(name).shape
-            int8_tables[name] = int8_from_gguf(checkpoint.state_dict.read_raw(name), checkpoint.tensor_types[name], shape)
+            raw, type_name = checkpoint.state_dict.read_raw(name), checkpoint.tensor_types[name]
+            head_tables[name] = gguf_layer(raw, type_name, shape, keep_blocks, int4=False)
         else:
             state_dict[name] = checkpoint.state_dict[name].to(device=device, dtype=dtype)
-    if int8_tables:
-        install_int8_head(model, int8_tables, dtype)
+    if head_tables:
+        install_quantized_head(model, head_tables, dtype)
     load_weights(model, state_dict, checkpoint.source)
     if quant in ("int8", "int4") and not packed:
         quantize_model(model, quant)

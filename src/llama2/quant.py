@@ -24,7 +24,8 @@ from gguf.constants import GGMLQuantizationType
 from torch import nn
 
 from .errors import Llama2Error
-from .weights.dequant import dequantize
+from .kernels import GGUF_BLOCK_BYTES
+from .weights.dequant import dequantize, dequantize_blocks
 
 INT4_INNER_K_TILES = 2
 # From this many rows (prefill) a dense bfloat16 GEMM on the unpacked weight beats the int4 kernel...
@@ -221,15 +222,67 @@ def unpack_int4pack(packed: torch.Tensor, out_features: int, in_features: int) -
     return torch.cat((rows, rest))
 
 
-class Int8Embedding(nn.Module):
-    """Embedding lookup from the int8 rows and scales of an `Int8Linear` (shared with a tied head)."""
+class GGUFLinear(nn.Module):
+    """y = x W^T computed straight from a GGUF tensor's Q4_0 / Q4_1 / Q8_0 blocks, kept as stored.
 
-    def __init__(self, table: Int8Linear, dtype: torch.dtype):
+    Few rows (decode) go through llama2's kernel (`llama2.kernels`: activations quantized
+    per block of 32 to int8, as llama.cpp does); prefill chunks on small weights decode the
+    blocks to bfloat16 (`gguf_dequantize`) for one GEMM. The layer's memory is the file's bytes.
+    """
+
+    def __init__(self, blocks: torch.Tensor, type_name: str, shape: tuple[int, int]):
+        """
+        Args:
+            blocks: the tensor's uint8 block bytes (any shape, read flat).
+            type_name: "Q4_0", "Q4_1" or "Q8_0".
+            shape: the weight's (out, in).
+        """
+        super().__init__()
+        self.out_features, self.in_features = shape
+        self.type_name = type_name
+        self.qtype = int(GGMLQuantizationType[type_name])
+        self.register_buffer("blocks", blocks.reshape(self.out_features, -1).contiguous())  # [out, in / 32 * block bytes]
+
+    @classmethod
+    def concat(cls, layers: list["GGUFLinear"]) -> "GGUFLinear | None":
+        """One layer computing `layers`' outputs side by side (same type and input size), else None."""
+        first = layers[0]
+        if any(layer.type_name != first.type_name or layer.in_features != first.in_features for layer in layers):
+            return None
+        out_features = sum(layer.out_features for layer in layers)
+        return cls(torch.cat([layer.blocks for layer in layers]), first.type_name, (out_features, first.in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        small_weight = self.in_features * self.out_features <= DENSE_MAX_WEIGHT_VALUES
+        if flat.shape[0] >= DENSE_MIN_ROWS and small_weight:
+            weight = torch.ops.llama2_kernels.gguf_dequantize(self.blocks, self.qtype, self.out_features, self.in_features)
+            return F.linear(x.to(torch.bfloat16), weight).to(x.dtype)
+        out = torch.ops.llama2_kernels.gguf_matmul(flat, self.blocks, self.qtype, self.out_features, self.in_features)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight [out, in] the blocks hold."""
+        return self.dequantize_rows(self.blocks).to(dtype)
+
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """float32 [n, in] values of block rows [n, in / 32 * block bytes] of this layer's type."""
+        blocks = rows.reshape(-1, GGUF_BLOCK_BYTES[self.type_name])  # [n * in / 32, block bytes]
+        return dequantize_blocks(blocks, self.qtype).reshape(rows.shape[0], self.in_features)
+
+
+class QuantizedEmbedding(nn.Module):
+    """Embedding lookup from the rows of a quantized head (`Int8Linear` or `GGUFLinear`, shared when tied)."""
+
+    def __init__(self, table: Int8Linear | GGUFLinear, dtype: torch.dtype):
         super().__init__()
         self.table = table
         self.dtype = dtype
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.table, GGUFLinear):
+            rows = self.table.dequantize_rows(self.table.blocks[tokens.reshape(-1)])  # [B * T, dim]
+            return rows.reshape(*tokens.shape, -1).to(self.dtype)
         rows = self.table.weight[tokens].to(torch.float32)  # [..., dim]
         return (rows * self.table.scales[tokens].float().unsqueeze(-1)).to(self.dtype)
 
@@ -261,11 +314,11 @@ def quantize_head(model: nn.Module) -> None:
     tables = {"tok_embeddings.weight": Int8Linear.from_float(model.tok_embeddings.weight.detach())}
     if isinstance(model.output, nn.Linear):
         tables["output.weight"] = Int8Linear.from_float(model.output.weight.detach())
-    install_int8_head(model, tables, model.norm.weight.dtype)
+    install_quantized_head(model, tables, model.norm.weight.dtype)
 
 
-def install_int8_head(model: nn.Module, tables: dict[str, Int8Linear], dtype: torch.dtype) -> None:
-    """Use int8 tables as the embedding lookup and output head.
+def install_quantized_head(model: nn.Module, tables: dict[str, Int8Linear | GGUFLinear], dtype: torch.dtype) -> None:
+    """Use quantized tables as the embedding lookup and output head.
 
     Args:
         tables: ``"tok_embeddings.weight"`` (and ``"output.weight"`` for an untied head).
@@ -273,7 +326,7 @@ def install_int8_head(model: nn.Module, tables: dict[str, Int8Linear], dtype: to
     """
     embedding = tables["tok_embeddings.weight"]
     model.output = tables.get("output.weight", embedding)
-    model.tok_embeddings = Int8Embedding(embedding, dtype)
+    model.tok_embeddings = QuantizedEmbedding(embedding, dtype)
 
 
 def unpack_q4_blocks(raw: torch.Tensor, shape: tuple[int, int], has_minimum: bool):
@@ -322,5 +375,21 @@ def int8_from_gguf(raw: torch.Tensor, type_name: str, shape: tuple[int, int], ro
     return Int8Linear.from_row_chunks(read_rows, shape, rows_per_chunk, raw.device)
 
 
-# GGUF block types computed on packed weights, and the layer built from their blocks.
-PACKED_FROM_GGUF = {"Q4_0": int4_from_gguf, "Q4_1": int4_from_gguf, "Q8_0": int8_from_gguf}
+def gguf_layer(raw: torch.Tensor, type_name: str, shape: tuple[int, int], keep_blocks: bool, int4: bool = True) -> nn.Module:
+    """The layer computing a GGUF tensor's values from its blocks.
+
+    Args:
+        keep_blocks: use the blocks as stored (`GGUFLinear`, needs llama2's kernel and a
+            Q4_0 / Q4_1 / Q8_0 tensor); else repack them for PyTorch's kernels
+            (Q4_0 / Q4_1 as `Int4Linear`, anything else as per-channel `Int8Linear`).
+        int4: allow `Int4Linear` (an output head is better off int8).
+    """
+    if keep_blocks and type_name in GGUF_BLOCK_BYTES:
+        return GGUFLinear(raw, type_name, shape)
+    if int4 and type_name in ("Q4_0", "Q4_1"):
+        return int4_from_gguf(raw, type_name, shape)
+    return int8_from_gguf(raw, type_name, shape)
+
+
+# GGUF block types whose layers are computed on packed weights.
+PACKED_GGUF_TYPES = ("Q4_0", "Q4_1", "Q8_0")

@@ -101,6 +101,15 @@ def dequantize(raw: torch.Tensor, qtype: int | GGMLQuantizationType, shape: Sequ
     return values.reshape(shape)
 
 
+def dequantize_blocks(blocks: torch.Tensor, qtype: int | GGMLQuantizationType) -> torch.Tensor:
+    """Decode GGML blocks [n, type_size] (uint8) of a type with a torch decoder to float32 [n, block_size].
+
+    No checks and no loop: the building block for decoding inside a model's forward
+    (a few embedding rows, a layer per prefill chunk), which torch.compile can trace.
+    """
+    return _DEQUANTIZERS[ggml_type(qtype)](blocks)
+
+
 def has_torch_dequantizer(qtype: int | GGMLQuantizationType) -> bool:
     """Whether `qtype` is decoded by torch code here (rather than by `gguf.quants`)."""
     return ggml_type(qtype) in _DEQUANTIZERS
