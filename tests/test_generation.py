@@ -181,6 +181,28 @@ def test_compiled_decode_equals_eager(tokenizer):
     assert actual == expected
 
 
+def test_compiled_single_stream_decode_without_guard_checks_stays_exact(tokenizer):
+    """One-row decode steps skip Dynamo's guards once warm: same tokens and logprobs as eager."""
+    eager = make_llama(tokenizer, max_batch_size=2)
+    compiled = Llama(eager.model, tokenizer, None, max_seq_len=64, max_batch_size=2, compile=True)
+    for text in ("One prompt", "Another, somewhat longer prompt"):
+        prompt = [tokenizer.encode(text, bos=True, eos=False)]
+        for logprobs in (False, True):
+            kwargs = dict(max_gen_len=8, temperature=0, logprobs=logprobs, stop_ids=frozenset())
+            expected, expected_logprobs = eager.generate(prompt, **kwargs)
+            actual, actual_logprobs = compiled.generate(prompt, **kwargs)
+            assert actual == expected
+            if logprobs:
+                assert actual_logprobs[0] == pytest.approx(expected_logprobs[0], abs=1e-4)
+    assert max(compiled.decode_step.warm_calls.values()) >= compiled.decode_step.WARM_CALLS
+    # An input no compiled graph fits (a contiguous token tensor, unlike generate's slices) is compiled, not refused.
+    token, position = torch.tensor([[5]]), torch.tensor([3])
+    with torch.inference_mode():
+        actual = compiled.decode_step(token, position, kv_len=4, last_logits_only=True)
+        expected = eager.model(token, position, kv_len=4, last_logits_only=True)
+    assert torch.allclose(actual, expected, atol=1e-4)
+
+
 def test_chunked_prefill_equals_one_pass(tokenizer, monkeypatch):
     import llama2.generation as generation
 

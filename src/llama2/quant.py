@@ -1,6 +1,6 @@
 """Weight-only quantized linear layers that keep their weights packed.
 
-Two layouts, both computed by PyTorch's own kernels with bfloat16 activations:
+Three layouts, all computed with bfloat16 activations:
 
 - `Int8Linear`: int8 weights with one scale per output channel
   (`aten._weight_int8pack_mm` on the CPU; on CUDA a dequantize-and-matmul that
@@ -8,9 +8,11 @@ Two layouts, both computed by PyTorch's own kernels with bfloat16 activations:
 - `Int4Linear`: 4-bit weights in groups along the input dimension, each group with a
   scale and a zero point, value = (q - 8) * scale + zero
   (`aten._weight_int4pack_mm_for_cpu` on the CPU, `aten._weight_int4pack_mm` on CUDA;
-  each device has its own packed layout, so a layer is packed on the device it runs on). GGUF's Q4_0 and Q4_1 blocks (32 values, an
-  fp16 scale and, for Q4_1, an fp16 minimum) are exactly this form, so GGUF files map
-  onto it without re-quantizing.
+  each device has its own packed layout, so a layer is packed on the device it runs on).
+  GGUF's Q4_0 and Q4_1 blocks (32 values, an fp16 scale and, for Q4_1, an fp16 minimum)
+  are exactly this form, so GGUF files map onto it without re-quantizing.
+- `GGUFLinear`: a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks as stored, computed by llama2's
+  own CPU kernels (`llama2.kernels`) where they build; the layout above is the fallback.
 
 Quantization is a module swap after loading (`quantize_model`); the model code never
 knows about it.
