@@ -88,23 +88,20 @@ constexpr int64_t block_bytes(int64_t qtype) {
 // Integer correction per activation value sum: isum = dot(stored_u8, q) - offset * sumq.
 constexpr int32_t weight_offset(int64_t qtype) { return qtype == Q4_0 ? 8 : qtype == Q8_0 ? 128 : 0; }
 
-constexpr int GROUP = 16;  // blocks whose weight scales are converted at once (one zmm of floats)
-#ifndef EXP_PF_MIN
-#define EXP_PF_MIN 8192
-#endif
-#ifndef EXP_HINT
-#define EXP_HINT _MM_HINT_T0
-#endif
-#ifndef EXP_ROWS
-#define EXP_ROWS 4
-#endif
-constexpr int ROWS = EXP_ROWS;    // weight rows per tile: each activation load serves 4 rows
-// From this many activation rows, a tile of weight rows is first unpacked into an aligned
-// buffer (bytes ready for vpdpbusd, fp32 scales) and then used for every activation row.
-constexpr int64_t UNPACK_MIN_M = 3;
+constexpr int GROUP = 16;  // blocks handled together: 16 fp32 scales fill one zmm
+constexpr int ROWS = 4;    // weight rows per tile: each activation load serves 4 rows
+// From this many activation rows, a tile of weight rows is first unpacked (vpdpbusd-ready
+// bytes, transposed so that one int32 lane accumulates a whole block; fp32 scales) and
+// the unpacked tile serves every activation row (the "prefill" path). Below, M = 1 and 2
+// read the GGUF bytes directly (2 rows share each expanded weight pair).
+constexpr int64_t TRANSPOSED_MIN_M = 3;
+constexpr int MB = 2;  // activation rows per pass in the prefill path (register blocking)
+static_assert(MB == 2, "dot_tile_unpacked_all passes MB = 2 rows explicitly");
+// Software prefetch distance on the M = 1 path, rounded up to whole tiles.
+constexpr int64_t PREFETCH_BYTES = 8 << 10;
 // Minimum weight bytes per parallel task: the matmuls of a 135M model are 70 KB..1 MB and
 // the thread pool's fork/join costs about a microsecond.
-constexpr int64_t TASK_MIN_BYTES = 24 << 10;
+constexpr int64_t TASK_MIN_BYTES = 32 << 10;
 
 inline float fp16_to_fp32(const uint8_t* p) {
   uint16_t h;
@@ -141,44 +138,57 @@ class Scratch {
   size_t cap_ = 0;
 };
 
-inline int64_t align64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
-
 // ---------------------------------------------------------------------------------------
 // Quantized activations.
 //
 // Blocks are padded to a multiple of GROUP per row with zero blocks (q = 0, d = 0, ...),
 // which contribute exactly nothing. Per activation row:
-//   q     [nbp][32] int8   quantized values
-//   d     [nbp]     float  block scale d_x
-//   xs    [nbp]     float  fp32(d_x * sumq), for Q4_1's minimum
-//   sumq  [nbp]     int32  sum of the block's values (scalar path)
-//   noff  [nbp][8]  int32  -offset * (sum of the 4 values of each int32 lane): the initial
-//                          vpdpbusd accumulator
+//   q     [nbp][32]  int8   quantized values
+//   d     [nbp]      float  block scale d_x
+//   xs    [nbp]      float  fp32(d_x * sumq), for Q4_1's minimum
+//   sumq  [nbp]      int32  sum of the block's values (scalar path)
+//   qq    [nbp/4][2][64] int8  the decode path's layout: per quad of 4 blocks, values
+//                           0..15 of the 4 blocks, then values 16..31 of the 4 blocks
+//   noffq [nbp][4]   int32  -offset * (sum of values 4l..4l+3 and 16+4l..16+4l+3), l < 4:
+//                           the decode path's initial vpdpbusd accumulator
+//   qT    [nbp/16][8][16][4] int8  the prefill path's layout: per group of 16 blocks,
+//                           for each 4-byte column c of a block, the 16 blocks' column c
+//   noffT [nbp]      int32  -offset * sumq: the prefill path's initial accumulator
+// (qT and noffT only when `transposed`.)
 // ---------------------------------------------------------------------------------------
 struct ActRow {
   const int8_t* q;
   const float* d;
   const float* xs;
   const int32_t* sumq;
-  const int32_t* noff;
+  const int8_t* qq;
+  const int32_t* noffq;
+  const int8_t* qT;
+  const int32_t* noffT;
 };
 
 struct QuantActs {
   int64_t nb = 0, nbp = 0;  // blocks per row, padded
+  bool transposed = false;
   int64_t row_bytes = 0;    // bytes per row in the buffer
   uint8_t* base = nullptr;
 
-  static int64_t bytes_per_row(int64_t nbp) { return nbp * QK + 3 * align64(nbp * 4) + nbp * 32; }
+  // nbp is a multiple of 16, so every array below starts 64-byte aligned.
+  static int64_t bytes_per_row(int64_t nbp) { return nbp * (QK + 4 + 4 + 4 + QK + 16 + QK + 4); }
 
-  QuantActs(int64_t nb_, uint8_t* buffer) : nb(nb_), nbp((nb_ + GROUP - 1) / GROUP * GROUP), base(buffer) {
+  QuantActs(int64_t nb_, bool transposed_, uint8_t* buffer)
+      : nb(nb_), nbp((nb_ + GROUP - 1) / GROUP * GROUP), transposed(transposed_), base(buffer) {
     row_bytes = bytes_per_row(nbp);
   }
   int8_t* q(int64_t m) const { return reinterpret_cast<int8_t*>(base + m * row_bytes); }
   float* d(int64_t m) const { return reinterpret_cast<float*>(base + m * row_bytes + nbp * QK); }
-  float* xs(int64_t m) const { return d(m) + align64(nbp * 4) / 4; }
-  int32_t* sumq(int64_t m) const { return reinterpret_cast<int32_t*>(xs(m) + align64(nbp * 4) / 4); }
-  int32_t* noff(int64_t m) const { return sumq(m) + align64(nbp * 4) / 4; }
-  ActRow row(int64_t m) const { return {q(m), d(m), xs(m), sumq(m), noff(m)}; }
+  float* xs(int64_t m) const { return d(m) + nbp; }
+  int32_t* sumq(int64_t m) const { return reinterpret_cast<int32_t*>(xs(m) + nbp); }
+  int8_t* qq(int64_t m) const { return reinterpret_cast<int8_t*>(sumq(m) + nbp); }
+  int32_t* noffq(int64_t m) const { return reinterpret_cast<int32_t*>(qq(m) + nbp * QK); }
+  int8_t* qT(int64_t m) const { return reinterpret_cast<int8_t*>(noffq(m) + nbp * 4); }
+  int32_t* noffT(int64_t m) const { return reinterpret_cast<int32_t*>(qT(m) + nbp * QK); }
+  ActRow row(int64_t m) const { return {q(m), d(m), xs(m), sumq(m), qq(m), noffq(m), qT(m), noffT(m)}; }
 };
 
 // One block of 32 values -> int8 q, returns d; lane_sums[l] = q[4l] + ... + q[4l + 3].
@@ -235,8 +245,10 @@ void quantize_row(const T* x, const QuantActs& a, int64_t m, int32_t offset) {
   float* d = a.d(m);
   float* xs = a.xs(m);
   int32_t* sumq = a.sumq(m);
-  int32_t* noff = a.noff(m);
-  for (int64_t b = 0; b < a.nb; ++b) {
+  int8_t* qq = a.qq(m);
+  int32_t* noffq = a.noffq(m);
+  const int64_t nb = a.nb, pad = a.nbp - a.nb;
+  for (int64_t b = 0; b < nb; ++b) {
     int32_t lanes[8];
 #if GGUF_GEMV_AVX512
     const float db = quantize_block_avx512(x + b * QK, q + b * QK, lanes);
@@ -244,20 +256,37 @@ void quantize_row(const T* x, const QuantActs& a, int64_t m, int32_t offset) {
     const float db = quantize_block_scalar(x + b * QK, q + b * QK, lanes);
 #endif
     int32_t s = 0;
-    for (int l = 0; l < 8; ++l) {
-      s += lanes[l];
-      noff[b * 8 + l] = -offset * lanes[l];
-    }
+    for (int l = 0; l < 8; ++l) s += lanes[l];
+    for (int l = 0; l < 4; ++l) noffq[b * 4 + l] = -offset * (lanes[l] + lanes[l + 4]);
     d[b] = db;
     sumq[b] = s;
     xs[b] = db * static_cast<float>(s);
+    int8_t* quad = qq + (b / 4) * 128 + (b % 4) * 16;
+    std::memcpy(quad, q + b * QK, 16);
+    std::memcpy(quad + 64, q + b * QK + 16, 16);
   }
-  const int64_t nb = a.nb, pad = a.nbp - a.nb;
   std::memset(q + nb * QK, 0, pad * QK);
   std::memset(d + nb, 0, pad * 4);
   std::memset(xs + nb, 0, pad * 4);
   std::memset(sumq + nb, 0, pad * 4);
-  std::memset(noff + nb * 8, 0, pad * 32);
+  std::memset(noffq + nb * 4, 0, pad * 16);
+  for (int64_t b = nb; b < a.nbp; ++b) {
+    int8_t* quad = qq + (b / 4) * 128 + (b % 4) * 16;
+    std::memset(quad, 0, 16);
+    std::memset(quad + 64, 0, 16);
+  }
+  if (a.transposed) {
+    // qT[g][c][i] = column c (4 bytes) of block 16 g + i.
+    const uint32_t* src = reinterpret_cast<const uint32_t*>(q);
+    uint32_t* dst = reinterpret_cast<uint32_t*>(a.qT(m));
+    for (int64_t g = 0; g < a.nbp / GROUP; ++g) {
+      for (int c = 0; c < 8; ++c) {
+        for (int i = 0; i < GROUP; ++i) dst[(g * 8 + c) * GROUP + i] = src[(g * GROUP + i) * 8 + c];
+      }
+    }
+    int32_t* noffT = a.noffT(m);
+    for (int64_t b = 0; b < a.nbp; ++b) noffT[b] = -offset * sumq[b];
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -288,20 +317,19 @@ float dot_row_scalar(const uint8_t* w, const ActRow& a, int64_t nb) {
 
 #if GGUF_GEMV_AVX512
 // ---------------------------------------------------------------------------------------
-// AVX-512 VNNI path.
+// AVX-512 VNNI path. Output rows are processed in tiles of ROWS = 4 weight rows (the
+// rows of a tile share every activation load); at::parallel_for splits the tiles.
 //
-// A zmm holds two consecutive blocks, A in int32 lanes 0..7 and B in lanes 8..15, each as
-// 32 bytes in the activation's order (byte j = value j). The vpdpbusd lanes are converted
-// to float and multiplied lane by lane with their block's d_w * d_x (the 16 scales of a
-// GROUP are spread over the lanes with one vpermps per pair), so the only horizontal sum
-// is at the end of a row.
+// Decode, M < TRANSPOSED_MIN_M (dot_rows_direct): straight from the GGUF bytes. A zmm
+// holds two consecutive blocks, A in int32 lanes 0..7 and B in lanes 8..15, each as 32
+// bytes in the activation's order (byte j = value j). The vpdpbusd lanes are converted to
+// float and multiplied lane by lane with their block's d_w * d_x (the 16 scales of a GROUP
+// are spread over the lanes with one vpermps per pair), so the only horizontal sum is at
+// the end of a row. Scales come from plain loads of the group's bytes (load_scales).
 //
-// Weight rows come from one of two sources with the same interface:
-//   GgufRows:     the GGUF blocks themselves (M = 1, 2: every byte is used once or twice);
-//                 scales are picked 16 blocks at a time out of the group's bytes
-//                 (load_scales), nibbles expanded per pair.
-//   UnpackedRows: a tile already expanded into vpdpbusd-ready bytes and fp32 scales
-//                 (M >= UNPACK_MIN_M: the expansion is paid once per tile, not per row of x).
+// Prefill, M >= TRANSPOSED_MIN_M (dot_tile_unpacked): a tile is unpacked once into a
+// transposed layout in which each int32 lane accumulates one whole block, then used for
+// all activation rows.
 // ---------------------------------------------------------------------------------------
 
 // Two blocks' weights (pa, pb) as 64 unsigned bytes in the activation layout.
@@ -366,16 +394,6 @@ GGUF_INLINE __mmask32 first_words(int64_t words) {
 // cnt blocks (lanes from cnt on are 0).
 template <int64_t QT, bool FULL>
 GGUF_INLINE void load_scales(const uint8_t* blk, int64_t cnt, __m512& dw, __m512& mw) {
-#ifdef EXP_Q8_GATHER
-  if (QT == Q8_0) {
-    const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                           _mm512_set1_epi32(static_cast<int>(block_bytes(QT))));
-    const __mmask16 mask = FULL ? 0xFFFF : static_cast<__mmask16>((1u << cnt) - 1);
-    const __m512i raw = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, idx, blk, 1);
-    dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(raw));
-    return;
-  }
-#endif
   using SW = ScaleWindows<QT>;
   const SW& tab = kScaleWindows<QT>;
   const int64_t words = (FULL ? GROUP : cnt) * SW::BS / 2;
@@ -394,82 +412,6 @@ GGUF_INLINE void load_scales(const uint8_t* blk, int64_t cnt, __m512& dw, __m512
   if (QT == Q4_1) mw = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(res, 1));
 }
 
-template <int64_t QT>
-struct GgufRows {
-  const uint8_t* w;   // first row of the tile
-  int64_t row_bytes;  // GGUF bytes per row
-  int64_t nb;         // blocks per row
-  int64_t pf;         // software prefetch distance in bytes (a whole number of tiles)
-
-  template <bool FULL>
-  GGUF_INLINE void scales(int r, int64_t g, __m512& dw, __m512& mw) const {
-    load_scales<QT, FULL>(w + r * row_bytes + g * block_bytes(QT), nb - g, dw, mw);
-  }
-  // Blocks b and b + 1 of row r; when b + 1 is past the row's end (odd nb), block b is read
-  // twice: the activation's padding block (q = 0) and the zero scale cancel it.
-  template <bool TAIL>
-  GGUF_INLINE __m512i pair(int r, int64_t b) const {
-    const uint8_t* pa = w + r * row_bytes + b * block_bytes(QT);
-    // Software prefetch of the same position a few tiles ahead: hardware prefetchers lose
-    // track of ROWS short interleaved streams when the weight comes from DRAM.
-#ifndef EXP_NOPF
-    _mm_prefetch(reinterpret_cast<const char*>(pa + pf), EXP_HINT);
-#endif
-    return expand_pair<QT>(pa, (TAIL && b + 1 >= nb) ? pa : pa + block_bytes(QT));
-  }
-};
-
-struct UnpackedRows {
-  const uint8_t* w;  // [ROWS][nbp * 32] bytes ready for vpdpbusd (padding: 0)
-  const float* dw;   // [ROWS][nbp] (padding: 0)
-  const float* mw;   // [ROWS][nbp] (Q4_1)
-  int64_t nbp;
-
-  template <bool FULL>
-  GGUF_INLINE void scales(int r, int64_t g, __m512& d, __m512& m) const {
-    d = _mm512_load_ps(dw + r * nbp + g);
-    m = _mm512_load_ps(mw + r * nbp + g);
-  }
-  template <bool TAIL>
-  GGUF_INLINE __m512i pair(int r, int64_t b) const {
-    return _mm512_load_si512(w + (r * nbp + b) * QK);
-  }
-};
-
-// Expands `rows` GGUF rows into an UnpackedRows buffer laid out for nbp blocks.
-template <int64_t QT>
-void unpack_tile(const uint8_t* w, int64_t row_bytes, int rows, int64_t nb, int64_t nbp, uint8_t* wq, float* dw,
-                 float* mw) {
-  const GgufRows<QT> src{w, row_bytes, nb, ROWS * row_bytes};
-  for (int r = 0; r < rows; ++r) {
-    for (int64_t b = 0; b < nb; b += 2) {
-      _mm512_store_si512(wq + (r * nbp + b) * QK, src.template pair<true>(r, b));
-    }
-    for (int64_t g = 0; g < nbp; g += GROUP) {
-      __m512 d = _mm512_setzero_ps(), m = _mm512_setzero_ps();
-      if (g + GROUP <= nb) {
-        load_scales<QT, true>(w + r * row_bytes + g * block_bytes(QT), GROUP, d, m);
-      } else if (g < nb) {
-        load_scales<QT, false>(w + r * row_bytes + g * block_bytes(QT), nb - g, d, m);
-      }
-      _mm512_store_ps(dw + r * nbp + g, d);
-      _mm512_store_ps(mw + r * nbp + g, QT == Q4_1 ? m : _mm512_setzero_ps());
-    }
-    // Padding bytes (pairs from round_up(nb, 2)); a padding block within the last pair
-    // was written by pair<true> with block b's bytes, which the zero scale cancels.
-    const int64_t done = (nb + 1) / 2 * 2;
-    std::memset(wq + (r * nbp + done) * QK, 0, (nbp - done) * QK);
-  }
-}
-
-// vpermps index vectors: pair j of a group -> lanes [2j x 8, 2j + 1 x 8].
-alignas(64) const int32_t kPairIdx[8][16] = {
-#define GGUF_IDX(j) {2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, \
-                     2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1}
-    GGUF_IDX(0), GGUF_IDX(1), GGUF_IDX(2), GGUF_IDX(3), GGUF_IDX(4), GGUF_IDX(5), GGUF_IDX(6), GGUF_IDX(7)
-#undef GGUF_IDX
-};
-
 // Horizontal sums of 4 vectors: [sum(a), sum(b), sum(c), sum(d)].
 GGUF_INLINE __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
   auto fold = [](__m512 v) {  // 16 -> 8 lanes
@@ -481,62 +423,319 @@ GGUF_INLINE __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
   return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 
-// Dot products of R weight rows with one activation row: out[r] for r < R.
-template <int64_t QT, int R, typename Src>
-GGUF_INLINE void dot_rows(const Src& src, const ActRow& a, int64_t nb, float* out) {
-  __m512 acc[R], macc[R];
-  for (int r = 0; r < R; ++r) acc[r] = macc[r] = _mm512_setzero_ps();
-
-  // One group of up to 16 blocks starting at block g; FULL: all 16 present.
-  auto group = [&](int64_t g, auto full_tag) GGUF_LAMBDA_INLINE {
-    constexpr bool FULL = decltype(full_tag)::value;
-    const int64_t cnt = FULL ? GROUP : nb - g;
-    const __m512 dx = _mm512_load_ps(a.d + g);
-    __m512 s[R];
-    for (int r = 0; r < R; ++r) {
-      __m512 dw, mw;
-      src.template scales<FULL>(r, g, dw, mw);
-      s[r] = _mm512_mul_ps(dw, dx);
-      if (QT == Q4_1) macc[r] = _mm512_fmadd_ps(mw, _mm512_load_ps(a.xs + g), macc[r]);
-    }
-    const int64_t npairs = FULL ? GROUP / 2 : (cnt + 1) / 2;
-    for (int64_t j = 0; j < npairs; ++j) {
-      const int64_t b = g + 2 * j;
-      const __m512i qx = _mm512_load_si512(a.q + b * QK);
-      const __m512i init = QT == Q4_1 ? _mm512_setzero_si512() : _mm512_load_si512(a.noff + b * 8);
-      const __m512i idx = _mm512_load_si512(kPairIdx[j]);
-      for (int r = 0; r < R; ++r) {
-        const __m512i dot = _mm512_dpbusd_epi32(init, src.template pair<!FULL>(r, b), qx);
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(idx, s[r]), acc[r]);
-      }
-    }
-  };
-  int64_t g = 0;
-  for (; g + GROUP <= nb; g += GROUP) group(g, std::true_type{});
-  if (g < nb) group(g, std::false_type{});
-
-  __m512 v[4];
-  for (int r = 0; r < 4; ++r) {
-    v[r] = r >= R ? _mm512_setzero_ps() : QT == Q4_1 ? _mm512_add_ps(acc[r], macc[r]) : acc[r];
-  }
+// Sums of R <= 4 accumulators into out[0..R).
+template <int R>
+GGUF_INLINE void store_sums(const __m512* acc, float* out) {
+  const __m512 z = _mm512_setzero_ps();
   alignas(16) float sums[4];
-  _mm_store_ps(sums, hsum4(v[0], v[1], v[2], v[3]));
+  _mm_store_ps(sums, hsum4(acc[0], R > 1 ? acc[1] : z, R > 2 ? acc[2] : z, R > 3 ? acc[3] : z));
   for (int r = 0; r < R; ++r) out[r] = sums[r];
 }
 
-template <int64_t QT, typename Src>
-GGUF_INLINE void dot_tile(const Src& src, int rows, const ActRow& a, int64_t nb, float* out) {
-  switch (rows) {
-    case 4: dot_rows<QT, 4>(src, a, nb, out); break;
-    case 3: dot_rows<QT, 3>(src, a, nb, out); break;
-    case 2: dot_rows<QT, 2>(src, a, nb, out); break;
-    default: dot_rows<QT, 1>(src, a, nb, out); break;
+// ---- Decode path (M <= 2): dot products straight from the GGUF blocks ----
+//
+// Blocks are taken 4 at a time (a quad). Two zmm hold the quad's weights in the
+// activation's qq layout: `lo` = values 0..15 of the 4 blocks, `hi` = values 16..31, so
+// after vpdpbusd(lo) and vpdpbusd(hi) into one accumulator the 4 int32 lanes of 128-bit
+// lane b hold block b's 32 products. Every 4 quads (a GROUP) three levels of shuffles and
+// adds leave each block's exact integer dot product in its own lane (lane i = block i),
+// one conversion and one FMA with d_w * d_x finish the group: the same float arithmetic
+// as the prefill path, whose lanes are also blocks.
+
+// The weights of 4 consecutive blocks (blk, blk + BS, ...; `last` clamps the block index
+// for a partial quad at the row's end) as the unsigned bytes lo, hi.
+template <int64_t QT>
+GGUF_INLINE void expand_quad(const uint8_t* blk, int64_t last, __m512i& lo, __m512i& hi) {
+  constexpr int64_t BS = block_bytes(QT);
+  auto at = [&](int64_t i) GGUF_LAMBDA_INLINE { return blk + std::min<int64_t>(i, last) * BS; };
+  if (QT == Q8_0) {
+    // [A.qs | B.qs] and [C.qs | D.qs] as 32-byte halves, then 128-bit lanes regrouped.
+    const __m512i ab = _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at(0) + 2))),
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at(1) + 2)), 1);
+    const __m512i cd = _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at(2) + 2))),
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at(3) + 2)), 1);
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // s8 -> u8 (+128)
+    lo = _mm512_xor_si512(_mm512_shuffle_i32x4(ab, cd, _MM_SHUFFLE(2, 0, 2, 0)), flip);
+    hi = _mm512_xor_si512(_mm512_shuffle_i32x4(ab, cd, _MM_SHUFFLE(3, 1, 3, 1)), flip);
+  } else {
+    constexpr int OFF = QT == Q4_0 ? 2 : 4;
+    auto qs = [&](int64_t i) GGUF_LAMBDA_INLINE {
+      return _mm_loadu_si128(reinterpret_cast<const __m128i*>(at(i) + OFF));
+    };
+    __m512i v = _mm512_castsi128_si512(qs(0));
+    v = _mm512_inserti32x4(v, qs(1), 1);
+    v = _mm512_inserti32x4(v, qs(2), 2);
+    v = _mm512_inserti32x4(v, qs(3), 3);
+    const __m512i mask = _mm512_set1_epi8(0x0F);
+    lo = _mm512_and_si512(v, mask);
+    hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+  }
+}
+
+// Reduces a group's 4 quad accumulators (128-bit lane b of quad k: block 4k + b, 4 partial
+// sums) to the 16 blocks' sums, lane i = block i.
+GGUF_INLINE __m512i quad_sums_to_blocks(__m512i q0, __m512i q1, __m512i q2, __m512i q3) {
+  // 128-bit lane b: [block b x 2, block 4+b x 2] and [block 8+b x 2, block 12+b x 2].
+  const __m512i f0 = _mm512_add_epi32(_mm512_unpacklo_epi64(q0, q1), _mm512_unpackhi_epi64(q0, q1));
+  const __m512i f1 = _mm512_add_epi32(_mm512_unpacklo_epi64(q2, q3), _mm512_unpackhi_epi64(q2, q3));
+  // Pairwise sums: [b b 4+b 4+b], [8+b 8+b 12+b 12+b]; blended: [b, 8+b, 4+b, 12+b].
+  const __m512i t0 = _mm512_add_epi32(f0, _mm512_shuffle_epi32(f0, _MM_PERM_CDAB));
+  const __m512i t1 = _mm512_add_epi32(f1, _mm512_shuffle_epi32(f1, _MM_PERM_CDAB));
+  const __m512i mixed = _mm512_mask_blend_epi32(0xAAAA, t0, t1);
+  const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 13, 9, 5, 1, 14, 10, 6, 2, 12, 8, 4, 0);
+  return _mm512_permutexvar_epi32(order, mixed);
+}
+
+// One group of up to 16 blocks (from block g; FULL: 16 of them) of R consecutive weight
+// rows (row_bytes apart, starting at w) against MD activation rows a[0..MD), added to
+// acc[md][r]: acc += m_w * fp32(d_x * sumq) (Q4_1), then acc += float(isum) * (d_w * d_x),
+// lane i = block g + i. With MD = 2 each expanded quad serves both activation rows.
+// PF: software prefetch pf bytes ahead. Scales come from load_scales, or when `scales` is
+// given (the prefill path's last group), from scales[r][16] (d) and scales[ROWS + r][16] (m).
+template <int64_t QT, int R, int MD, bool FULL, bool PF>
+GGUF_INLINE void direct_group(const uint8_t* w, int64_t row_bytes, int64_t nb, int64_t g, int64_t pf,
+                              const ActRow* a, __m512 (&acc)[MD][R], const float* scales = nullptr) {
+  constexpr int64_t BS = block_bytes(QT);
+  const int64_t cnt = FULL ? GROUP : nb - g;
+  const int64_t nquads = FULL ? 4 : (cnt + 3) / 4;
+  __m512i quad[MD][R][4];
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) {
+    if (!FULL && k >= nquads) {  // past the row's end
+      for (int md = 0; md < MD; ++md)
+        for (int r = 0; r < R; ++r) quad[md][r][k] = _mm512_setzero_si512();
+      continue;
+    }
+    const int64_t b = g + 4 * k;
+    if (PF) {
+      // Prefetch pf bytes ahead in address order: the R rows of a tile are contiguous, so
+      // R * 4 blocks of bytes per quad make one sequential stream (DRAM pages stay open;
+      // per-row streams that hardware prefetchers would follow are short and interleaved).
+      constexpr int64_t step = R * 4 * BS;
+      const uint8_t* p = w + pf + (b / 4) * step;
+      for (int64_t i = 0; i < step; i += 64) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
+    }
+    __m512i xlo[MD], xhi[MD], init[MD];
+    for (int md = 0; md < MD; ++md) {
+      xlo[md] = _mm512_load_si512(a[md].qq + b * QK);
+      xhi[md] = _mm512_load_si512(a[md].qq + b * QK + 64);
+      init[md] = QT == Q4_1 ? _mm512_setzero_si512() : _mm512_load_si512(a[md].noffq + b * 4);
+    }
+    for (int r = 0; r < R; ++r) {
+      // Blocks past the row's end re-read its last block; their activation blocks are
+      // zero padding (no correction either), so they add exactly 0.
+      __m512i lo, hi;
+      expand_quad<QT>(w + r * row_bytes + b * BS, FULL ? 3 : nb - 1 - b, lo, hi);
+      for (int md = 0; md < MD; ++md) {
+        quad[md][r][k] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(init[md], lo, xlo[md]), hi, xhi[md]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    __m512 dw, mw;
+    if (scales) {
+      dw = _mm512_load_ps(scales + r * GROUP);
+      mw = _mm512_load_ps(scales + (ROWS + r) * GROUP);
+    } else {
+      load_scales<QT, FULL>(w + r * row_bytes + g * BS, cnt, dw, mw);
+    }
+    for (int md = 0; md < MD; ++md) {
+      if (QT == Q4_1) acc[md][r] = _mm512_fmadd_ps(mw, _mm512_load_ps(a[md].xs + g), acc[md][r]);
+      const __m512i isum = quad_sums_to_blocks(quad[md][r][0], quad[md][r][1], quad[md][r][2], quad[md][r][3]);
+      const __m512 s = _mm512_mul_ps(dw, _mm512_load_ps(a[md].d + g));
+      acc[md][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, acc[md][r]);
+    }
+  }
+}
+
+// Dot products of R weight rows with MD activation rows: out[md][r].
+template <int64_t QT, int R, int MD>
+GGUF_INLINE void dot_rows_direct(const uint8_t* w, int64_t row_bytes, int64_t nb, int64_t pf, const ActRow* a,
+                                 float (*out)[ROWS]) {
+  __m512 acc[MD][R];
+  for (int md = 0; md < MD; ++md)
+    for (int r = 0; r < R; ++r) acc[md][r] = _mm512_setzero_ps();
+  int64_t g = 0;
+  for (; g + GROUP <= nb; g += GROUP) direct_group<QT, R, MD, true, true>(w, row_bytes, nb, g, pf, a, acc);
+  if (g < nb) direct_group<QT, R, MD, false, true>(w, row_bytes, nb, g, pf, a, acc);
+  for (int md = 0; md < MD; ++md) store_sums<R>(acc[md], out[md]);
+}
+
+template <int64_t QT, int R>
+void dot_tile_direct_all(const uint8_t* w, int64_t row_bytes, int64_t nb, int64_t pf, const QuantActs& acts,
+                         int64_t m_rows, float (*out)[ROWS]) {
+  int64_t m = 0;
+  for (; m + 2 <= m_rows; m += 2) {
+    // Two activation rows share each expanded weight quad; 2 weight rows at a time keep the
+    // quads' sums in registers.
+    const ActRow a[2] = {acts.row(m), acts.row(m + 1)};
+    float part[2][ROWS];
+    for (int r0 = 0; r0 < R; r0 += 2) {
+      if (R - r0 >= 2) {
+        dot_rows_direct<QT, 2, 2>(w + r0 * row_bytes, row_bytes, nb, pf, a, part);
+      } else {
+        dot_rows_direct<QT, 1, 2>(w + r0 * row_bytes, row_bytes, nb, pf, a, part);
+      }
+      for (int md = 0; md < 2; ++md)
+        for (int r = 0; r < std::min(2, R - r0); ++r) out[m + md][r0 + r] = part[md][r];
+    }
+  }
+  if (m < m_rows) {
+    const ActRow a[1] = {acts.row(m)};
+    dot_rows_direct<QT, R, 1>(w, row_bytes, nb, pf, a, out + m);
+  }
+}
+
+// ---- Prefill path (M >= TRANSPOSED_MIN_M): unpacked, transposed weight tiles ----
+//
+// A tile row is unpacked once into vpdpbusd-ready bytes laid out like the activations' qT:
+// per group of 16 blocks, 8 zmm, zmm c holding the 4-byte column c of each of the 16
+// blocks. Then 8 vpdpbusd (c = 0..7) leave each block's complete integer dot product in its
+// own int32 lane, and one conversion and one FMA with the 16 blocks' d_w * d_x finish the
+// group: ~4x fewer instructions per block than the decode path, which pays off once the
+// unpacking (expansion + a 24-vpermt2d transpose per group) is shared by 3 activation rows.
+
+// vpermt2d index tables of the 16 x 8 -> 8 x 16 dword transpose in transpose_pairs.
+struct TransposeIdx {
+  alignas(64) int32_t l1[2][16];
+  alignas(64) int32_t l2[2][16];
+  alignas(64) int32_t l3[2][16];
+  constexpr TransposeIdx() : l1{}, l2{}, l3{} {
+    for (int h = 0; h < 2; ++h) {
+      for (int lane = 0; lane < 16; ++lane) {
+        // Level 1: (P_2k, P_2k+1) = blocks 4k..4k+3 as [block][8 columns] -> columns
+        // 4h..4h+3 as [column][block]: lane 4c + b <- element 8b + 4h + c.
+        l1[h][lane] = (lane % 4) * 8 + 4 * h + lane / 4;
+        // Level 2: (X, Y) = blocks 0..3 / 4..7 as [4 columns][4 blocks] -> columns
+        // 2h, 2h + 1 as [column][8 blocks]: lane 8c + b <- X[4(2h + c) + b] or Y[...].
+        const int c2 = 2 * h + lane / 8, b2 = lane % 8;
+        l2[h][lane] = (b2 < 4 ? 0 : 16) + 4 * c2 + b2 % 4;
+        // Level 3: (X, Y) = blocks 0..7 / 8..15 as [2 columns][8 blocks] -> column h as
+        // [16 blocks]: lane b <- X[8h + b] or Y[8h + b - 8].
+        l3[h][lane] = (lane < 8 ? 0 : 16) + 8 * h + lane % 8;
+      }
+    }
+  }
+};
+constexpr TransposeIdx kTransposeIdx{};
+
+// p[j] (j < 8) holds blocks 2j, 2j + 1 as 2 x 8 dwords; writes t[c] = dword c of the 16 blocks.
+GGUF_INLINE void transpose_pairs(const __m512i* p, __m512i* t) {
+  const TransposeIdx& ix = kTransposeIdx;
+  const __m512i i1a = _mm512_load_si512(ix.l1[0]), i1b = _mm512_load_si512(ix.l1[1]);
+  const __m512i i2a = _mm512_load_si512(ix.l2[0]), i2b = _mm512_load_si512(ix.l2[1]);
+  const __m512i i3a = _mm512_load_si512(ix.l3[0]), i3b = _mm512_load_si512(ix.l3[1]);
+  __m512i u[8];  // u[2k + h]: blocks 4k..4k+3, columns 4h..4h+3
+  for (int k = 0; k < 4; ++k) {
+    u[2 * k] = _mm512_permutex2var_epi32(p[2 * k], i1a, p[2 * k + 1]);
+    u[2 * k + 1] = _mm512_permutex2var_epi32(p[2 * k], i1b, p[2 * k + 1]);
+  }
+  __m512i v[8];  // v[4 half + 2 h + q]: blocks 8 half.., columns 4 h + 2 q, +1
+  for (int half = 0; half < 2; ++half) {
+    for (int h = 0; h < 2; ++h) {
+      const __m512i x = u[4 * half + h], y = u[4 * half + 2 + h];
+      v[4 * half + 2 * h] = _mm512_permutex2var_epi32(x, i2a, y);
+      v[4 * half + 2 * h + 1] = _mm512_permutex2var_epi32(x, i2b, y);
+    }
+  }
+  for (int cp = 0; cp < 4; ++cp) {  // column pair 2 cp, 2 cp + 1
+    t[2 * cp] = _mm512_permutex2var_epi32(v[cp], i3a, v[4 + cp]);
+    t[2 * cp + 1] = _mm512_permutex2var_epi32(v[cp], i3b, v[4 + cp]);
+  }
+}
+
+// Unpacks the full groups of `rows` GGUF rows (row_bytes apart) into wt [rows][ngroups][8]
+// zmm and fp32 scales dw, mw [rows][ngroups * 16]; the scales of a last partial group go to
+// tail [2][ROWS][16] (d, m).
+template <int64_t QT>
+void unpack_tile(const uint8_t* w, int64_t row_bytes, int rows, int64_t nb, __m512i* wt, float* dw, float* mw,
+                 float* tail) {
+  constexpr int64_t BS = block_bytes(QT);
+  const int64_t ngroups = nb / GROUP;
+  for (int r = 0; r < rows; ++r) {
+    const uint8_t* row = w + r * row_bytes;
+    if (ngroups * GROUP < nb) {
+      __m512 d, m = _mm512_setzero_ps();
+      load_scales<QT, false>(row + ngroups * GROUP * BS, nb - ngroups * GROUP, d, m);
+      _mm512_store_ps(tail + r * GROUP, d);
+      _mm512_store_ps(tail + (ROWS + r) * GROUP, m);
+    }
+    for (int64_t g = 0; g < ngroups; ++g) {
+      const uint8_t* blk = row + g * GROUP * BS;
+      __m512i p[8];
+      for (int j = 0; j < 8; ++j) p[j] = expand_pair<QT>(blk + 2 * j * BS, blk + (2 * j + 1) * BS);
+      transpose_pairs(p, wt + (r * ngroups + g) * 8);
+      __m512 d, m;
+      load_scales<QT, true>(blk, GROUP, d, m);
+      _mm512_store_ps(dw + (r * ngroups + g) * GROUP, d);
+      if (QT == Q4_1) _mm512_store_ps(mw + (r * ngroups + g) * GROUP, m);
+    }
+  }
+}
+
+// Dot products of a tile of R rows with activation rows a[0..M_): out[mb][r]. The full
+// groups come from the unpacked tile (wt, dw, mw); a last partial group is done like the
+// M = 1 path, from the GGUF bytes (w, row_bytes; in cache after the unpacking).
+template <int64_t QT, int R, int M_>
+GGUF_INLINE void dot_tile_unpacked(const __m512i* wt, const float* dw, const float* mw, const float* tail,
+                                   const uint8_t* w, int64_t row_bytes, int64_t nb, const ActRow* a,
+                                   float (*out)[ROWS]) {
+  const int64_t ngroups = nb / GROUP;
+  __m512 acc[M_][R];
+  for (int mb = 0; mb < M_; ++mb)
+    for (int r = 0; r < R; ++r) acc[mb][r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < ngroups; ++g) {
+    const int64_t b0 = g * GROUP;
+    __m512i isum[M_][R];
+    for (int mb = 0; mb < M_; ++mb) {
+      const __m512i init = _mm512_load_si512(a[mb].noffT + b0);
+      for (int r = 0; r < R; ++r) isum[mb][r] = init;
+    }
+    for (int c = 0; c < 8; ++c) {
+      __m512i q[M_];
+      for (int mb = 0; mb < M_; ++mb) q[mb] = _mm512_load_si512(a[mb].qT + (b0 * 8 + c * GROUP) * 4);
+      for (int r = 0; r < R; ++r) {
+        const __m512i wv = _mm512_load_si512(wt + (r * ngroups + g) * 8 + c);
+        for (int mb = 0; mb < M_; ++mb) isum[mb][r] = _mm512_dpbusd_epi32(isum[mb][r], wv, q[mb]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t sc = (r * ngroups + g) * GROUP;
+      const __m512 d = _mm512_load_ps(dw + sc);
+      for (int mb = 0; mb < M_; ++mb) {  // same order of operations as direct_group
+        if (QT == Q4_1) {
+          acc[mb][r] = _mm512_fmadd_ps(_mm512_load_ps(mw + sc), _mm512_load_ps(a[mb].xs + b0), acc[mb][r]);
+        }
+        const __m512 s = _mm512_mul_ps(d, _mm512_load_ps(a[mb].d + b0));
+        acc[mb][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[mb][r]), s, acc[mb][r]);
+      }
+    }
+  }
+  if (ngroups * GROUP < nb) {
+    direct_group<QT, R, M_, false, false>(w, row_bytes, nb, ngroups * GROUP, 0, a, acc, tail);
+  }
+  for (int mb = 0; mb < M_; ++mb) store_sums<R>(acc[mb], out[mb]);
+}
+
+template <int64_t QT, int R>
+void dot_tile_unpacked_all(const __m512i* wt, const float* dw, const float* mw, const float* tail, const uint8_t* w,
+                           int64_t row_bytes, const QuantActs& acts, int64_t m_rows, float (*out)[ROWS]) {
+  int64_t m = 0;
+  for (; m + MB <= m_rows; m += MB) {
+    const ActRow a[MB] = {acts.row(m), acts.row(m + 1)};
+    dot_tile_unpacked<QT, R, MB>(wt, dw, mw, tail, w, row_bytes, acts.nb, a, out + m);
+  }
+  for (; m < m_rows; ++m) {
+    const ActRow a[1] = {acts.row(m)};
+    dot_tile_unpacked<QT, R, 1>(wt, dw, mw, tail, w, row_bytes, acts.nb, a, out + m);
   }
 }
 #endif  // GGUF_GEMV_AVX512
 
 template <typename OutT>
-inline void store_tile(OutT* y, const float* out, int rows) {
+inline void store_rows(OutT* y, const float* out, int rows) {
   for (int r = 0; r < rows; ++r) y[r] = static_cast<OutT>(out[r]);
 }
 
@@ -544,50 +743,51 @@ template <int64_t QT, typename OutT>
 void run_matmul(const uint8_t* w, const QuantActs& acts, int64_t m_rows, int64_t n, OutT* y) {
   const int64_t nb = acts.nb;
   const int64_t row_bytes = nb * block_bytes(QT);
+  const int64_t tile_bytes = ROWS * row_bytes;
   const int64_t tiles = (n + ROWS - 1) / ROWS;
-  const int64_t grain = std::max<int64_t>(1, TASK_MIN_BYTES / (row_bytes * ROWS * std::min<int64_t>(m_rows, 4)));
+  const int64_t grain = std::max<int64_t>(1, TASK_MIN_BYTES / (tile_bytes * std::min<int64_t>(m_rows, 4)));
 
 #if GGUF_GEMV_AVX512
-  if (m_rows < UNPACK_MIN_M) {
-    const int64_t tile_bytes = ROWS * row_bytes;
-    const int64_t pf_tiles = (EXP_PF_MIN + tile_bytes - 1) / tile_bytes;
-    const int64_t pf = pf_tiles * tile_bytes;
+  if (!acts.transposed) {
+    const int64_t pf = (PREFETCH_BYTES + tile_bytes - 1) / tile_bytes * tile_bytes;
     at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-#ifdef EXP_PF_START
-      // The loop's prefetches start pf bytes ahead: prefetch the chunk's first pf bytes now.
-      const uint8_t* c0 = w + t0 * tile_bytes;
-      const uint8_t* c1 = w + std::min(t1 * tile_bytes, std::min(t0 * tile_bytes + pf, n * row_bytes));
-      for (const uint8_t* p = c0; p < c1; p += 64) _mm_prefetch(reinterpret_cast<const char*>(p), EXP_HINT);
-#endif
+      float out[TRANSPOSED_MIN_M][ROWS];
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = t * ROWS;
         const int rows = static_cast<int>(std::min<int64_t>(ROWS, n - r0));
-        const GgufRows<QT> src{w + r0 * row_bytes, row_bytes, nb, pf};
-        for (int64_t m = 0; m < m_rows; ++m) {  // second row of x: the tile is in L1
-          float out[ROWS];
-          dot_tile<QT>(src, rows, acts.row(m), nb, out);
-          store_tile(y + m * n + r0, out, rows);
+        const uint8_t* wr = w + r0 * row_bytes;
+        switch (rows) {
+          case 4: dot_tile_direct_all<QT, 4>(wr, row_bytes, nb, pf, acts, m_rows, out); break;
+          case 3: dot_tile_direct_all<QT, 3>(wr, row_bytes, nb, pf, acts, m_rows, out); break;
+          case 2: dot_tile_direct_all<QT, 2>(wr, row_bytes, nb, pf, acts, m_rows, out); break;
+          default: dot_tile_direct_all<QT, 1>(wr, row_bytes, nb, pf, acts, m_rows, out); break;
         }
+        for (int64_t m = 0; m < m_rows; ++m) store_rows(y + m * n + r0, out[m], rows);
       }
     });
     return;
   }
-  const int64_t nbp = acts.nbp;
+  const int64_t ngroups = nb / GROUP;
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    static thread_local Scratch tile_scratch;
-    uint8_t* buf = tile_scratch.get(ROWS * nbp * (QK + 8));
-    float* dw = reinterpret_cast<float*>(buf + ROWS * nbp * QK);
-    float* mw = dw + ROWS * nbp;
-    const UnpackedRows src{buf, dw, mw, nbp};
+    static thread_local Scratch tile_scratch, out_scratch;
+    const int64_t nfull = ngroups * GROUP;  // blocks in the unpacked tile, per row
+    __m512i* wt = reinterpret_cast<__m512i*>(tile_scratch.get(ROWS * nfull * (QK + 8) + 2 * ROWS * GROUP * 4));
+    float* dw = reinterpret_cast<float*>(wt + ROWS * nfull / 2);
+    float* mw = dw + ROWS * nfull;
+    float* tail = mw + ROWS * nfull;
+    auto* out = reinterpret_cast<float(*)[ROWS]>(out_scratch.get(m_rows * ROWS * sizeof(float)));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t * ROWS;
       const int rows = static_cast<int>(std::min<int64_t>(ROWS, n - r0));
-      unpack_tile<QT>(w + r0 * row_bytes, row_bytes, rows, nb, nbp, buf, dw, mw);
-      for (int64_t m = 0; m < m_rows; ++m) {
-        float out[ROWS];
-        dot_tile<QT>(src, rows, acts.row(m), nbp, out);
-        store_tile(y + m * n + r0, out, rows);
+      const uint8_t* wr = w + r0 * row_bytes;
+      unpack_tile<QT>(wr, row_bytes, rows, nb, wt, dw, mw, tail);
+      switch (rows) {
+        case 4: dot_tile_unpacked_all<QT, 4>(wt, dw, mw, tail, wr, row_bytes, acts, m_rows, out); break;
+        case 3: dot_tile_unpacked_all<QT, 3>(wt, dw, mw, tail, wr, row_bytes, acts, m_rows, out); break;
+        case 2: dot_tile_unpacked_all<QT, 2>(wt, dw, mw, tail, wr, row_bytes, acts, m_rows, out); break;
+        default: dot_tile_unpacked_all<QT, 1>(wt, dw, mw, tail, wr, row_bytes, acts, m_rows, out); break;
       }
+      for (int64_t m = 0; m < m_rows; ++m) store_rows(y + m * n + r0, out[m], rows);
     }
   });
 #else
@@ -598,7 +798,7 @@ void run_matmul(const uint8_t* w, const QuantActs& acts, int64_t m_rows, int64_t
       for (int64_t m = 0; m < m_rows; ++m) {
         float out[ROWS];
         for (int r = 0; r < rows; ++r) out[r] = dot_row_scalar<QT>(w + (r0 + r) * row_bytes, acts.row(m), nb);
-        store_tile(y + m * n + r0, out, rows);
+        store_rows(y + m * n + r0, out, rows);
       }
     }
   });
@@ -610,7 +810,12 @@ QuantActs quantize_acts(const at::Tensor& x, int64_t m_rows, int64_t k, int32_t 
   static thread_local Scratch act_scratch;
   const int64_t nb = k / QK;
   const int64_t nbp = (nb + GROUP - 1) / GROUP * GROUP;
-  QuantActs acts(nb, act_scratch.get(m_rows * QuantActs::bytes_per_row(nbp)));
+#if GGUF_GEMV_AVX512
+  const bool transposed = m_rows >= TRANSPOSED_MIN_M;
+#else
+  const bool transposed = false;
+#endif
+  QuantActs acts(nb, transposed, act_scratch.get(m_rows * QuantActs::bytes_per_row(nbp)));
   auto run = [&](auto* xp) {
     at::parallel_for(0, m_rows, std::max<int64_t>(1, 65536 / k), [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) quantize_row(xp + m * k, acts, m, offset);
@@ -639,7 +844,7 @@ at::Tensor gguf_matmul(const at::Tensor& x_in, const at::Tensor& raw_in, int64_t
   const at::Tensor x = x_in.contiguous();
   const at::Tensor raw = raw_in.contiguous();
 
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  at::DimVector out_shape(x.sizes());  // no heap allocation
   out_shape.back() = n;
   at::Tensor y = at::empty(out_shape, x.options());
   const int64_t m_rows = x.numel() / k;
