@@ -185,10 +185,14 @@ def compile_model(model: Transformer, matvec_as_reduction: bool = True) -> Calla
     length, see `CUDA_GRAPH_KV_BUCKET`), and a one-row matrix product becomes a Triton
     reduction that dequantizes int8 weights as it reads them. Inductor caches compiled
     code on disk, so a second start skips most of the cold compile.
+
+    Args:
+        matvec_as_reduction: on CUDA, let one-row matrix products become tuned Triton
+            reductions (Inductor's coordinate-descent tuning) rather than cuBLAS calls.
     """
     if model.norm.weight.device.type == "cpu":
         return torch.compile(model, dynamic=True, options={"cpp_wrapper": True, "freezing": True})
-    return torch.compile(model, options={"triton.cudagraphs": True, "coordinate_descent_tuning": True})
+    return torch.compile(model, options={"triton.cudagraphs": True, "coordinate_descent_tuning": matvec_as_reduction})
 
 
 class GuardFreeDecode:
