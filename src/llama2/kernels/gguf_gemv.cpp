@@ -10,19 +10,21 @@
 //
 // where isum is the exact integer dot product of the block's stored weight values (Q4_0:
 // nibble - 8, Q4_1: nibble, Q8_0: int8) with the activation's int8 values, and sumq the sum
-// of those int8 values. Everything after isum is fp32 (FMA accumulation).
+// of those int8 values. Everything after isum is fp32: per block one product and one FMA
+// into a per-block-lane accumulator, in the same order whatever the number of rows M, so a
+// row of the result does not depend on the batch it was computed in.
 //
 // The integer dot products use AVX-512 VNNI (vpdpbusd: unsigned bytes x signed bytes, 4
 // products added into each int32 lane). The weight side is the unsigned operand:
 //   Q4_0: nibbles 0..15; the -8 is folded in as -8 * sumq.
 //   Q4_1: nibbles 0..15, nothing to fold; the minimum is the float term above.
 //   Q8_0: w ^ 0x80 = w + 128 in 0..255; the +128 is removed with -128 * sumq.
-// The integer corrections are precomputed per activation block, split over the 8 int32
+// The integer corrections are precomputed per activation block, split over the int32
 // lanes that hold the block, and used as vpdpbusd's initial accumulator: they are free in
 // the weight loop and isum stays exact.
 //
 // Without AVX-512 VNNI (+F16C, FMA) at compile time a scalar path with the same
-// arithmetic is built instead.
+// arithmetic (sequential sums) is built instead.
 //
 // Registered as the torch op llama2_kernels::gguf_matmul(Tensor x, Tensor raw, int qtype,
 // int n, int k) -> Tensor (namespace overridable with -DGGUF_NS=... for test builds).
@@ -93,7 +95,7 @@ constexpr int ROWS = 4;    // weight rows per tile: each activation load serves 
 // From this many activation rows, a tile of weight rows is first unpacked (vpdpbusd-ready
 // bytes, transposed so that one int32 lane accumulates a whole block; fp32 scales) and
 // the unpacked tile serves every activation row (the "prefill" path). Below, M = 1 and 2
-// read the GGUF bytes directly (2 rows share each expanded weight pair).
+// read the GGUF bytes directly (2 rows share each expanded weight quad).
 constexpr int64_t TRANSPOSED_MIN_M = 3;
 constexpr int MB = 2;  // activation rows per pass in the prefill path (register blocking)
 static_assert(MB == 2, "dot_tile_unpacked_all passes MB = 2 rows explicitly");
@@ -320,19 +322,21 @@ float dot_row_scalar(const uint8_t* w, const ActRow& a, int64_t nb) {
 // AVX-512 VNNI path. Output rows are processed in tiles of ROWS = 4 weight rows (the
 // rows of a tile share every activation load); at::parallel_for splits the tiles.
 //
-// Decode, M < TRANSPOSED_MIN_M (dot_rows_direct): straight from the GGUF bytes. A zmm
-// holds two consecutive blocks, A in int32 lanes 0..7 and B in lanes 8..15, each as 32
-// bytes in the activation's order (byte j = value j). The vpdpbusd lanes are converted to
-// float and multiplied lane by lane with their block's d_w * d_x (the 16 scales of a GROUP
-// are spread over the lanes with one vpermps per pair), so the only horizontal sum is at
-// the end of a row. Scales come from plain loads of the group's bytes (load_scales).
+// Both paths end a GROUP of 16 blocks with the 16 exact block sums in one vector (lane
+// i = block i), then acc += float(isum) * fp32(d_w * d_x); the fp32 accumulators are
+// summed horizontally once per row.
+//
+// Decode, M < TRANSPOSED_MIN_M (dot_rows_direct): straight from the GGUF bytes, 4 blocks
+// at a time (expand_quad), block sums by shuffles and adds (quad_sums_to_blocks). Scales
+// come from plain loads of the group's bytes (load_scales).
 //
 // Prefill, M >= TRANSPOSED_MIN_M (dot_tile_unpacked): a tile is unpacked once into a
 // transposed layout in which each int32 lane accumulates one whole block, then used for
 // all activation rows.
 // ---------------------------------------------------------------------------------------
 
-// Two blocks' weights (pa, pb) as 64 unsigned bytes in the activation layout.
+// Two blocks' weights (pa, pb) as 64 unsigned bytes in the natural activation layout
+// (block A in bytes 0..31, B in 32..63; byte j of a block = value j): the prefill unpacking.
 template <int64_t QT>
 GGUF_INLINE __m512i expand_pair(const uint8_t* pa, const uint8_t* pb) {
   if (QT == Q8_0) {
@@ -437,10 +441,12 @@ GGUF_INLINE void store_sums(const __m512* acc, float* out) {
 // Blocks are taken 4 at a time (a quad). Two zmm hold the quad's weights in the
 // activation's qq layout: `lo` = values 0..15 of the 4 blocks, `hi` = values 16..31, so
 // after vpdpbusd(lo) and vpdpbusd(hi) into one accumulator the 4 int32 lanes of 128-bit
-// lane b hold block b's 32 products. Every 4 quads (a GROUP) three levels of shuffles and
-// adds leave each block's exact integer dot product in its own lane (lane i = block i),
-// one conversion and one FMA with d_w * d_x finish the group: the same float arithmetic
-// as the prefill path, whose lanes are also blocks.
+// lane b hold block b's 32 products. Every 4 quads (a GROUP) shuffles and adds leave each
+// block's exact integer dot product in its own lane (lane i = block i), and one conversion
+// and one FMA with d_w * d_x finish the group: the same float arithmetic as the prefill
+// path. (Scaling each lane's partial sum of 4 products instead, as llama.cpp does, needs
+// no reduction but rounds differently from the prefill path; measured no faster on a
+// whole decode token, which is memory bound.)
 
 // The weights of 4 consecutive blocks (blk, blk + BS, ...; `last` clamps the block index
 // for a partial quad at the row's end) as the unsigned bytes lo, hi.
@@ -450,12 +456,11 @@ GGUF_INLINE void expand_quad(const uint8_t* blk, int64_t last, __m512i& lo, __m5
   auto at = [&](int64_t i) GGUF_LAMBDA_INLINE { return blk + std::min<int64_t>(i, last) * BS; };
   if (QT == Q8_0) {
     // [A.qs | B.qs] and [C.qs | D.qs] as 32-byte halves, then 128-bit lanes regrouped.
-    const __m512i ab = _mm512_inserti64x4(
-        _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at(0) + 2))),
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at(1) + 2)), 1);
-    const __m512i cd = _mm512_inserti64x4(
-        _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at(2) + 2))),
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at(3) + 2)), 1);
+    auto qs = [&](int64_t i) GGUF_LAMBDA_INLINE {
+      return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at(i) + 2));
+    };
+    const __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512(qs(0)), qs(1), 1);
+    const __m512i cd = _mm512_inserti64x4(_mm512_castsi256_si512(qs(2)), qs(3), 1);
     const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // s8 -> u8 (+128)
     lo = _mm512_xor_si512(_mm512_shuffle_i32x4(ab, cd, _MM_SHUFFLE(2, 0, 2, 0)), flip);
     hi = _mm512_xor_si512(_mm512_shuffle_i32x4(ab, cd, _MM_SHUFFLE(3, 1, 3, 1)), flip);
@@ -472,6 +477,14 @@ GGUF_INLINE void expand_quad(const uint8_t* blk, int64_t last, __m512i& lo, __m5
     lo = _mm512_and_si512(v, mask);
     hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
   }
+}
+
+// Block sums of a single quad accumulator (a group of at most 4 blocks): lane i = block i
+// for i < 4; the other lanes hold copies (their scales are 0).
+GGUF_INLINE __m512i quad_sums_one(__m512i q0) {
+  __m512i t = _mm512_add_epi32(q0, _mm512_shuffle_epi32(q0, _MM_PERM_BADC));
+  t = _mm512_add_epi32(t, _mm512_shuffle_epi32(t, _MM_PERM_CDAB));  // every dword of 128-bit lane b: block b
+  return _mm512_permutexvar_epi32(_mm512_set_epi32(12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0), t);
 }
 
 // Reduces a group's 4 quad accumulators (128-bit lane b of quad k: block 4k + b, 4 partial
@@ -543,7 +556,9 @@ GGUF_INLINE void direct_group(const uint8_t* w, int64_t row_bytes, int64_t nb, i
     }
     for (int md = 0; md < MD; ++md) {
       if (QT == Q4_1) acc[md][r] = _mm512_fmadd_ps(mw, _mm512_load_ps(a[md].xs + g), acc[md][r]);
-      const __m512i isum = quad_sums_to_blocks(quad[md][r][0], quad[md][r][1], quad[md][r][2], quad[md][r][3]);
+      const __m512i isum = !FULL && nquads == 1
+                               ? quad_sums_one(quad[md][r][0])
+                               : quad_sums_to_blocks(quad[md][r][0], quad[md][r][1], quad[md][r][2], quad[md][r][3]);
       const __m512 s = _mm512_mul_ps(dw, _mm512_load_ps(a[md].d + g));
       acc[md][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, acc[md][r]);
     }
@@ -648,7 +663,7 @@ GGUF_INLINE void transpose_pairs(const __m512i* p, __m512i* t) {
 
 // Unpacks the full groups of `rows` GGUF rows (row_bytes apart) into wt [rows][ngroups][8]
 // zmm and fp32 scales dw, mw [rows][ngroups * 16]; the scales of a last partial group go to
-// tail [2][ROWS][16] (d, m).
+// tail [2][ROWS][16] (d, m). Prefetches the next tile (the rows after these) meanwhile.
 template <int64_t QT>
 void unpack_tile(const uint8_t* w, int64_t row_bytes, int rows, int64_t nb, __m512i* wt, float* dw, float* mw,
                  float* tail) {
@@ -656,6 +671,8 @@ void unpack_tile(const uint8_t* w, int64_t row_bytes, int rows, int64_t nb, __m5
   const int64_t ngroups = nb / GROUP;
   for (int r = 0; r < rows; ++r) {
     const uint8_t* row = w + r * row_bytes;
+    const uint8_t* next = row + ROWS * row_bytes;
+    for (int64_t i = 0; i < row_bytes; i += 64) _mm_prefetch(reinterpret_cast<const char*>(next + i), _MM_HINT_T0);
     if (ngroups * GROUP < nb) {
       __m512 d, m = _mm512_setzero_ps();
       load_scales<QT, false>(row + ngroups * GROUP * BS, nb - ngroups * GROUP, d, m);
