@@ -10,28 +10,12 @@ from gguf import GGMLQuantizationType as T
 
 Q4_0, Q4_1, Q8_0 = int(T.Q4_0), int(T.Q4_1), int(T.Q8_0)
 NAMES = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0"}
-BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}
-
-
-def quantize_q4_1(w: np.ndarray) -> np.ndarray:
-    """GGUF Q4_1 blocks of float32 w [N, K]: d = (max - min) / 15, m = min, q = round((x - m) / d)."""
-    n, k = w.shape
-    b = w.reshape(n, k // 32, 32).astype(np.float32)
-    lo, hi = b.min(-1, keepdims=True), b.max(-1, keepdims=True)
-    d = (hi - lo) / np.float32(15)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
-    q = np.clip(np.rint((b - lo) * inv), 0, 15).astype(np.uint8)
-    qs = q[..., :16] | (q[..., 16:] << np.uint8(4))
-    blocks = np.concatenate([d.astype(np.float16).view(np.uint8), lo.astype(np.float16).view(np.uint8), qs], axis=-1)
-    return blocks.reshape(n, k // 32 * 20)
+BLOCK_BYTES = {qtype: gguf.GGML_QUANT_SIZES[T(qtype)][1] for qtype in (Q4_0, Q4_1, Q8_0)}
 
 
 def make_weight(qtype: int, n: int, k: int, seed: int = 0, scale: float = 0.05) -> np.ndarray:
     """Raw GGUF bytes [N, K/32 * block_bytes] of a random [N, K] weight."""
     w = (np.random.default_rng(seed).standard_normal((n, k), dtype=np.float32) * scale).astype(np.float32)
-    if qtype == Q4_1:
-        return quantize_q4_1(w)
     return gguf.quants.quantize(w, T(qtype))
 
 

@@ -218,10 +218,10 @@ class GuardFreeDecode:
 
     def __init__(self, step: Callable[..., torch.Tensor]):
         self.step = step
-        self.warm_calls: dict[tuple, int] = {}
+        self.warm_calls: dict[bool, int] = {}  # one-row one-token calls so far, by last_logits_only
 
     def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, *, kv_len: int, last_logits_only: bool):
-        kind = (last_logits_only,)
+        kind = last_logits_only
         if tokens.shape != (1, 1) or self.warm_calls.get(kind, 0) < self.WARM_CALLS:
             if tokens.shape == (1, 1):
                 self.warm_calls[kind] = self.warm_calls.get(kind, 0) + 1

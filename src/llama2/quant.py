@@ -26,8 +26,7 @@ from gguf.constants import GGMLQuantizationType
 from torch import nn
 
 from .errors import Llama2Error
-from .kernels import GGUF_BLOCK_BYTES
-from .weights.dequant import dequantize, dequantize_blocks
+from .weights.dequant import block_size_bytes, dequantize, dequantize_blocks
 
 INT4_INNER_K_TILES = 2
 # From this many rows (prefill) a dense bfloat16 GEMM on the unpacked weight beats the int4 kernel...
@@ -36,6 +35,8 @@ DENSE_MIN_ROWS = 32
 # ~6 ns a value, more than the int4 kernel spends on a 512-row chunk).
 DENSE_MAX_WEIGHT_VALUES = 2**21
 QUANT_TYPES = ("int8", "int4")
+# GGUF block types whose layers are computed on packed weights (llama2's kernels or PyTorch's).
+PACKED_GGUF_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 
 
 class Int8Linear(nn.Module):
@@ -269,7 +270,7 @@ class GGUFLinear(nn.Module):
 
     def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """float32 [n, in] values of block rows [n, in / 32 * block bytes] of this layer's type."""
-        blocks = rows.reshape(-1, GGUF_BLOCK_BYTES[self.type_name])  # [n * in / 32, block bytes]
+        blocks = rows.reshape(-1, block_size_bytes(self.qtype)[1])  # [n * in / 32, block bytes]
         return dequantize_blocks(blocks, self.qtype).reshape(rows.shape[0], self.in_features)
 
 
@@ -386,12 +387,9 @@ def gguf_layer(raw: torch.Tensor, type_name: str, shape: tuple[int, int], keep_b
             (Q4_0 / Q4_1 as `Int4Linear`, anything else as per-channel `Int8Linear`).
         int4: allow `Int4Linear` (an output head is better off int8).
     """
-    if keep_blocks and type_name in GGUF_BLOCK_BYTES:
+    if keep_blocks and type_name in PACKED_GGUF_TYPES:
         return GGUFLinear(raw, type_name, shape)
     if int4 and type_name in ("Q4_0", "Q4_1"):
         return int4_from_gguf(raw, type_name, shape)
     return int8_from_gguf(raw, type_name, shape)
 
-
-# GGUF block types whose layers are computed on packed weights.
-PACKED_GGUF_TYPES = ("Q4_0", "Q4_1", "Q8_0")

@@ -5,9 +5,9 @@ machine and PyTorch version, ~30 s, cached by PyTorch under ~/.cache/torch_exten
 and registers two ops on GGUF Q4_0 / Q4_1 / Q8_0 blocks as stored:
 `torch.ops.llama2_kernels.gguf_matmul(x, raw, qtype, n, k)`: y = x W^T with the
 activations quantized per block of 32 to int8 and dot products in AVX-512 VNNI
-(decode); `gguf_dequantize(raw, qtype, n, k)`: W as bfloat16 (prefill chunks). Where that cannot be built or would not run (no AVX-512 VNNI,
-no C++ compiler, LLAMA2_NO_KERNELS=1) it says why once and callers use PyTorch's
-stock kernels.
+(decode); `gguf_dequantize(raw, qtype, n, k)`: W as bfloat16 (prefill chunks). Where
+that cannot be built or would not run (no AVX-512 VNNI, no C++ compiler,
+LLAMA2_NO_KERNELS=1) callers use PyTorch's stock kernels (a failed build warns once).
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ import torch
 SOURCES = [Path(__file__).with_name(name) for name in ("gguf_gemv.cpp", "gguf_dequant.cpp")]
 GCC_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma"]
 MSVC_FLAGS = ["/O2", "/std:c++17", "/openmp", "/arch:AVX512"]
-# GGML type ids the kernel computes, and the bytes of one block of 32 values.
-GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 
 
 def cpu_has_avx512_vnni() -> bool:
