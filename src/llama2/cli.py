@@ -37,7 +37,10 @@ def add_load_options(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser)
     add_runtime_options(parser)
     parser.add_argument("--max-seq-len", type=int, help="context to allocate (default: the model's, at most 4096)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first start, cached after)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first start, cached "
+                        "after; not needed where the native engine runs the model)")  # fmt: skip
+    parser.add_argument("--no-native", dest="native", action="store_false",
+                        help="run GGUF block models through PyTorch modules instead of llama2's C++ CPU engine")  # fmt: skip
     parser.add_argument("--seed", type=int, default=1, help="seed of the sampling generator")
 
 
@@ -168,6 +171,7 @@ def build_llama(args: argparse.Namespace):
         chat_format=args.chat_format,
         compile=args.compile,
         quant=args.quant,
+        native=args.native,
     )
 
 

@@ -34,6 +34,7 @@ from .errors import Llama2Error
 from .fuse import fuse_projections
 from .model import Transformer
 from .kernels import gguf_matmul_available
+from .native import NativeForward, native_engine_supports
 from .quant import PACKED_GGUF_TYPES, gguf_layer, install_quantized_head, quantize_model
 from .sampling import SamplingParams, sample_next
 from .tokenizer import Tokenizer
@@ -261,6 +262,7 @@ class Llama:
         seed: int = 1,
         checkpoint: Checkpoint | None = None,
         compile: bool = False,
+        native: bool = True,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -273,6 +275,8 @@ class Llama:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.last_stats = GenerationStats()
         model.setup_caches(max_batch_size, max_seq_len)
+        native = native and native_engine_supports(model)
+        compile = compile and not (native and max_batch_size == 1)  # the engine runs every step then
         self.decode_step = compile_model(model) if compile else model
         # CUDA graphs are recorded per shape: there prompts are prefilled eagerly and the
         # decode step's cache length is rounded up to buckets.
@@ -281,6 +285,8 @@ class Llama:
         if compile and not cuda_graphs:
             self.decode_step = GuardFreeDecode(self.decode_step)
         self.kv_len_bucket = CUDA_GRAPH_KV_BUCKET if cuda_graphs else 1
+        if native:  # batch-1 prefill and decode through the C++ engine; batches through the steps above
+            self.decode_step = self.prefill_step = NativeForward(model, fallback=self.decode_step)
 
     @staticmethod
     def build(
@@ -295,6 +301,7 @@ class Llama:
         chat_format: str | None = None,
         compile: bool = False,
         quant: str = "auto",
+        native: bool = True,
     ) -> "Llama":
         """Load a model and its tokenizer.
 
@@ -312,10 +319,13 @@ class Llama:
             chat_format: override of the chat format (``"llama-2"``, ``"chatml"``, a
                 Jinja template); the checkpoint's own template is used otherwise.
             compile: compile the decode step with torch.compile (a slow first start,
-                cached on disk for the next).
+                cached on disk for the next); skipped where the native engine runs
+                every step (below, with max_batch_size 1).
             quant: "auto" (GGUF Q4_0/Q4_1 layers computed on their packed blocks on the
                 CPU, with bfloat16 activations), "none" (dequantize everything to
                 `dtype`), "int8" or "int4" (quantize the linear layers after loading).
+            native: run one-sequence prefill and decode of GGUF block models on the
+                CPU through llama2's C++ engine (`llama2.native`), where it builds.
         """
         device = torch.device(device) if device is not None else default_device()
         checkpoint = open_checkpoint(source)
@@ -339,7 +349,7 @@ class Llama:
             if chat_format is not None:
                 raise
             fmt = None  # a completion-only model: chat fails with a clear message later
-        return Llama(model, tokenizer, fmt, max_seq_len, max_batch_size, seed, checkpoint, compile=compile)
+        return Llama(model, tokenizer, fmt, max_seq_len, max_batch_size, seed, checkpoint, compile=compile, native=native)
 
     # ------------------------------------------------------------------ core loop
 

@@ -283,11 +283,15 @@ class QuantizedEmbedding(nn.Module):
         self.dtype = dtype
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.float_rows(tokens).to(self.dtype)
+
+    def float_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The table's rows for `tokens` ([...] -> [..., dim]) in float32, as the table holds them."""
         if isinstance(self.table, GGUFLinear):
             rows = self.table.dequantize_rows(self.table.blocks[tokens.reshape(-1)])  # [B * T, dim]
-            return rows.reshape(*tokens.shape, -1).to(self.dtype)
+            return rows.reshape(*tokens.shape, -1)
         rows = self.table.weight[tokens].to(torch.float32)  # [..., dim]
-        return (rows * self.table.scales[tokens].float().unsqueeze(-1)).to(self.dtype)
+        return rows * self.table.scales[tokens].float().unsqueeze(-1)
 
 
 QUANTIZERS = {"int8": Int8Linear.from_float, "int4": Int4Linear.from_float}

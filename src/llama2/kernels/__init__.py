@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("gguf_gemv.cpp", "gguf_dequant.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("gguf_gemv.cpp", "gguf_dequant.cpp", "llama_engine.cpp")]
 GCC_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma"]
 MSVC_FLAGS = ["/O2", "/std:c++17", "/openmp", "/arch:AVX512"]
 

@@ -12,6 +12,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "gguf_kernels.h"
+
 #include <cstdint>
 #include <cstring>
 
@@ -22,13 +24,11 @@
 #define GGUF_DEQUANT_AVX512 0
 #endif
 
-#ifndef GGUF_NS
-#define GGUF_NS llama2_kernels
-#endif
-
 namespace {
 
-constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8;
+using GGUF_NS::kQ4_0;
+using GGUF_NS::kQ4_1;
+using GGUF_NS::kQ8_0;
 
 float half_at(const uint8_t* p) {
   uint16_t bits;
@@ -55,7 +55,7 @@ inline void store_block(c10::BFloat16* out, __m512i q_lo, __m512i q_hi, float d,
 
 // Decode one row of k / 32 blocks into out[0 .. k).
 void dequantize_row(const uint8_t* row, int64_t qtype, int64_t blocks, c10::BFloat16* out) {
-  const int64_t block_bytes = qtype == kQ4_0 ? 18 : qtype == kQ4_1 ? 20 : 34;
+  const int64_t block_bytes = GGUF_NS::gguf_block_bytes(qtype);
   for (int64_t b = 0; b < blocks; ++b, row += block_bytes, out += 32) {
     const float d = half_at(row);
     if (qtype == kQ8_0) {
@@ -86,11 +86,15 @@ void dequantize_row(const uint8_t* row, int64_t qtype, int64_t blocks, c10::BFlo
   }
 }
 
+}  // namespace
+
+namespace GGUF_NS {
+
 at::Tensor gguf_dequantize(const at::Tensor& raw, int64_t qtype, int64_t n, int64_t k) {
   TORCH_CHECK(qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0, "gguf_dequantize: unsupported qtype ", qtype);
   TORCH_CHECK(raw.scalar_type() == at::kByte && raw.device().is_cpu(), "gguf_dequantize: raw must be uint8 on the CPU");
   TORCH_CHECK(k % 32 == 0 && n >= 0, "gguf_dequantize: k must be a multiple of 32");
-  const int64_t block_bytes = qtype == kQ4_0 ? 18 : qtype == kQ4_1 ? 20 : 34;
+  const int64_t block_bytes = gguf_block_bytes(qtype);
   const int64_t row_bytes = k / 32 * block_bytes;
   TORCH_CHECK(raw.numel() == n * row_bytes, "gguf_dequantize: raw has ", raw.numel(), " bytes, an [", n, ", ", k,
               "] weight of this type needs ", n * row_bytes);
@@ -104,7 +108,7 @@ at::Tensor gguf_dequantize(const at::Tensor& raw, int64_t qtype, int64_t n, int6
   return out;
 }
 
-}  // namespace
+}  // namespace GGUF_NS
 
 TORCH_LIBRARY_FRAGMENT(GGUF_NS, m) { m.def("gguf_dequantize(Tensor raw, int qtype, int n, int k) -> Tensor"); }
-TORCH_LIBRARY_IMPL(GGUF_NS, CPU, m) { m.impl("gguf_dequantize", &gguf_dequantize); }
+TORCH_LIBRARY_IMPL(GGUF_NS, CPU, m) { m.impl("gguf_dequantize", &GGUF_NS::gguf_dequantize); }

@@ -35,6 +35,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "gguf_kernels.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -65,10 +67,6 @@
 #define GGUF_LAMBDA_INLINE
 #endif
 
-#ifndef GGUF_NS
-#define GGUF_NS llama2_kernels
-#endif
-
 namespace {
 
 // ---------------------------------------------------------------------------------------
@@ -78,14 +76,9 @@ namespace {
 constexpr int QK = 32;  // values per block, all three formats
 
 // GGML type ids (gguf.GGMLQuantizationType).
-enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };
+enum QType : int64_t { Q4_0 = GGUF_NS::kQ4_0, Q4_1 = GGUF_NS::kQ4_1, Q8_0 = GGUF_NS::kQ8_0 };
 
-constexpr int64_t block_bytes(int64_t qtype) {
-  return qtype == Q4_0 ? 18    // fp16 d, 16 bytes of nibbles
-         : qtype == Q4_1 ? 20  // fp16 d, fp16 m, 16 bytes of nibbles
-         : qtype == Q8_0 ? 34  // fp16 d, 32 int8
-                         : 0;
-}
+constexpr int64_t block_bytes(int64_t qtype) { return GGUF_NS::gguf_block_bytes(qtype); }
 
 // Integer correction per activation value sum: isum = dot(stored_u8, q) - offset * sumq.
 constexpr int32_t weight_offset(int64_t qtype) { return qtype == Q4_0 ? 8 : qtype == Q8_0 ? 128 : 0; }
@@ -823,7 +816,8 @@ void run_matmul(const uint8_t* w, const QuantActs& acts, int64_t m_rows, int64_t
 }
 
 // Quantizes the M x K activations into the calling thread's scratch buffer.
-QuantActs quantize_acts(const at::Tensor& x, int64_t m_rows, int64_t k, int32_t offset) {
+template <typename T>
+QuantActs quantize_acts(const T* xp, int64_t m_rows, int64_t k, int32_t offset) {
   static thread_local Scratch act_scratch;
   const int64_t nb = k / QK;
   const int64_t nbp = (nb + GROUP - 1) / GROUP * GROUP;
@@ -833,18 +827,38 @@ QuantActs quantize_acts(const at::Tensor& x, int64_t m_rows, int64_t k, int32_t 
   const bool transposed = false;
 #endif
   QuantActs acts(nb, transposed, act_scratch.get(m_rows * QuantActs::bytes_per_row(nbp)));
-  auto run = [&](auto* xp) {
-    at::parallel_for(0, m_rows, std::max<int64_t>(1, 65536 / k), [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m) quantize_row(xp + m * k, acts, m, offset);
-    });
-  };
+  at::parallel_for(0, m_rows, std::max<int64_t>(1, 65536 / k), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) quantize_row(xp + m * k, acts, m, offset);
+  });
+  return acts;
+}
+
+QuantActs quantize_acts(const at::Tensor& x, int64_t m_rows, int64_t k, int32_t offset) {
   switch (x.scalar_type()) {
-    case at::kFloat: run(x.data_ptr<float>()); break;
-    case at::kBFloat16: run(x.data_ptr<c10::BFloat16>()); break;
-    case at::kHalf: run(x.data_ptr<c10::Half>()); break;
+    case at::kFloat: return quantize_acts(x.data_ptr<float>(), m_rows, k, offset);
+    case at::kBFloat16: return quantize_acts(x.data_ptr<c10::BFloat16>(), m_rows, k, offset);
+    case at::kHalf: return quantize_acts(x.data_ptr<c10::Half>(), m_rows, k, offset);
     default: TORCH_CHECK(false, "gguf_matmul: x must be float32, bfloat16 or float16");
   }
-  return acts;
+}
+
+template <typename OutT>
+void dispatch_matmul(const uint8_t* wp, const QuantActs& acts, int64_t qtype, int64_t m_rows, int64_t n, OutT* yp) {
+  switch (qtype) {
+    case Q4_0: run_matmul<Q4_0>(wp, acts, m_rows, n, yp); break;
+    case Q4_1: run_matmul<Q4_1>(wp, acts, m_rows, n, yp); break;
+    default: run_matmul<Q8_0>(wp, acts, m_rows, n, yp); break;
+  }
+}
+
+}  // namespace
+
+namespace GGUF_NS {
+
+void gguf_matmul_f32(const float* x, int64_t m, const uint8_t* w, int64_t qtype, int64_t n, int64_t k, float* y) {
+  if (m == 0 || n == 0) return;
+  const QuantActs acts = quantize_acts(x, m, k, weight_offset(qtype));
+  dispatch_matmul(w, acts, qtype, m, n, y);
 }
 
 at::Tensor gguf_matmul(const at::Tensor& x_in, const at::Tensor& raw_in, int64_t qtype, int64_t n, int64_t k) {
@@ -869,20 +883,17 @@ at::Tensor gguf_matmul(const at::Tensor& x_in, const at::Tensor& raw_in, int64_t
 
   const QuantActs acts = quantize_acts(x, m_rows, k, weight_offset(qtype));
   const uint8_t* wp = raw.data_ptr<uint8_t>();
-  auto dispatch = [&](auto* yp) {
-    switch (qtype) {
-      case Q4_0: run_matmul<Q4_0>(wp, acts, m_rows, n, yp); break;
-      case Q4_1: run_matmul<Q4_1>(wp, acts, m_rows, n, yp); break;
-      default: run_matmul<Q8_0>(wp, acts, m_rows, n, yp); break;
-    }
-  };
   switch (x.scalar_type()) {
-    case at::kFloat: dispatch(y.data_ptr<float>()); break;
-    case at::kBFloat16: dispatch(y.data_ptr<c10::BFloat16>()); break;
-    default: dispatch(y.data_ptr<c10::Half>()); break;
+    case at::kFloat: dispatch_matmul(wp, acts, qtype, m_rows, n, y.data_ptr<float>()); break;
+    case at::kBFloat16: dispatch_matmul(wp, acts, qtype, m_rows, n, y.data_ptr<c10::BFloat16>()); break;
+    default: dispatch_matmul(wp, acts, qtype, m_rows, n, y.data_ptr<c10::Half>()); break;
   }
   return y;
 }
+
+}  // namespace GGUF_NS
+
+namespace {
 
 bool has_avx512_path() { return GGUF_GEMV_AVX512; }
 
@@ -913,4 +924,4 @@ GGUF_LIBRARY(GGUF_NS, m) {
   m.def("gguf_quantize_rows(Tensor x) -> (Tensor, Tensor)", &quantize_rows);
 }
 
-GGUF_LIBRARY_IMPL(GGUF_NS, CPU, m) { m.impl("gguf_matmul", &gguf_matmul); }
+GGUF_LIBRARY_IMPL(GGUF_NS, CPU, m) { m.impl("gguf_matmul", &GGUF_NS::gguf_matmul); }
