@@ -6,7 +6,7 @@ time over wall time is near 1.0 on two threads (a stalled vCPU) are discarded.
 
     python benchmarks/peers.py [--model M] [--prompt-len 512] [--gen-len 128] [--threads 2]
         [--rounds 3] [--llamacpp-python /path/to/python-with-llama-cpp]
-        [--ours-args "--compile"] [--engines ours,llamacpp,transformers]
+        [--ours-args "--no-native"] [--engines ours,llamacpp,transformers]
 
 llama.cpp comes from `llama-cpp-python` and transformers from `transformers`; neither is
 a test dependency. Give `--llamacpp-python` when llama-cpp-python lives in another
@@ -50,11 +50,16 @@ def _prompt(vocab_size: int, length: int) -> list[int]:
     return [rng.randrange(3, vocab_size) for _ in range(length)]
 
 
+def context_len(prompt_len: int, gen_len: int) -> int:
+    """The context (KV cache) every engine gets: the measured tokens and a little slack."""
+    return prompt_len + gen_len + 16
+
+
 def worker_llamacpp(model: str, prompt_len: int, gen_len: int, threads: int) -> dict:
     import llama_cpp
 
     start = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=model, n_ctx=prompt_len + gen_len + 16, n_threads=threads,
+    llm = llama_cpp.Llama(model_path=model, n_ctx=context_len(prompt_len, gen_len), n_threads=threads,
                           n_threads_batch=threads, n_batch=512, verbose=False)  # fmt: skip
     load_s = time.perf_counter() - start
     prompt = _prompt(llm.n_vocab(), prompt_len)
@@ -125,7 +130,8 @@ def worker_ours(model: str, prompt_len: int, gen_len: int, threads: int, extra: 
 
     buffer = io.StringIO()
     argv = ["bench", "--model", model, "--prompt-len", str(prompt_len), "--gen-len", str(gen_len),
-            "--threads", str(threads), "--repeats", "1", "--json", *extra]  # fmt: skip
+            "--threads", str(threads), "--repeats", "1", "--json",
+            "--max-seq-len", str(context_len(prompt_len, gen_len)), *extra]  # fmt: skip
     with contextlib.redirect_stdout(buffer):
         main(argv)
     return json.loads(buffer.getvalue())
@@ -158,7 +164,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--engines", default="ours,llamacpp,transformers")
     parser.add_argument("--llamacpp-python", default=sys.executable)
-    parser.add_argument("--ours-args", default="--compile --dtype bfloat16", help="extra flags for `llama2 bench`")
+    parser.add_argument("--ours-args", default="", help="extra flags for `llama2 bench` (default: its defaults)")
     parser.add_argument(WORKER_FLAG, help=argparse.SUPPRESS)
     args = parser.parse_args()
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from llama2.generation import Llama
+from llama2.native import NativeForward
 
 FIXTURE = Path(__file__).parent / "fixtures" / "llamacpp_greedy_smollm2.json"
 HELDOUT_TEXT = Path(__file__).parent / "fixtures" / "heldout.txt"  # written for this test, never trained on
@@ -56,9 +57,10 @@ def stepwise_logits(model, prompt: list[int], continuation: list[int]) -> torch.
 
 AGREEMENT_CASES = [
     (path, mode)
-    for path in ("llama", "fast_llama", "stock_llama")
+    for path in ("llama", "fast_llama", "stock_llama", "native")
     for mode in ("full-sequence", "cached-prefill", "decode-steps")
     if (path, mode) != ("llama", "decode-steps")  # the exact path decodes with its prefill's fp32 matmuls
+    and (path, mode) != ("native", "full-sequence")  # the engine always runs on the cache
 ]
 
 
@@ -68,9 +70,13 @@ def test_greedy_next_token_agrees_with_llama_cpp(path, mode, request, cases):
 
     Every attention and matmul path: the cache-free forward (training, scoring), the
     cached prefill that generation runs (on the CPU fast path: bfloat16 matmul attention,
-    weights decoded per chunk) and decode steps (the quantized kernels).
+    weights decoded per chunk) and decode steps (the quantized kernels); "native" is the
+    C++ engine that generation runs on the fast path (`llama2.native`).
     """
-    llama = request.getfixturevalue(path)
+    llama = request.getfixturevalue("fast_llama" if path == "native" else path)
+    forward = llama.decode_step if path == "native" else llama.model
+    if path == "native" and not isinstance(forward, NativeForward):
+        pytest.skip("llama2's kernels do not build here")
     agree = total = 0
     with torch.inference_mode():
         for case in cases:
@@ -78,9 +84,9 @@ def test_greedy_next_token_agrees_with_llama_cpp(path, mode, request, cases):
             tokens = torch.tensor([prompt + continuation])
             length = tokens.shape[1]
             if mode == "decode-steps":
-                logits = stepwise_logits(llama.model, prompt, continuation)
+                logits = stepwise_logits(forward, prompt, continuation)
             elif mode == "cached-prefill":
-                logits = llama.model(tokens, torch.arange(length), kv_len=length)[0, len(prompt) - 1 : -1]
+                logits = forward(tokens, torch.arange(length), kv_len=length)[0, len(prompt) - 1 : -1]
             else:
                 llama.model.clear_caches()
                 logits = llama.model(tokens)[0, len(prompt) - 1 : -1]

@@ -1,0 +1,123 @@
+"""The native C++ engine (llama2.native) against transformers' Llama on the same block values."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from helpers import make_hf_llama, our_model, random_tokens, reference_logits
+from llama2.fuse import fuse_projections
+from llama2.native import NativeForward, native_engine_supports
+from llama2.quant import GGUFLinear
+from llama2.weights import open_checkpoint
+
+QTYPES = ("Q4_0", "Q4_1", "Q8_0")
+PROJECTIONS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+               "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")  # fmt: skip
+
+pytestmark = pytest.mark.skipif(
+    not __import__("llama2.kernels", fromlist=["x"]).gguf_matmul_available(), reason="llama2's kernels do not build here"
+)
+
+
+def block_values(weight: torch.Tensor, type_name: str) -> tuple[np.ndarray, torch.Tensor]:
+    """(GGUF blocks of `weight` quantized by gguf, the values those blocks hold)."""
+    qtype = gguf.GGMLQuantizationType[type_name]
+    blocks = gguf.quants.quantize(weight.numpy(), qtype)
+    return blocks, torch.from_numpy(gguf.quants.dequantize(blocks, qtype))
+
+
+def engine_pair(tmp_path, type_names: list[str], fused: bool):
+    """(transformers model whose projections hold GGUF block values, our model on those blocks).
+
+    Projection k of every layer is quantized as type_names[k % len(type_names)]. Our
+    model's q/k rows are permuted for Meta's RoPE layout; GGUF rows are independent
+    blocks, so our blocks are the reference's block rows in our row order (found by
+    matching the values).
+    """
+    hf = make_hf_llama(tmp_path, gqa=True, hidden_size=128, num_heads=4, intermediate_size=256, vocab_size=160)
+    hf_blocks = {}
+    hf_names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+                "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+                "feed_forward.w3": "mlp.up_proj"}  # fmt: skip
+    with torch.no_grad():
+        for layer_index, layer in enumerate(hf.model.layers):
+            for k, name in enumerate(PROJECTIONS):
+                linear = layer.get_submodule(hf_names[name])
+                blocks, values = block_values(linear.weight, type_names[k % len(type_names)])
+                linear.weight.copy_(values)
+                hf_blocks[layer_index, name] = (blocks, type_names[k % len(type_names)])
+    hf.save_pretrained(tmp_path)
+    ours = our_model(open_checkpoint(tmp_path))
+    for (layer_index, name), (blocks, type_name) in hf_blocks.items():
+        parent, attr = name.split(".")
+        owner = ours.layers[layer_index].get_submodule(parent)
+        weight = getattr(owner, attr).weight.detach()
+        hf_rows = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[type_name]))
+        order = [int((hf_rows == row).all(dim=1).nonzero()[0]) for row in weight]  # our row i = reference row order[i]
+        setattr(owner, attr, GGUFLinear(torch.from_numpy(blocks[order]), type_name, tuple(weight.shape)))
+    return hf, fuse_projections(ours) if fused else ours
+
+
+def relative_error(ours: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((ours - expected).norm() / expected.norm()).item()
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("type_names", "fused"), [(["Q4_0"], True), (["Q4_1"], True), (["Q8_0"], True),
+                                                   (QTYPES, False)], ids=["Q4_0", "Q4_1", "Q8_0", "mixed-unfused"])  # fmt: skip
+def test_engine_logits_match_transformers(tmp_path, type_names, fused, cache_dtype):
+    """Prefill chunks (key loop, matmul attention, bf16 GEMM), then decode steps, against transformers.
+
+    The engine quantizes activations to int8 per block of 32 for its matmuls (as llama.cpp
+    does), so the logits are close, not equal (the PyTorch modules on the same blocks are
+    2.8-3.2% off here too); a wrong layout (RoPE pairs, heads, cache positions) would be
+    off by the size of the logits themselves.
+    """
+    hf, model = engine_pair(tmp_path, list(type_names), fused)
+    tokens = random_tokens(160, batch=1, length=56, seed=3)
+    expected = reference_logits(hf, tokens)[0]  # [T, vocab]
+    model.setup_caches(1, 64, dtype=cache_dtype)
+    native = NativeForward(model)
+    chunks = [(0, 8), (8, 48)] + [(t, t + 1) for t in range(48, 56)]  # 8 rows: kernel + key loop; 40: GEMM + matmuls
+    with torch.inference_mode():
+        logits = torch.cat([native(tokens[:, a:b], torch.arange(a, b), kv_len=b)[0] for a, b in chunks])
+    assert logits.shape == expected.shape
+    assert relative_error(logits, expected) < 0.045
+    assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+
+
+def test_last_logits_only_and_batches_go_to_the_fallback(tmp_path):
+    hf, model = engine_pair(tmp_path, ["Q8_0"], True)
+    model.setup_caches(2, 32)
+    calls = []
+
+    def fallback(tokens, input_pos, **options):
+        calls.append(tokens.shape)
+        return model(tokens, input_pos, **options)
+
+    native = NativeForward(model, fallback=fallback)
+    tokens = random_tokens(160, batch=2, length=12, seed=5)
+    expected = reference_logits(hf, tokens)
+    with torch.inference_mode():
+        last = native(tokens[:1], torch.arange(12), kv_len=12, last_logits_only=True)
+        batch = native(tokens, torch.arange(12), kv_len=12)
+    assert last.shape == (1, 1, 160) and calls == [(2, 12)]
+    assert relative_error(last[0, 0], expected[0, -1]) < 0.045
+    assert relative_error(batch, expected) < 0.045
+
+
+def test_unsupported_models_and_bad_positions_are_refused(tmp_path):
+    hf, model = engine_pair(tmp_path, ["Q4_0"], True)
+    assert not native_engine_supports(model)  # no caches yet
+    with pytest.raises(ValueError, match="GGUF block layers"):
+        NativeForward(model)
+    model.setup_caches(1, 16)
+    native = NativeForward(model)
+    plain = our_model(open_checkpoint(tmp_path))
+    plain.setup_caches(1, 16)
+    assert not native_engine_supports(plain)  # float projections
+    with pytest.raises(RuntimeError, match="exceed the cache of 16"):
+        native(torch.zeros(1, 4, dtype=torch.long), torch.arange(14, 18), kv_len=18)
