@@ -6,8 +6,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
-
 from helpers import make_hf_llama, our_model, random_tokens, reference_logits
+
 from llama2.fuse import fuse_projections
 from llama2.native import NativeForward, native_engine_supports
 from llama2.quant import GGUFLinear
@@ -89,28 +89,38 @@ def test_engine_logits_match_transformers(tmp_path, type_names, fused, cache_dty
     assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
 
 
-def test_last_logits_only_and_batches_go_to_the_fallback(tmp_path):
+def test_batch_rows_are_computed_alone_in_their_cache_slots(tmp_path):
+    """Rows of a batch (any cache slots, per-row positions) equal the same rows run one by one."""
     hf, model = engine_pair(tmp_path, ["Q8_0"], True)
     model.setup_caches(2, 32)
     calls = []
 
     def fallback(tokens, input_pos, **options):
-        calls.append(tokens.shape)
+        calls.append(sorted(options))
         return model(tokens, input_pos, **options)
 
     native = NativeForward(model, fallback=fallback)
     tokens = random_tokens(160, batch=2, length=12, seed=5)
     expected = reference_logits(hf, tokens)
+    slots = torch.tensor([1, 0])
     with torch.inference_mode():
-        last = native(tokens[:1], torch.arange(12), kv_len=12, last_logits_only=True)
-        batch = native(tokens, torch.arange(12), kv_len=12)
-    assert last.shape == (1, 1, 160) and calls == [(2, 12)]
-    assert relative_error(last[0, 0], expected[0, -1]) < 0.045
-    assert relative_error(batch, expected) < 0.045
+        alone = []
+        for i in (0, 1):
+            native(tokens[i : i + 1, :11], torch.arange(11), kv_len=11)
+            alone.append(native(tokens[i : i + 1, 11:], torch.tensor([11]), kv_len=12)[0, 0])
+        batch = native(tokens[:, :11], torch.arange(11), cache_slots=slots, kv_len=11)  # rows in swapped slots
+        step = native(tokens[:, 11:], torch.tensor([[11], [11]]), cache_slots=slots, kv_len=[12, 12])
+    assert step.shape == (2, 1, 160) and not calls
+    assert torch.equal(step[:, 0], torch.stack(alone))
+    assert relative_error(batch, expected[:, :11]) < 0.045
+    assert relative_error(step[:, 0], expected[:, -1]) < 0.045
+    with torch.inference_mode():
+        native(tokens, torch.arange(12), kv_len=12, document_ids=torch.zeros(2, 12, dtype=torch.long))
+    assert calls == [["cache_slots", "document_ids", "kv_len", "last_logits_only"]]
 
 
 def test_unsupported_models_and_bad_positions_are_refused(tmp_path):
-    hf, model = engine_pair(tmp_path, ["Q4_0"], True)
+    _, model = engine_pair(tmp_path, ["Q4_0"], True)
     assert not native_engine_supports(model)  # no caches yet
     with pytest.raises(ValueError, match="GGUF block layers"):
         NativeForward(model)

@@ -32,7 +32,7 @@ from .chat import (
 from .config import ModelArgs
 from .errors import Llama2Error
 from .fuse import fuse_projections
-from .model import Transformer
+from .model import Transformer, meta_transformer
 from .kernels import gguf_matmul_available
 from .native import NativeForward, native_engine_supports
 from .quant import PACKED_GGUF_TYPES, gguf_layer, install_quantized_head, quantize_model
@@ -120,8 +120,7 @@ def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype
     """
     if quant not in QUANT_MODES:
         raise Llama2Error(f"unknown quantization {quant!r}; choose one of {', '.join(QUANT_MODES)}")
-    with torch.device("meta"):
-        model = Transformer(checkpoint.args)
+    model = meta_transformer(checkpoint.args)
     packed = packed_gguf_linears(checkpoint, device, quant)
     keep_blocks = bool(packed) and gguf_matmul_available()
     state_dict, head_tables = {}, {}
@@ -275,8 +274,9 @@ class Llama:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.last_stats = GenerationStats()
         model.setup_caches(max_batch_size, max_seq_len)
-        native = native and native_engine_supports(model)
-        compile = compile and not (native and max_batch_size == 1)  # the engine runs every step then
+        # The native engine runs every cached forward of a supported model (per row).
+        self.native = NativeForward(model) if native and native_engine_supports(model) else None
+        compile = compile and self.native is None
         self.decode_step = compile_model(model) if compile else model
         # CUDA graphs are recorded per shape: there prompts are prefilled eagerly and the
         # decode step's cache length is rounded up to buckets.
@@ -285,8 +285,8 @@ class Llama:
         if compile and not cuda_graphs:
             self.decode_step = GuardFreeDecode(self.decode_step)
         self.kv_len_bucket = CUDA_GRAPH_KV_BUCKET if cuda_graphs else 1
-        if native:  # batch-1 prefill and decode through the C++ engine; batches through the steps above
-            self.decode_step = self.prefill_step = NativeForward(model, fallback=self.decode_step)
+        if self.native is not None:
+            self.decode_step = self.prefill_step = self.native
 
     @staticmethod
     def build(
@@ -320,12 +320,12 @@ class Llama:
                 Jinja template); the checkpoint's own template is used otherwise.
             compile: compile the decode step with torch.compile (a slow first start,
                 cached on disk for the next); skipped where the native engine runs
-                every step (below, with max_batch_size 1).
+                the model (below).
             quant: "auto" (GGUF Q4_0/Q4_1 layers computed on their packed blocks on the
                 CPU, with bfloat16 activations), "none" (dequantize everything to
                 `dtype`), "int8" or "int4" (quantize the linear layers after loading).
-            native: run one-sequence prefill and decode of GGUF block models on the
-                CPU through llama2's C++ engine (`llama2.native`), where it builds.
+            native: run prefill and decode of GGUF block models on the CPU through
+                llama2's C++ engine (`llama2.native`), where it builds.
         """
         device = torch.device(device) if device is not None else default_device()
         checkpoint = open_checkpoint(source)
@@ -337,6 +337,8 @@ class Llama:
                 f"{checkpoint.source}: tokenizer has {tokenizer.n_words} tokens but the model only "
                 f"{checkpoint.args.vocab_size} embeddings"
             )
+        checkpoint.tokenizer_metadata = None  # the tokenizer holds the vocabulary now
+        release_freed_heap()  # the tokenizer's construction temporaries
         model = fuse_projections(build_model(checkpoint, device, dtype, quant))
         release_freed_heap()  # the separate projections' memory
         checkpoint.state_dict = {}  # the model owns the tensors now

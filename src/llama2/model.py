@@ -8,12 +8,13 @@ reader maps to.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .config import ModelArgs
 
@@ -403,6 +404,41 @@ class Transformer(nn.Module):
         if last_logits_only:
             h = h[:, -1:]
         return self.project_output(self.norm(h)).float()
+
+
+class _SkipMetaInit(TorchFunctionMode):
+    """Makes in-place random initializers no-ops on meta tensors, which hold no values.
+
+    Some (`normal_`) have no native meta kernel: PyTorch would import its Python
+    reference implementations (sympy and ~800 modules, ~75 MB) just to initialize nothing.
+    """
+
+    INITIALIZERS = frozenset({
+        torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.fill_, torch.Tensor.zero_,
+        nn.init.normal_, nn.init.uniform_, nn.init.trunc_normal_, nn.init.kaiming_uniform_, nn.init.kaiming_normal_,
+        nn.init.xavier_uniform_, nn.init.xavier_normal_, nn.init.zeros_, nn.init.ones_, nn.init.constant_,
+    })  # fmt: skip
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.INITIALIZERS:
+            target = args[0] if args else kwargs.get("tensor", kwargs.get("self"))  # nn.init passes tensor=...
+            if isinstance(target, torch.Tensor) and target.is_meta:
+                return target
+        return func(*args, **kwargs)
+
+
+def meta_transformer(args: ModelArgs, customize: Callable[[Transformer], None] | None = None) -> Transformer:
+    """A `Transformer` on the meta device (shapes, no storage), to be filled with `load_state_dict(assign=True)`.
+
+    Args:
+        customize: called on the model inside the meta context (e.g. to add adapters).
+    """
+    with torch.device("meta"), _SkipMetaInit():
+        model = Transformer(args)
+        if customize is not None:
+            customize(model)
+    return model
 
 
 def cache_mask(input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:

@@ -1,12 +1,11 @@
-"""Single-sequence CPU forward through llama2's native engine, for models made of GGUF blocks.
+"""Cached CPU forward through llama2's native engine, for models made of GGUF blocks.
 
 When every projection of a `Transformer` is a `GGUFLinear` (a GGUF file's Q4_0 / Q4_1 /
-Q8_0 blocks, see `llama2.quant`) and the kernels build, `NativeForward` runs a batch-1
-forward (prefill chunks and decode steps) as one call into the C++ engine
-`llama2_kernels.GGUFLlama` (`kernels/llama_engine.cpp`): float32 activations, the
+Q8_0 blocks, see `llama2.quant`) and the kernels build, `NativeForward` runs each
+sequence's cached forward (a prefill chunk or a decode step) as one call into the C++
+engine `llama2_kernels.GGUFLlama` (`kernels/llama_engine.cpp`): float32 activations, the
 model's own KV cache buffers, the file's blocks without copies. The embedding lookup and
-the output head stay the model's modules. Batches of several rows go to the fallback
-(the model, or its compiled step).
+the output head stay the model's modules.
 """
 
 from __future__ import annotations
@@ -17,7 +16,12 @@ import torch
 
 from .kernels import gguf_matmul_available
 from .model import Transformer, rotary_cos_sin
-from .quant import DENSE_MAX_WEIGHT_VALUES, DENSE_MIN_ROWS, GGUFLinear, QuantizedEmbedding
+from .quant import (
+    DENSE_MAX_WEIGHT_VALUES,
+    DENSE_MIN_ROWS,
+    GGUFLinear,
+    QuantizedEmbedding,
+)
 
 # The engine's projection slots, in order: the inputs of attention, its output, the
 # inputs of the feed-forward (gate, then up), its output.
@@ -41,11 +45,13 @@ def native_engine_supports(model: Transformer) -> bool:
 
 
 class NativeForward:
-    """A `Transformer`'s forward for one sequence, run by the native engine.
+    """A `Transformer`'s cached forward, run by the native engine one sequence at a time.
 
-    Called like the model in `Llama`'s loop: ``(tokens [1, T], input_pos [T], *, kv_len,
-    last_logits_only) -> float logits [1, T or 1, vocab]``, with `input_pos` consecutive
-    positions. Other calls (several rows, per-row positions) go to `fallback`.
+    Called like the model: ``(tokens [B, T], input_pos [T] or [B, T], *, cache_slots,
+    kv_len, last_logits_only) -> float logits [B, T or 1, vocab]``, each row's positions
+    consecutive. Rows are computed alone (over their own cache row and length), so a
+    row's logits do not depend on the batch: generation, batched prompts and the server
+    give the same tokens. Calls with other options go to `fallback`.
     """
 
     def __init__(self, model: Transformer, fallback: Callable[..., torch.Tensor] | None = None):
@@ -85,11 +91,18 @@ class NativeForward:
             return table.float_rows(tokens)
         return table(tokens).float()
 
-    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, *, kv_len=None, last_logits_only: bool = False,
-                 **options) -> torch.Tensor:  # fmt: skip
-        if tokens.shape[0] != 1 or input_pos.dim() != 1 or options or not isinstance(kv_len, (int, type(None))):
-            return self.fallback(tokens, input_pos, kv_len=kv_len, last_logits_only=last_logits_only, **options)
-        normed = self.engine.forward(self.embed(tokens[0]), int(input_pos[0]), last_logits_only)  # [T or 1, dim]
-        if self.head_dtype is not None:
-            normed = normed.to(self.head_dtype)
-        return self.model.project_output(normed).float().unsqueeze(0)
+    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, *, cache_slots: torch.Tensor | None = None,
+                 kv_len=None, last_logits_only: bool = False, **options) -> torch.Tensor:  # fmt: skip
+        """Logits for `tokens`; `kv_len` is implied by the positions (each row attends to its own)."""
+        if options:
+            return self.fallback(tokens, input_pos, cache_slots=cache_slots, kv_len=kv_len,
+                                 last_logits_only=last_logits_only, **options)  # fmt: skip
+        rows = []
+        for row in range(tokens.shape[0]):
+            start = int(input_pos[0] if input_pos.dim() == 1 else input_pos[row, 0])
+            slot = row if cache_slots is None else int(cache_slots[row])
+            normed = self.engine.forward(self.embed(tokens[row]), start, last_logits_only, slot)  # [T or 1, dim]
+            if self.head_dtype is not None:
+                normed = normed.to(self.head_dtype)
+            rows.append(self.model.project_output(normed).float())  # a row alone: a GEMM's rounding may depend on M
+        return torch.stack(rows)  # [B, T or 1, vocab]

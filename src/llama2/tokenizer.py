@@ -208,7 +208,7 @@ class Tokenizer(ABC):
         """Builds the tokenizer a GGUF file's metadata describes.
 
         Args:
-            meta: GGUF keys to plain values, as `gguf.ReaderField.contents()` gives them
+            meta: GGUF keys to plain values (lists for arrays), as `llama2.weights.gguf` reads them
                 (`meta["tokenizer.ggml.tokens"]` is a list of str).
             source: What the metadata came from (a file name), for error messages.
 

@@ -216,7 +216,7 @@ enum Slot : int64_t { kQKV = 0, kOut = 1, kGateUp = 2, kDown = 3, kSlots = 4 };
 
 struct Layer {
   at::Tensor attention_norm, ffn_norm;  // float32 [dim]
-  at::Tensor k_cache, v_cache;          // [batch, n_kv_heads, max_seq_len, head_dim]; row 0 is used
+  at::Tensor k_cache, v_cache;          // [batch, n_kv_heads, max_seq_len, head_dim]
   std::vector<BlockLinear> projections[kSlots];
 };
 
@@ -271,14 +271,17 @@ class GGUFLlama : public torch::CustomClassHolder {
   }
 
   // hidden [T, dim] (the token embeddings) at positions pos .. pos + T - 1 -> the final
-  // norm's output, [T, dim] or [1, dim] (last_only), float32. Writes the KV caches.
-  at::Tensor forward(at::Tensor hidden, int64_t pos, bool last_only) {
+  // norm's output, [T, dim] or [1, dim] (last_only), float32. Writes row `slot` of the
+  // KV caches and attends over it.
+  at::Tensor forward(at::Tensor hidden, int64_t pos, bool last_only, int64_t slot) {
     check_complete();
     TORCH_CHECK(hidden.dim() == 2 && hidden.size(1) == dim_ && hidden.size(0) > 0, "GGUFLlama: hidden must be [T, ",
                 dim_, "]");
     const int64_t tokens = hidden.size(0);
     TORCH_CHECK(pos >= 0 && pos + tokens <= rope_cos_.size(0), "GGUFLlama: positions ", pos, "..", pos + tokens - 1,
                 " exceed the cache of ", rope_cos_.size(0));
+    TORCH_CHECK(slot >= 0 && slot < layers_.front().k_cache.size(0), "GGUFLlama: cache slot ", slot,
+                " out of range (", layers_.front().k_cache.size(0), " rows)");
     const auto options = at::TensorOptions().dtype(at::kFloat);
     at::Tensor h = hidden.to(at::kFloat).contiguous().clone();
     at::Tensor normed = at::empty({tokens, dim_}, options);
@@ -290,8 +293,8 @@ class GGUFLlama : public torch::CustomClassHolder {
     for (const Layer& layer : layers_) {
       norm_rows(h, layer.attention_norm, normed);
       project(layer.projections[kQKV], normed, qkv);
-      rotate_and_cache(layer, qkv, pos);
-      attend(layer, qkv, pos, attended);
+      rotate_and_cache(layer, qkv, pos, slot);
+      attend(layer, qkv, pos, slot, attended);
       project(layer.projections[kOut], attended, update);
       add_rows(h, update);
       norm_rows(h, layer.ffn_norm, normed);
@@ -364,7 +367,7 @@ class GGUFLlama : public torch::CustomClassHolder {
   }
 
   // Rotates q and k in place ([T, q | k | v] rows) and stores k, v in the layer's cache.
-  void rotate_and_cache(const Layer& layer, at::Tensor& qkv, int64_t pos) const {
+  void rotate_and_cache(const Layer& layer, at::Tensor& qkv, int64_t pos, int64_t slot) const {
     const int64_t tokens = qkv.size(0), width = qkv_width(), half = head_dim_ / 2;
     float* rows = qkv.data_ptr<float>();
     const float* cos = rope_cos_.data_ptr<float>();
@@ -373,18 +376,19 @@ class GGUFLlama : public torch::CustomClassHolder {
       rotate_heads(rows + t * width, n_heads_ + n_kv_heads_, head_dim_, cos + (pos + t) * half, sin + (pos + t) * half);
     });
     if (layer.k_cache.scalar_type() == at::kBFloat16) {
-      store_kv<c10::BFloat16>(layer, rows, tokens, pos);
+      store_kv<c10::BFloat16>(layer, rows, tokens, pos, slot);
     } else {
-      store_kv<float>(layer, rows, tokens, pos);
+      store_kv<float>(layer, rows, tokens, pos, slot);
     }
   }
 
-  // cache[0, head, pos + t, :] = row t's key (value) of that head, for both caches.
+  // cache[slot, head, pos + t, :] = row t's key (value) of that head, for both caches.
   template <typename C>
-  void store_kv(const Layer& layer, const float* rows, int64_t tokens, int64_t pos) const {
+  void store_kv(const Layer& layer, const float* rows, int64_t tokens, int64_t pos, int64_t slot) const {
     const int64_t width = qkv_width(), max_seq_len = layer.k_cache.size(2);
     const int64_t k_offset = n_heads_ * head_dim_, v_offset = k_offset + n_kv_heads_ * head_dim_;
-    C* caches[2] = {layer.k_cache.data_ptr<C>(), layer.v_cache.data_ptr<C>()};
+    const int64_t row = slot * n_kv_heads_ * max_seq_len * head_dim_;
+    C* caches[2] = {layer.k_cache.data_ptr<C>() + row, layer.v_cache.data_ptr<C>() + row};
     const int64_t offsets[2] = {k_offset, v_offset};
     for_rows(tokens, 2 * n_kv_heads_ * head_dim_, [&](int64_t t) {
       for (int which = 0; which < 2; ++which) {
@@ -397,24 +401,25 @@ class GGUFLlama : public torch::CustomClassHolder {
     });
   }
 
-  void attend(const Layer& layer, const at::Tensor& qkv, int64_t pos, at::Tensor& out) const {
-    if (qkv.size(0) > kSmallQueryMax) return attend_matmul(layer, qkv, pos, out);
+  void attend(const Layer& layer, const at::Tensor& qkv, int64_t pos, int64_t slot, at::Tensor& out) const {
+    if (qkv.size(0) > kSmallQueryMax) return attend_matmul(layer, qkv, pos, slot, out);
     if (layer.k_cache.scalar_type() == at::kBFloat16) {
-      attend_loop<c10::BFloat16>(layer, qkv, pos, out);
+      attend_loop<c10::BFloat16>(layer, qkv, pos, slot, out);
     } else {
-      attend_loop<float>(layer, qkv, pos, out);
+      attend_loop<float>(layer, qkv, pos, slot, out);
     }
   }
 
   // Few query rows: per (row, head), scores over the row's visible keys, softmax, weighted values.
   template <typename C>
-  void attend_loop(const Layer& layer, const at::Tensor& qkv, int64_t pos, at::Tensor& out) const {
+  void attend_loop(const Layer& layer, const at::Tensor& qkv, int64_t pos, int64_t slot, at::Tensor& out) const {
     const int64_t tokens = qkv.size(0), width = qkv_width(), group = n_heads_ / n_kv_heads_;
     const int64_t max_seq_len = layer.k_cache.size(2), keys_max = pos + tokens;
     const float scale = 1.f / std::sqrt(static_cast<float>(head_dim_));
     const float* q_rows = qkv.data_ptr<float>();
-    const C* k_cache = layer.k_cache.data_ptr<C>();  // row 0: [n_kv_heads, max_seq_len, head_dim]
-    const C* v_cache = layer.v_cache.data_ptr<C>();
+    const int64_t row = slot * n_kv_heads_ * max_seq_len * head_dim_;
+    const C* k_cache = layer.k_cache.data_ptr<C>() + row;  // [n_kv_heads, max_seq_len, head_dim]
+    const C* v_cache = layer.v_cache.data_ptr<C>() + row;
     float* out_rows = out.data_ptr<float>();
     const int64_t grain = std::max<int64_t>(1, kTaskWork / (2 * keys_max * head_dim_));
     at::parallel_for(0, tokens * n_heads_, grain, [&](int64_t begin, int64_t end) {
@@ -435,13 +440,13 @@ class GGUFLlama : public torch::CustomClassHolder {
 
   // Longer chunks: scores and weighted values as batched matmuls in the cache's dtype,
   // with the causal softmax in between done here (visible keys only).
-  void attend_matmul(const Layer& layer, const at::Tensor& qkv, int64_t pos, at::Tensor& out) const {
+  void attend_matmul(const Layer& layer, const at::Tensor& qkv, int64_t pos, int64_t slot, at::Tensor& out) const {
     const int64_t tokens = qkv.size(0), group = n_heads_ / n_kv_heads_, keys = pos + tokens;
     const auto dtype = layer.k_cache.scalar_type();
     at::Tensor q = at::empty({n_kv_heads_, group * tokens, head_dim_}, qkv.options().dtype(dtype));  // [KV, R*T, hd]
     q.view({n_heads_, tokens, head_dim_}).copy_(qkv.narrow(1, 0, n_heads_ * head_dim_).view({tokens, n_heads_, head_dim_}).transpose(0, 1));
-    at::Tensor k = layer.k_cache[0].narrow(1, 0, keys);  // [KV, S, hd]
-    at::Tensor v = layer.v_cache[0].narrow(1, 0, keys);
+    at::Tensor k = layer.k_cache[slot].narrow(1, 0, keys);  // [KV, S, hd]
+    at::Tensor v = layer.v_cache[slot].narrow(1, 0, keys);
     at::Tensor scores = at::bmm(q, k.transpose(1, 2));  // [KV, R*T, S]: rows (head, query)
     if (dtype == at::kBFloat16) {
       causal_softmax<c10::BFloat16>(scores.data_ptr<c10::BFloat16>(), n_kv_heads_ * group, tokens, pos);

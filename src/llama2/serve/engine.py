@@ -201,7 +201,7 @@ class Engine:
         if max_queue < 0 or prefill_chunk < 1:
             raise Llama2Error("max_queue must be >= 0 and prefill_chunk >= 1")
         self.llama = llama
-        self.model = llama.model
+        self.model = llama.native or llama.model  # the forward `Llama` generates with: same tokens
         self.tokenizer = llama.tokenizer
         self.max_seq_len = llama.max_seq_len
         self.vocab_size = llama.model.args.vocab_size

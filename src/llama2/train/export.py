@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from ..model import Transformer
+from ..model import meta_transformer
 from .config import TrainConfig
 from .distributed import DistributedEnv, barrier
 from .lora import LoRAConfig, apply_lora, merge_lora, save_adapters
@@ -51,10 +51,7 @@ def gather_replica(model: nn.Module, args, lora: LoRAConfig | None, env: Distrib
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not env.is_main:
         return None
-    with torch.device("meta"):
-        replica = Transformer(args)
-        if lora is not None:
-            apply_lora(replica, lora)
+    replica = meta_transformer(args, None if lora is None else lambda model: apply_lora(model, lora))
     replica.load_state_dict(full, strict=True, assign=True)
     return replica
 

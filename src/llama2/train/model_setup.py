@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import PRESETS, ModelArgs, model_args_from_preset
 from ..errors import Llama2Error
-from ..model import Transformer
+from ..model import Transformer, meta_transformer
 from ..tokenizer import Tokenizer, llama2_tokenizer_path
 from .config import TrainConfig
 from .distributed import DistributedEnv, shard_model
@@ -67,8 +67,7 @@ def load_training_model(config: TrainConfig, device: torch.device | None = None)
     if config.model in PRESETS:
         args = model_args_from_preset(config.model)
         tokenizer = Tokenizer.from_file(config.tokenizer or llama2_tokenizer_path())
-        with torch.device("meta"):
-            model = Transformer(args)
+        model = meta_transformer(args)
         model.to_empty(device=device)
         init_weights(model)
         loaded = TrainingModel(model, args, tokenizer, tokenizer.chat_template, config.model)

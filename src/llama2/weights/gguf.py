@@ -1,14 +1,14 @@
 """Read GGUF checkpoints (llama.cpp's format) of Llama-architecture models.
 
-The header is parsed with `gguf.GGUFReader`; each tensor's bytes are then read with
-plain file reads and decoded with `llama2.weights.dequant`, one tensor at a time, so
-reading needs about the final state dict plus one tensor of memory (and `open_gguf`
-only one tensor). GGUF llama tensors are already in Meta's interleaved RoPE layout (llama.cpp's
-converter permutes Hugging Face q/k), so names are mapped and nothing is permuted.
-
-Before `GGUFReader` sees a file, `_HeaderScan` walks its header checking every length
-and count against the file size: `GGUFReader` itself trusts them, and a corrupted count
-can make it loop for ever or fail in assorted ways.
+The header (metadata and tensor table) is parsed by `_HeaderReader`, which checks every
+length and count against the file size before it reads a value (a corrupted count
+cannot make it loop for ever or read past the file) and keeps only plain Python values:
+`gguf.GGUFReader` would build a numpy view per array element, ~160 MB for a 49k-token
+vocabulary. Each tensor's bytes are then read with plain file reads and decoded with
+`llama2.weights.dequant`, one tensor at a time, so reading needs about the final state
+dict plus one tensor of memory (and `open_gguf` only one tensor). GGUF llama tensors are
+already in Meta's interleaved RoPE layout (llama.cpp's converter permutes Hugging Face
+q/k), so names are mapped and nothing is permuted.
 """
 
 from __future__ import annotations
@@ -23,9 +23,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from gguf import GGUFReader
 from gguf.constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType
-from gguf.gguf_reader import ReaderField, ReaderTensor
 
 from ..config import ModelArgs
 from ..errors import Llama2Error
@@ -105,17 +103,14 @@ def open_gguf(path: str | os.PathLike[str], device: str | torch.device = "cpu") 
         device: where tensors are decoded.
     """
     source = os.fspath(path)
-    reader = _open_reader(source)
-    meta = _read_fields(reader, source)
+    meta, infos = _read_header(source)
     arch = _architecture(meta, source)
-    shapes = _tensor_shapes(reader, source)
+    shapes = _tensor_shapes(infos, source)
     args = _model_args(meta, arch, shapes, source)
     _check_supported(meta, arch, args, source)
     _check_tensor_shapes(shapes, args, source)
-    tensors = {canonical_name(t.name): t for t in reader.tensors}
-    specs = {
-        name: TensorSpec(shapes[t.name], _PLAIN_TYPES.get(t.tensor_type, torch.float32)) for name, t in tensors.items()
-    }
+    tensors = {canonical_name(t.name): t for t in infos}
+    specs = {name: TensorSpec(shapes[t.name], _PLAIN_TYPES.get(t.qtype, torch.float32)) for name, t in tensors.items()}
 
     def load(name: str) -> torch.Tensor:
         return _load_tensor(tensors[name], specs[name].shape, torch.device(device), source)
@@ -130,7 +125,7 @@ def open_gguf(path: str | os.PathLike[str], device: str | torch.device = "cpu") 
         chat_template=_optional_str(meta, "tokenizer.chat_template", source),
         source=source,
         format="gguf",
-        tensor_types={name: t.tensor_type.name for name, t in tensors.items()},
+        tensor_types={name: t.qtype.name for name, t in tensors.items()},
         metadata=_scalar_metadata(meta),
     )
 
@@ -159,7 +154,7 @@ def read_gguf_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         Llama2Error: the file is missing or is not a valid GGUF file.
     """
     source = os.fspath(path)
-    return _read_fields(_open_reader(source), source)
+    return _read_header(source)[0]
 
 
 def canonical_name(name: str) -> str | None:
@@ -193,25 +188,16 @@ def _invalid(path: str, reason: str) -> Llama2Error:
     return Llama2Error(f"{path}: not a valid GGUF file ({reason})")
 
 
-def _open_reader(path: str) -> GGUFReader:
-    """Validate the file's structure, then open it with `GGUFReader` (memory-mapped)."""
-    _check_structure(path)
-    try:
-        # Copy-on-write mapping: writable numpy views (so torch.from_numpy does not warn)
-        # that never write to the file.
-        return GGUFReader(path, "c")
-    except Exception as exc:  # GGUFReader reports problems with many exception types.
-        raise _invalid(path, f"{type(exc).__name__}: {exc}") from exc
-
-
-def _check_structure(path: str) -> None:
+def _read_header(path: str) -> tuple[dict[str, Any], list[_TensorInfo]]:
+    """The file's metadata (plain Python values, with the pseudo-fields ``GGUF.version``,
+    ``GGUF.tensor_count``, ``GGUF.kv_count`` first) and its tensor table."""
     try:
         with open(path, "rb") as file:
             size = os.fstat(file.fileno()).st_size
             if size == 0:
                 raise _invalid(path, "the file is empty")
             with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                _HeaderScan(buf, path).run()
+                return _HeaderReader(buf, path).run()
     except FileNotFoundError:
         raise Llama2Error(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -220,12 +206,14 @@ def _check_structure(path: str) -> None:
         raise Llama2Error(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
-_SCALAR_BYTES = {
-    V.UINT8: 1, V.INT8: 1, V.BOOL: 1,
-    V.UINT16: 2, V.INT16: 2,
-    V.UINT32: 4, V.INT32: 4, V.FLOAT32: 4,
-    V.UINT64: 8, V.INT64: 8, V.FLOAT64: 8,
+# Little-endian numpy dtypes of the scalar value types.
+_SCALAR_DTYPES = {
+    V.UINT8: np.dtype("<u1"), V.INT8: np.dtype("<i1"), V.BOOL: np.dtype("?"),
+    V.UINT16: np.dtype("<u2"), V.INT16: np.dtype("<i2"),
+    V.UINT32: np.dtype("<u4"), V.INT32: np.dtype("<i4"), V.FLOAT32: np.dtype("<f4"),
+    V.UINT64: np.dtype("<u8"), V.INT64: np.dtype("<i8"), V.FLOAT64: np.dtype("<f8"),
 }  # fmt: skip
+_SCALAR_BYTES = {vtype: dtype.itemsize for vtype, dtype in _SCALAR_DTYPES.items()}
 # Fewest bytes one value of each type can take (a string's length, an array's type + count).
 _MIN_VALUE_BYTES = {**_SCALAR_BYTES, V.STRING: 8, V.ARRAY: 12}
 _MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, smallest value
@@ -242,14 +230,12 @@ class _TensorInfo(NamedTuple):
     dims: list[int]  # GGUF order: row length first
     qtype: GGMLQuantizationType
     offset: int  # from the start of the data section
+    data_offset: int = 0  # from the start of the file (set once the header's end is known)
+    n_bytes: int = 0
 
 
-class _HeaderScan:
-    """One pass over a GGUF header that checks every length and count against the file.
-
-    It reads no values except the alignment; it only proves that `GGUFReader` will find
-    every field, array element and tensor inside the file.
-    """
+class _HeaderReader:
+    """One pass over a GGUF header that checks every length and count against the file, then reads it."""
 
     def __init__(self, buf: mmap.mmap, path: str):
         self.buf = buf
@@ -258,19 +244,20 @@ class _HeaderScan:
         self.pos = 0
         self.alignment = GGUF_DEFAULT_ALIGNMENT
 
-    def run(self) -> None:
-        tensor_count, kv_count = self._preamble()
+    def run(self) -> tuple[dict[str, Any], list[_TensorInfo]]:
+        version, tensor_count, kv_count = self._preamble()
+        meta: dict[str, Any] = {"GGUF.version": version, "GGUF.tensor_count": tensor_count, "GGUF.kv_count": kv_count}
         for i in range(kv_count):
-            self._key_value(i)
+            key, value = self._key_value(i)
+            meta[key] = value
         infos = [self._tensor_info(i) for i in range(tensor_count)]
         data_start = -(-self.pos // self.alignment) * self.alignment
-        for info in infos:
-            self._check_tensor_data(info, data_start)
+        return meta, [self._check_tensor_data(info, data_start) for info in infos]
 
     def _fail(self, reason: str) -> Llama2Error:
         return _invalid(self.path, reason)
 
-    def _preamble(self) -> tuple[int, int]:
+    def _preamble(self) -> tuple[int, int, int]:
         magic = bytes(self.buf[:4])
         if magic != b"GGUF":
             raise self._fail(f"it starts with {magic!r}, not the magic b'GGUF'")
@@ -282,7 +269,7 @@ class _HeaderScan:
             raise self._fail(f"GGUF version {version} is not supported, only {_VERSIONS}")
         tensor_count = self._count("the tensor count", _MIN_TENSOR_INFO_BYTES)
         kv_count = self._count("the metadata key count", _MIN_KV_BYTES)
-        return tensor_count, kv_count
+        return version, tensor_count, kv_count
 
     def _take(self, n: int, what: str) -> int:
         """Step over `n` bytes and return where they start."""
@@ -319,41 +306,42 @@ class _HeaderScan:
         except ValueError:
             raise self._fail(f"{what} has unknown value type {raw}") from None
 
-    def _key_value(self, index: int) -> None:
+    def _key_value(self, index: int) -> tuple[str, Any]:
         key = self._string(f"metadata key #{index}")
         what = f"metadata {key!r}"
         vtype = self._value_type(what)
         if key == "general.alignment":
-            self._alignment(vtype)
-        else:
-            self._value(vtype, what, depth=0)
+            return key, self._alignment(vtype)
+        value = self._value(vtype, what, depth=0)
+        if vtype == V.FLOAT32:
+            value = float(str(np.float32(value)))  # shortest decimal that round-trips float32
+        return key, value
 
-    def _alignment(self, vtype: GGUFValueType) -> None:
+    def _alignment(self, vtype: GGUFValueType) -> int:
         if vtype != V.UINT32:
             raise self._fail(f"general.alignment must be a uint32, not {vtype.name}")
         value = self._u32("general.alignment")
         if value == 0 or value & (value - 1):
             raise self._fail(f"general.alignment {value} is not a power of two")
         self.alignment = value
+        return value
 
-    def _value(self, vtype: GGUFValueType, what: str, depth: int) -> None:
-        if vtype in _SCALAR_BYTES:
-            self._take(_SCALAR_BYTES[vtype], what)
-        elif vtype == V.STRING:
-            self._take(self._u64(f"the length of {what}"), what)
-        else:
-            self._array(what, depth)
+    def _value(self, vtype: GGUFValueType, what: str, depth: int) -> Any:
+        if vtype in _SCALAR_DTYPES:
+            return np.frombuffer(self.buf, _SCALAR_DTYPES[vtype], 1, self._take(_SCALAR_BYTES[vtype], what))[0].item()
+        if vtype == V.STRING:
+            return self._string(what)
+        return self._array(what, depth)
 
-    def _array(self, what: str, depth: int) -> None:
+    def _array(self, what: str, depth: int) -> list:
         if depth >= _MAX_ARRAY_DEPTH:
             raise self._fail(f"{what} nests arrays more than {_MAX_ARRAY_DEPTH} deep")
         itype = self._value_type(f"the elements of {what}")
         count = self._count(f"the element count of {what}", _MIN_VALUE_BYTES[itype])
-        if itype in _SCALAR_BYTES:
-            self._take(count * _SCALAR_BYTES[itype], what)
-            return
-        for _ in range(count):
-            self._value(itype, what, depth + 1)
+        if itype in _SCALAR_DTYPES:
+            start = self._take(count * _SCALAR_BYTES[itype], what)
+            return np.frombuffer(self.buf, _SCALAR_DTYPES[itype], count, start).tolist()
+        return [self._value(itype, what, depth + 1) for _ in range(count)]
 
     def _tensor_info(self, index: int) -> _TensorInfo:
         name = self._string(f"tensor name #{index}")
@@ -371,7 +359,7 @@ class _HeaderScan:
         offset = self._u64(f"the data offset of tensor {name!r}")
         return _TensorInfo(name, dims, qtype, offset)
 
-    def _check_tensor_data(self, info: _TensorInfo, data_start: int) -> None:
+    def _check_tensor_data(self, info: _TensorInfo, data_start: int) -> _TensorInfo:
         block_size, type_size = GGML_QUANT_SIZES[info.qtype]
         if info.dims and info.dims[0] % block_size:
             raise self._fail(
@@ -386,24 +374,11 @@ class _HeaderScan:
             raise self._fail(
                 f"tensor {info.name!r} data (bytes {start}..{end}) runs past the end of the file ({self.size} bytes)"
             )
+        return info._replace(data_offset=start, n_bytes=end - start)
 
 
 # ---------------------------------------------------------------------------
 # Metadata
-
-
-def _field_value(field: ReaderField, path: str) -> Any:
-    try:
-        value = field.contents()
-    except (UnicodeDecodeError, ValueError, IndexError) as exc:
-        raise _invalid(path, f"metadata {field.name!r}: {exc}") from None
-    if field.types == [V.FLOAT32]:
-        value = float(str(np.float32(value)))  # shortest decimal that round-trips float32
-    return value
-
-
-def _read_fields(reader: GGUFReader, path: str) -> dict[str, Any]:
-    return {name: _field_value(field, path) for name, field in reader.fields.items()}
 
 
 def _scalar_metadata(meta: dict[str, Any]) -> dict[str, Any]:
@@ -506,14 +481,14 @@ def _check_supported(meta: dict[str, Any], arch: str, args: ModelArgs, path: str
 # Tensors
 
 
-def _tensor_shapes(reader: GGUFReader, path: str) -> dict[str, tuple[int, ...]]:
+def _tensor_shapes(infos: list[_TensorInfo], path: str) -> dict[str, tuple[int, ...]]:
     """GGUF tensor name -> torch shape, after checking every name is a Llama weight."""
-    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+    if any(t.name == "rope_freqs.weight" for t in infos):
         raise Llama2Error(f"{path}: unsupported RoPE frequency scaling (tensor rope_freqs.weight)")
-    unknown = [t.name for t in reader.tensors if canonical_name(t.name) is None]
+    unknown = [t.name for t in infos if canonical_name(t.name) is None]
     if unknown:
         raise Llama2Error(f"{path}: unknown tensors {describe_names(unknown)} (not a plain Llama model?)")
-    return {t.name: tuple(reversed([int(n) for n in t.shape])) for t in reader.tensors}  # GGUF lists dims reversed
+    return {t.name: tuple(reversed(t.dims)) for t in infos}  # GGUF lists dims reversed
 
 
 def _check_tensor_shapes(shapes: dict[str, tuple[int, ...]], args: ModelArgs, path: str) -> None:
@@ -542,19 +517,19 @@ def _layer_index(gguf_tensor: str) -> int:
     return int(match.group(1)) if match else -1
 
 
-def _load_tensor(tensor: ReaderTensor, shape: tuple[int, ...], device: torch.device, path: str) -> torch.Tensor:
+def _load_tensor(tensor: _TensorInfo, shape: tuple[int, ...], device: torch.device, path: str) -> torch.Tensor:
     """Read one tensor's bytes from the file and decode them on `device` (plain types keep their dtype)."""
     raw = _read_bytes(path, tensor)
-    plain = _PLAIN_TYPES.get(tensor.tensor_type)
+    plain = _PLAIN_TYPES.get(tensor.qtype)
     if plain is not None:
         return raw.view(plain).reshape(shape).to(device)
     try:
-        return dequantize(raw.to(device), tensor.tensor_type, shape)
+        return dequantize(raw.to(device), tensor.qtype, shape)
     except Llama2Error as exc:
         raise Llama2Error(f"{path}: tensor {tensor.name}: {exc}") from None
 
 
-def _read_bytes(path: str, tensor: ReaderTensor) -> torch.Tensor:
+def _read_bytes(path: str, tensor: _TensorInfo) -> torch.Tensor:
     """The tensor's bytes, read into new memory (the header scan proved they lie inside the file)."""
     buffer = np.empty(int(tensor.n_bytes), dtype=np.uint8)
     with open(path, "rb") as file:
