@@ -23,13 +23,13 @@ from .quant import (
     QuantizedEmbedding,
 )
 
-# The engine's projection slots, in order: the inputs of attention, its output, the
-# inputs of the feed-forward (gate, then up), its output.
-SLOT_QKV, SLOT_OUT, SLOT_GATE_UP, SLOT_DOWN = range(4)
-
+# Rows per engine call: longer prefill chunks are split (their activations and attention
+# scores are the peak of a small model's memory; 256 rows keep the prompt speed of 512).
+ENGINE_CHUNK = 256
 
 def _projections(block) -> list[list[torch.nn.Module]]:
-    """A block's projections per engine slot (fused where `fuse_projections` fused them)."""
+    """A block's projections per engine slot: attention's inputs (q, k, v), its output, the
+    feed-forward's inputs (gate, then up), its output; fused where `fuse_projections` fused them."""
     attention, feed_forward = block.attention, block.feed_forward
     qkv = [attention.wqkv] if attention.wqkv is not None else [attention.wq, attention.wk, attention.wv]
     gate_up = [feed_forward.w13] if feed_forward.w13 is not None else [feed_forward.w1, feed_forward.w3]
@@ -101,7 +101,10 @@ class NativeForward:
         for row in range(tokens.shape[0]):
             start = int(input_pos[0] if input_pos.dim() == 1 else input_pos[row, 0])
             slot = row if cache_slots is None else int(cache_slots[row])
-            normed = self.engine.forward(self.embed(tokens[row]), start, last_logits_only, slot)  # [T or 1, dim]
+            hidden = self.embed(tokens[row])  # [T, dim]
+            parts = [self.engine.forward(hidden[i : i + ENGINE_CHUNK], start + i, last_logits_only, slot)
+                     for i in range(0, hidden.shape[0], ENGINE_CHUNK)]  # fmt: skip
+            normed = parts[-1] if last_logits_only else torch.cat(parts)  # [T or 1, dim]
             if self.head_dtype is not None:
                 normed = normed.to(self.head_dtype)
             rows.append(self.model.project_output(normed).float())  # a row alone: a GEMM's rounding may depend on M

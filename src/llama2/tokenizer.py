@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from importlib import resources
@@ -362,10 +363,12 @@ class HFTokenizer(Tokenizer):
         extra_stop_ids: Iterable[int] = (),
     ) -> None:
         self._with_special = tokenizer
-        # A second instance whose special added tokens count as plain text, so that plain
-        # `encode` never reads them without mutating shared state per call.
-        self._plain = tokenizers.Tokenizer.from_str(tokenizer.to_str())
-        self._plain.encode_special_tokens = True
+        # Plain `encode` reads special added tokens as text: the backend's
+        # `encode_special_tokens` switch is turned on for the call, under a lock so that
+        # concurrent callers (a server's threads) never see it in the wrong state. (A
+        # second backend would avoid the lock at the cost of another vocabulary, ~13 MB
+        # for 49k tokens.)
+        self._mode_lock = threading.Lock()
         self._specials = {
             t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special
         }
@@ -380,7 +383,8 @@ class HFTokenizer(Tokenizer):
         )
 
     def encode_with_special(self, s: str) -> list[int]:
-        return self._with_special.encode(s, add_special_tokens=False).ids
+        with self._mode_lock:
+            return self._with_special.encode(s, add_special_tokens=False).ids
 
     def piece_to_id(self, s: str) -> int | None:
         return self._with_special.token_to_id(s)
@@ -412,7 +416,12 @@ class HFTokenizer(Tokenizer):
         return None
 
     def _encode_plain(self, s: str) -> list[int]:
-        return self._plain.encode(s, add_special_tokens=False).ids
+        with self._mode_lock:
+            self._with_special.encode_special_tokens = True
+            try:
+                return self._with_special.encode(s, add_special_tokens=False).ids
+            finally:
+                self._with_special.encode_special_tokens = False
 
     def _decode(self, ids: list[int]) -> str:
         return self._with_special.decode(ids, skip_special_tokens=True)
