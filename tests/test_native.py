@@ -89,9 +89,13 @@ def test_engine_logits_match_transformers(tmp_path, type_names, fused, cache_dty
     assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
 
 
-def test_batch_rows_are_computed_alone_in_their_cache_slots(tmp_path):
-    """Rows of a batch (any cache slots, per-row positions) equal the same rows run one by one."""
+@pytest.mark.parametrize("head", ["float", "gguf"])
+def test_batch_rows_are_computed_alone_in_their_cache_slots(tmp_path, head):
+    """Decode rows of a batch (any cache slots, different lengths) equal the same rows run alone, bitwise."""
     hf, model = engine_pair(tmp_path, ["Q8_0"], True)
+    if head == "gguf":  # the output head as Q8_0 blocks too (its kernel's rows do not depend on the batch)
+        blocks, values = block_values(model.output.weight.detach(), "Q8_0")
+        model.output = GGUFLinear(torch.from_numpy(blocks), "Q8_0", tuple(values.shape))
     model.setup_caches(2, 32)
     calls = []
 
@@ -101,19 +105,22 @@ def test_batch_rows_are_computed_alone_in_their_cache_slots(tmp_path):
 
     native = NativeForward(model, fallback=fallback)
     tokens = random_tokens(160, batch=2, length=12, seed=5)
-    expected = reference_logits(hf, tokens)
+    lengths = (11, 7)  # prompt lengths of the two rows; then one decode step each
     slots = torch.tensor([1, 0])
     with torch.inference_mode():
         alone = []
-        for i in (0, 1):
-            native(tokens[i : i + 1, :11], torch.arange(11), kv_len=11)
-            alone.append(native(tokens[i : i + 1, 11:], torch.tensor([11]), kv_len=12)[0, 0])
-        batch = native(tokens[:, :11], torch.arange(11), cache_slots=slots, kv_len=11)  # rows in swapped slots
-        step = native(tokens[:, 11:], torch.tensor([[11], [11]]), cache_slots=slots, kv_len=[12, 12])
+        for i, n in enumerate(lengths):
+            native(tokens[i : i + 1, :n], torch.arange(n), kv_len=n)
+            alone.append(native(tokens[i : i + 1, n : n + 1], torch.tensor([n]), kv_len=n + 1)[0, 0])
+        for i, n in enumerate(lengths):  # prompts in swapped slots
+            native(tokens[i : i + 1, :n], torch.arange(n), cache_slots=slots[i : i + 1], kv_len=n)
+        step_tokens = torch.stack([tokens[i, n : n + 1] for i, n in enumerate(lengths)])  # [2, 1]
+        step = native(step_tokens, torch.tensor([[n] for n in lengths]), cache_slots=slots, kv_len=[n + 1 for n in lengths])
     assert step.shape == (2, 1, 160) and not calls
     assert torch.equal(step[:, 0], torch.stack(alone))
-    assert relative_error(batch, expected[:, :11]) < 0.045
-    assert relative_error(step[:, 0], expected[:, -1]) < 0.045
+    expected = reference_logits(hf, tokens)
+    for i, n in enumerate(lengths):
+        assert relative_error(step[i, 0], expected[i, n]) < 0.045
     with torch.inference_mode():
         native(tokens, torch.arange(12), kv_len=12, document_ids=torch.zeros(2, 12, dtype=torch.long))
     assert calls == [["cache_slots", "document_ids", "kv_len", "last_logits_only"]]
@@ -129,5 +136,5 @@ def test_unsupported_models_and_bad_positions_are_refused(tmp_path):
     plain = our_model(open_checkpoint(tmp_path))
     plain.setup_caches(1, 16)
     assert not native_engine_supports(plain)  # float projections
-    with pytest.raises(RuntimeError, match="exceed the cache of 16"):
+    with pytest.raises(RuntimeError, match="exceeds the cache of 16"):
         native(torch.zeros(1, 4, dtype=torch.long), torch.arange(14, 18), kv_len=18)

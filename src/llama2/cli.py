@@ -30,6 +30,8 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
                         help="auto: compute GGUF Q4_0/Q4_1 layers on their packed blocks (CPU); none: dequantize; "
                         "int8/int4: quantize after loading")  # fmt: skip
     parser.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
+    parser.add_argument("--no-native", dest="native", action="store_false",
+                        help="run GGUF block models through PyTorch modules instead of llama2's C++ CPU engine")  # fmt: skip
 
 
 def add_load_options(parser: argparse.ArgumentParser) -> None:
@@ -39,8 +41,6 @@ def add_load_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seq-len", type=int, help="context to allocate (default: the model's, at most 4096)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first start, cached "
                         "after; not needed where the native engine runs the model)")  # fmt: skip
-    parser.add_argument("--no-native", dest="native", action="store_false",
-                        help="run GGUF block models through PyTorch modules instead of llama2's C++ CPU engine")  # fmt: skip
     parser.add_argument("--seed", type=int, default=1, help="seed of the sampling generator")
 
 

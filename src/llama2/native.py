@@ -49,9 +49,11 @@ class NativeForward:
 
     Called like the model: ``(tokens [B, T], input_pos [T] or [B, T], *, cache_slots,
     kv_len, last_logits_only) -> float logits [B, T or 1, vocab]``, each row's positions
-    consecutive. Rows are computed alone (over their own cache row and length), so a
-    row's logits do not depend on the batch: generation, batched prompts and the server
-    give the same tokens. Calls with other options go to `fallback`.
+    consecutive. Prompts run one sequence at a time; one-token steps of several sequences
+    run in one pass whose rows are computed as if alone (over their own cache slot and
+    length, with batch-invariant matmuls), so a row's logits do not depend on the batch:
+    generation, batched prompts and the server give the same tokens. Calls with other
+    options go to `fallback`.
     """
 
     def __init__(self, model: Transformer, fallback: Callable[..., torch.Tensor] | None = None):
@@ -97,15 +99,28 @@ class NativeForward:
         if options:
             return self.fallback(tokens, input_pos, cache_slots=cache_slots, kv_len=kv_len,
                                  last_logits_only=last_logits_only, **options)  # fmt: skip
+        batch = tokens.shape[0]
+        slots = list(range(batch)) if cache_slots is None else cache_slots.tolist()
+        if batch > 1 and tokens.shape[1] == 1:  # decode steps of several sequences: one pass
+            positions = input_pos.reshape(-1).tolist() if input_pos.dim() == 2 else [int(input_pos[0])] * batch
+            normed = self.engine.forward_rows(self.embed(tokens[:, 0]), positions, slots)  # [B, dim]
+            return self._logits(normed).unsqueeze(1)  # [B, 1, vocab]
         rows = []
-        for row in range(tokens.shape[0]):
+        for row in range(batch):
             start = int(input_pos[0] if input_pos.dim() == 1 else input_pos[row, 0])
-            slot = row if cache_slots is None else int(cache_slots[row])
             hidden = self.embed(tokens[row])  # [T, dim]
-            parts = [self.engine.forward(hidden[i : i + ENGINE_CHUNK], start + i, last_logits_only, slot)
+            parts = [self.engine.forward(hidden[i : i + ENGINE_CHUNK], start + i, last_logits_only, slots[row])
                      for i in range(0, hidden.shape[0], ENGINE_CHUNK)]  # fmt: skip
-            normed = parts[-1] if last_logits_only else torch.cat(parts)  # [T or 1, dim]
-            if self.head_dtype is not None:
-                normed = normed.to(self.head_dtype)
-            rows.append(self.model.project_output(normed).float())  # a row alone: a GEMM's rounding may depend on M
+            rows.append(self._logits(parts[-1] if last_logits_only else torch.cat(parts)))  # [T or 1, vocab]
         return torch.stack(rows)  # [B, T or 1, vocab]
+
+    def _logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """float logits [N, vocab] of final hidden states [N, dim], each row as if alone.
+
+        A GGUF head's kernel computes rows independently of how many there are; other heads
+        (a GEMM's rounding may depend on its size) run row by row.
+        """
+        if self.head_dtype is None:
+            return self.model.project_output(normed).float()
+        normed = normed.to(self.head_dtype)
+        return torch.cat([self.model.project_output(normed[i : i + 1]).float() for i in range(normed.shape[0])])

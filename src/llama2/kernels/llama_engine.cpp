@@ -137,6 +137,34 @@ inline void store_row(const float* src, c10::BFloat16* dst, int64_t n) {
   for (; i < n; ++i) dst[i] = static_cast<c10::BFloat16>(src[i]);
 }
 
+#if ENGINE_AVX512
+// o = sum_j p[j] * v[j], VECS * 16 values a row, the sums kept in registers.
+template <int VECS, typename C>
+inline void weighted_rows_avx512(const float* p, const C* v, int64_t keys, float* o) {
+  __m512 acc[VECS];
+  for (int i = 0; i < VECS; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < keys; ++j, v += VECS * 16) {
+    const __m512 weight = _mm512_set1_ps(p[j]);
+    for (int i = 0; i < VECS; ++i) acc[i] = _mm512_fmadd_ps(weight, load16(v + 16 * i), acc[i]);
+  }
+  for (int i = 0; i < VECS; ++i) _mm512_storeu_ps(o + 16 * i, acc[i]);
+}
+#endif
+
+// o[0 .. n) = sum over j < keys of p[j] * v[j * n .. j * n + n)
+template <typename C>
+inline void weighted_rows(const float* p, const C* v, int64_t keys, int64_t n, float* o) {
+#if ENGINE_AVX512
+  switch (n) {
+    case 64: return weighted_rows_avx512<4>(p, v, keys, o);
+    case 128: return weighted_rows_avx512<8>(p, v, keys, o);
+    default: break;
+  }
+#endif
+  std::fill(o, o + n, 0.f);
+  for (int64_t j = 0; j < keys; ++j) axpy(p[j], v + j * n, o, n);
+}
+
 // x[0 .. n) <- softmax(x[0 .. n))
 inline void softmax_inplace(float* x, int64_t n) {
   float max = -std::numeric_limits<float>::infinity();
@@ -214,6 +242,14 @@ struct BlockLinear {
 // (wq, wk, wv or one fused wqkv; w1, w3 or one fused w13).
 enum Slot : int64_t { kQKV = 0, kOut = 1, kGateUp = 2, kDown = 3, kSlots = 4 };
 
+// Where each row of a forward sits: its position and its KV-cache slot. One sequence
+// (a prefill chunk or a decode step) has consecutive positions in one slot; a decode
+// batch has one row per sequence, each computed exactly as it would be alone.
+struct Rows {
+  std::vector<int64_t> positions, slots;
+  bool one_sequence;
+};
+
 struct Layer {
   at::Tensor attention_norm, ffn_norm;  // float32 [dim]
   at::Tensor k_cache, v_cache;          // [batch, n_kv_heads, max_seq_len, head_dim]
@@ -274,14 +310,34 @@ class GGUFLlama : public torch::CustomClassHolder {
   // norm's output, [T, dim] or [1, dim] (last_only), float32. Writes row `slot` of the
   // KV caches and attends over it.
   at::Tensor forward(at::Tensor hidden, int64_t pos, bool last_only, int64_t slot) {
+    const int64_t tokens = hidden.dim() == 2 ? hidden.size(0) : 0;
+    Rows rows{std::vector<int64_t>(tokens), std::vector<int64_t>(tokens, slot), true};
+    for (int64_t t = 0; t < tokens; ++t) rows.positions[t] = pos + t;
+    return run(hidden, rows, last_only);
+  }
+
+  // One decode step of several sequences: row b of hidden [B, dim] is the token at
+  // positions[b] of the sequence in cache slot slots[b]. Each row's result is bitwise
+  // what `forward` gives for it alone (the block matmuls' rows do not depend on the batch).
+  at::Tensor forward_rows(at::Tensor hidden, std::vector<int64_t> positions, std::vector<int64_t> slots) {
+    TORCH_CHECK(hidden.dim() == 2 && static_cast<int64_t>(positions.size()) == hidden.size(0) &&
+                    positions.size() == slots.size(),
+                "GGUFLlama: forward_rows needs a position and a slot for each row of hidden");
+    return run(hidden, Rows{std::move(positions), std::move(slots), false}, false);
+  }
+
+ private:
+  at::Tensor run(const at::Tensor& hidden, const Rows& rows, bool last_only) {
     check_complete();
     TORCH_CHECK(hidden.dim() == 2 && hidden.size(1) == dim_ && hidden.size(0) > 0, "GGUFLlama: hidden must be [T, ",
                 dim_, "]");
-    const int64_t tokens = hidden.size(0);
-    TORCH_CHECK(pos >= 0 && pos + tokens <= rope_cos_.size(0), "GGUFLlama: positions ", pos, "..", pos + tokens - 1,
-                " exceed the cache of ", rope_cos_.size(0));
-    TORCH_CHECK(slot >= 0 && slot < layers_.front().k_cache.size(0), "GGUFLlama: cache slot ", slot,
-                " out of range (", layers_.front().k_cache.size(0), " rows)");
+    const int64_t tokens = hidden.size(0), max_seq_len = rope_cos_.size(0), cache_rows = layers_.front().k_cache.size(0);
+    for (int64_t t = 0; t < tokens; ++t) {
+      TORCH_CHECK(rows.positions[t] >= 0 && rows.positions[t] < max_seq_len, "GGUFLlama: position ", rows.positions[t],
+                  " exceeds the cache of ", max_seq_len);
+      TORCH_CHECK(rows.slots[t] >= 0 && rows.slots[t] < cache_rows, "GGUFLlama: cache slot ", rows.slots[t],
+                  " out of range (", cache_rows, " rows)");
+    }
     const auto options = at::TensorOptions().dtype(at::kFloat);
     at::Tensor h = hidden.to(at::kFloat).contiguous().clone();
     at::Tensor normed = at::empty({tokens, dim_}, options);
@@ -290,30 +346,30 @@ class GGUFLlama : public torch::CustomClassHolder {
     at::Tensor gate_up = at::empty({tokens, 2 * hidden_dim_}, options);
     at::Tensor activated = at::empty({tokens, hidden_dim_}, options);
     at::Tensor update = at::empty({tokens, dim_}, options);
+    const bool dense = rows.one_sequence;  // a decode batch keeps every row on the batch-invariant kernel
     for (const Layer& layer : layers_) {
       norm_rows(h, layer.attention_norm, normed);
-      project(layer.projections[kQKV], normed, qkv);
-      rotate_and_cache(layer, qkv, pos, slot);
-      attend(layer, qkv, pos, slot, attended);
-      project(layer.projections[kOut], attended, update);
+      project(layer.projections[kQKV], normed, qkv, dense);
+      rotate_and_cache(layer, qkv, rows);
+      attend(layer, qkv, rows, attended);
+      project(layer.projections[kOut], attended, update, dense);
       add_rows(h, update);
       norm_rows(h, layer.ffn_norm, normed);
-      project(layer.projections[kGateUp], normed, gate_up);
+      project(layer.projections[kGateUp], normed, gate_up, dense);
       const float* gu = gate_up.data_ptr<float>();
       float* act = activated.data_ptr<float>();
       for_rows(tokens, hidden_dim_, [&](int64_t t) {
         swiglu(gu + t * 2 * hidden_dim_, gu + t * 2 * hidden_dim_ + hidden_dim_, act + t * hidden_dim_, hidden_dim_);
       });
-      project(layer.projections[kDown], activated, update);
+      project(layer.projections[kDown], activated, update, dense);
       add_rows(h, update);
     }
-    at::Tensor rows = last_only ? h.narrow(0, tokens - 1, 1).contiguous() : h;
-    at::Tensor out = at::empty_like(rows);
-    norm_rows(rows, norm_, out);
+    at::Tensor kept = last_only ? h.narrow(0, tokens - 1, 1).contiguous() : h;
+    at::Tensor out = at::empty_like(kept);
+    norm_rows(kept, norm_, out);
     return out;
   }
 
- private:
   int64_t qkv_width() const { return (n_heads_ + 2 * n_kv_heads_) * head_dim_; }
 
   void check_complete() const {
@@ -346,13 +402,13 @@ class GGUFLlama : public torch::CustomClassHolder {
   }
 
   // out [T, sum of n] = x [T, k] times each linear's W^T, side by side.
-  void project(const std::vector<BlockLinear>& linears, const at::Tensor& x, at::Tensor& out) const {
+  void project(const std::vector<BlockLinear>& linears, const at::Tensor& x, at::Tensor& out, bool dense) const {
     const int64_t tokens = x.size(0), width = out.size(1);
     const float* xp = x.data_ptr<float>();
     float* column = out.data_ptr<float>();
     for (const BlockLinear& w : linears) {
       const uint8_t* blocks = w.blocks.data_ptr<uint8_t>();
-      if (tokens >= dense_min_rows_ && w.n * w.k <= dense_max_values_) {
+      if (dense && tokens >= dense_min_rows_ && w.n * w.k <= dense_max_values_) {
         at::Tensor weight = GGUF_NS::gguf_dequantize(w.blocks, w.qtype, w.n, w.k);  // bf16 [n, k]
         at::from_blob(column, {tokens, w.n}, {width, 1}, x.options()).copy_(at::mm(x.to(at::kBFloat16), weight.t()));
       } else if (tokens == 1 || w.n == width) {  // the output rows are contiguous
@@ -367,73 +423,76 @@ class GGUFLlama : public torch::CustomClassHolder {
   }
 
   // Rotates q and k in place ([T, q | k | v] rows) and stores k, v in the layer's cache.
-  void rotate_and_cache(const Layer& layer, at::Tensor& qkv, int64_t pos, int64_t slot) const {
+  void rotate_and_cache(const Layer& layer, at::Tensor& qkv, const Rows& rows) const {
     const int64_t tokens = qkv.size(0), width = qkv_width(), half = head_dim_ / 2;
-    float* rows = qkv.data_ptr<float>();
+    float* data = qkv.data_ptr<float>();
     const float* cos = rope_cos_.data_ptr<float>();
     const float* sin = rope_sin_.data_ptr<float>();
     for_rows(tokens, width, [&](int64_t t) {
-      rotate_heads(rows + t * width, n_heads_ + n_kv_heads_, head_dim_, cos + (pos + t) * half, sin + (pos + t) * half);
+      const int64_t pos = rows.positions[t];
+      rotate_heads(data + t * width, n_heads_ + n_kv_heads_, head_dim_, cos + pos * half, sin + pos * half);
     });
     if (layer.k_cache.scalar_type() == at::kBFloat16) {
-      store_kv<c10::BFloat16>(layer, rows, tokens, pos, slot);
+      store_kv<c10::BFloat16>(layer, data, tokens, rows);
     } else {
-      store_kv<float>(layer, rows, tokens, pos, slot);
+      store_kv<float>(layer, data, tokens, rows);
     }
   }
 
-  // cache[slot, head, pos + t, :] = row t's key (value) of that head, for both caches.
+  // cache[slot, head, position, :] = row t's key (value) of that head, for both caches.
   template <typename C>
-  void store_kv(const Layer& layer, const float* rows, int64_t tokens, int64_t pos, int64_t slot) const {
+  void store_kv(const Layer& layer, const float* data, int64_t tokens, const Rows& rows) const {
     const int64_t width = qkv_width(), max_seq_len = layer.k_cache.size(2);
     const int64_t k_offset = n_heads_ * head_dim_, v_offset = k_offset + n_kv_heads_ * head_dim_;
-    const int64_t row = slot * n_kv_heads_ * max_seq_len * head_dim_;
-    C* caches[2] = {layer.k_cache.data_ptr<C>() + row, layer.v_cache.data_ptr<C>() + row};
+    C* caches[2] = {layer.k_cache.data_ptr<C>(), layer.v_cache.data_ptr<C>()};
     const int64_t offsets[2] = {k_offset, v_offset};
     for_rows(tokens, 2 * n_kv_heads_ * head_dim_, [&](int64_t t) {
+      const int64_t base = rows.slots[t] * n_kv_heads_ * max_seq_len;  // in cache rows of head_dim values
       for (int which = 0; which < 2; ++which) {
         for (int64_t head = 0; head < n_kv_heads_; ++head) {
-          const float* src = rows + t * width + offsets[which] + head * head_dim_;
-          C* dst = caches[which] + (head * max_seq_len + pos + t) * head_dim_;
+          const float* src = data + t * width + offsets[which] + head * head_dim_;
+          C* dst = caches[which] + (base + head * max_seq_len + rows.positions[t]) * head_dim_;
           for (int64_t i = 0; i < head_dim_; ++i) dst[i] = static_cast<C>(src[i]);
         }
       }
     });
   }
 
-  void attend(const Layer& layer, const at::Tensor& qkv, int64_t pos, int64_t slot, at::Tensor& out) const {
-    if (qkv.size(0) > kSmallQueryMax) return attend_matmul(layer, qkv, pos, slot, out);
+  void attend(const Layer& layer, const at::Tensor& qkv, const Rows& rows, at::Tensor& out) const {
+    if (rows.one_sequence && qkv.size(0) > kSmallQueryMax) {
+      return attend_matmul(layer, qkv, rows.positions[0], rows.slots[0], out);
+    }
     if (layer.k_cache.scalar_type() == at::kBFloat16) {
-      attend_loop<c10::BFloat16>(layer, qkv, pos, slot, out);
+      attend_loop<c10::BFloat16>(layer, qkv, rows, out);
     } else {
-      attend_loop<float>(layer, qkv, pos, slot, out);
+      attend_loop<float>(layer, qkv, rows, out);
     }
   }
 
-  // Few query rows: per (row, head), scores over the row's visible keys, softmax, weighted values.
+  // Few query rows: per (row, head), scores over the row's visible keys (those of its own
+  // slot up to its position), softmax, weighted values.
   template <typename C>
-  void attend_loop(const Layer& layer, const at::Tensor& qkv, int64_t pos, int64_t slot, at::Tensor& out) const {
+  void attend_loop(const Layer& layer, const at::Tensor& qkv, const Rows& rows, at::Tensor& out) const {
     const int64_t tokens = qkv.size(0), width = qkv_width(), group = n_heads_ / n_kv_heads_;
-    const int64_t max_seq_len = layer.k_cache.size(2), keys_max = pos + tokens;
+    const int64_t max_seq_len = layer.k_cache.size(2);
+    const int64_t keys_max = *std::max_element(rows.positions.begin(), rows.positions.end()) + 1;
     const float scale = 1.f / std::sqrt(static_cast<float>(head_dim_));
     const float* q_rows = qkv.data_ptr<float>();
-    const int64_t row = slot * n_kv_heads_ * max_seq_len * head_dim_;
-    const C* k_cache = layer.k_cache.data_ptr<C>() + row;  // [n_kv_heads, max_seq_len, head_dim]
-    const C* v_cache = layer.v_cache.data_ptr<C>() + row;
+    const C* k_cache = layer.k_cache.data_ptr<C>();  // [slots, n_kv_heads, max_seq_len, head_dim]
+    const C* v_cache = layer.v_cache.data_ptr<C>();
     float* out_rows = out.data_ptr<float>();
     const int64_t grain = std::max<int64_t>(1, kTaskWork / (2 * keys_max * head_dim_));
     at::parallel_for(0, tokens * n_heads_, grain, [&](int64_t begin, int64_t end) {
       std::vector<float> scores(keys_max);
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t t = task / n_heads_, head = task % n_heads_, kv_head = head / group, keys = pos + t + 1;
+        const int64_t t = task / n_heads_, head = task % n_heads_, keys = rows.positions[t] + 1;
+        const int64_t cache_row = (rows.slots[t] * n_kv_heads_ + head / group) * max_seq_len * head_dim_;
         const float* q = q_rows + t * width + head * head_dim_;
-        const C* k = k_cache + kv_head * max_seq_len * head_dim_;
-        const C* v = v_cache + kv_head * max_seq_len * head_dim_;
+        const C* k = k_cache + cache_row;
+        const C* v = v_cache + cache_row;
         for (int64_t j = 0; j < keys; ++j) scores[j] = dot(q, k + j * head_dim_, head_dim_) * scale;
         softmax_inplace(scores.data(), keys);
-        float* o = out_rows + t * n_heads_ * head_dim_ + head * head_dim_;
-        std::fill(o, o + head_dim_, 0.f);
-        for (int64_t j = 0; j < keys; ++j) axpy(scores[j], v + j * head_dim_, o, head_dim_);
+        weighted_rows(scores.data(), v, keys, head_dim_, out_rows + t * n_heads_ * head_dim_ + head * head_dim_);
       }
     });
   }
@@ -492,5 +551,6 @@ TORCH_LIBRARY_FRAGMENT(GGUF_NS, m) {
                        int64_t>())
       .def("add_layer", &GGUFLlama::add_layer)
       .def("add_linear", &GGUFLlama::add_linear)
-      .def("forward", &GGUFLlama::forward);
+      .def("forward", &GGUFLlama::forward)
+      .def("forward_rows", &GGUFLlama::forward_rows);
 }

@@ -42,6 +42,7 @@ def serve_command(args: argparse.Namespace) -> int:
         dtype=getattr(torch, args.dtype) if args.dtype else None,
         chat_format=args.chat_format,
         quant=args.quant,
+        native=args.native,
     )
     return run_server(
         llama,
@@ -66,15 +67,18 @@ def build_for_serving(source: str, *, max_batch_size: int, max_seq_len: int | No
         source: as for `Llama.build`.
         max_batch_size: KV-cache slots.
         max_seq_len: context of each slot (default: the model's, at most 2048).
-        build_options: more `Llama.build` options (tokenizer_path, device, dtype, chat_format).
+        build_options: more `Llama.build` options (tokenizer_path, device, dtype, chat_format,
+            quant, native).
     """
     loaded = Llama.build(source, max_seq_len=1, max_batch_size=1, **build_options)  # caches sized below
+    native = build_options.get("native", True)
     context = loaded.model.args.max_seq_len
     seq_len = min(context, DEFAULT_SERVE_SEQ_LEN) if max_seq_len is None else max_seq_len
     if not 2 <= seq_len <= context:
         raise Llama2Error(f"--max-seq-len must be between 2 and the model's context of {context}, got {seq_len}")
     return Llama(
-        loaded.model, loaded.tokenizer, loaded.chat_format, seq_len, max_batch_size, checkpoint=loaded.checkpoint
+        loaded.model, loaded.tokenizer, loaded.chat_format, seq_len, max_batch_size, checkpoint=loaded.checkpoint,
+        native=native,
     )
 
 
