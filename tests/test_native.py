@@ -126,7 +126,7 @@ def test_batch_rows_are_computed_alone_in_their_cache_slots(tmp_path, head):
     assert calls == [["cache_slots", "document_ids", "kv_len", "last_logits_only"]]
 
 
-def test_unsupported_models_and_bad_positions_are_refused(tmp_path):
+def test_engine_follows_new_caches_and_refuses_bad_input(tmp_path):
     _, model = engine_pair(tmp_path, ["Q4_0"], True)
     assert not native_engine_supports(model)  # no caches yet
     with pytest.raises(ValueError, match="GGUF block layers"):
@@ -136,5 +136,12 @@ def test_unsupported_models_and_bad_positions_are_refused(tmp_path):
     plain = our_model(open_checkpoint(tmp_path))
     plain.setup_caches(1, 16)
     assert not native_engine_supports(plain)  # float projections
+    model.setup_caches(1, 24)  # new buffers: the engine follows them
+    with torch.inference_mode():
+        native(torch.zeros(1, 4, dtype=torch.long), torch.arange(18, 22), kv_len=22)
+    assert model.layers[0].attention.kv_cache.k[0, :, 18:22].abs().sum() > 0
+    with pytest.raises(RuntimeError, match="exceeds the cache of 24"):
+        native(torch.zeros(1, 4, dtype=torch.long), torch.arange(22, 26), kv_len=26)
+    model.setup_caches(1, 16)
     with pytest.raises(RuntimeError, match="exceeds the cache of 16"):
         native(torch.zeros(1, 4, dtype=torch.long), torch.arange(14, 18), kv_len=18)

@@ -60,7 +60,8 @@ class NativeForward:
         """
         Args:
             model: a model `native_engine_supports`, with its caches set up (the engine
-                writes the same buffers, so the model and the engine can take turns).
+                writes the same buffers, so the model and the engine can take turns; after
+                `setup_caches` installs new ones, the next call rebuilds the engine over them).
             fallback: what runs the calls the engine does not take (default: the model).
         """
         if not native_engine_supports(model):
@@ -69,6 +70,7 @@ class NativeForward:
         self.fallback = fallback or model
         self.head_dtype = None if isinstance(model.output, GGUFLinear) else model.norm.weight.dtype
         self.engine = self._build_engine(model)
+        self._caches = model.layers[0].attention.kv_cache  # the buffers the engine was given
 
     @staticmethod
     def _build_engine(model: Transformer):
@@ -96,7 +98,10 @@ class NativeForward:
     def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, *, cache_slots: torch.Tensor | None = None,
                  kv_len=None, last_logits_only: bool = False, **options) -> torch.Tensor:  # fmt: skip
         """Logits for `tokens`; `kv_len` is implied by the positions (each row attends to its own)."""
-        if options:
+        caches = self.model.layers[0].attention.kv_cache
+        if caches is not self._caches and caches is not None:  # `setup_caches` installed new buffers
+            self.engine, self._caches = self._build_engine(self.model), caches
+        if options or caches is None:
             return self.fallback(tokens, input_pos, cache_slots=cache_slots, kv_len=kv_len,
                                  last_logits_only=last_logits_only, **options)  # fmt: skip
         batch = tokens.shape[0]
