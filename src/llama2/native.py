@@ -27,6 +27,7 @@ from .quant import (
 # scores are the peak of a small model's memory; 256 rows keep the prompt speed of 512).
 ENGINE_CHUNK = 256
 
+
 def _projections(block) -> list[list[torch.nn.Module]]:
     """A block's projections per engine slot: attention's inputs (q, k, v), its output, the
     feed-forward's inputs (gate, then up), its output; fused where `fuse_projections` fused them."""
@@ -45,7 +46,7 @@ def native_engine_supports(model: Transformer) -> bool:
 
 
 class NativeForward:
-    """A `Transformer`'s cached forward, run by the native engine one sequence at a time.
+    """A `Transformer`'s cached forward, run by the native engine.
 
     Called like the model: ``(tokens [B, T], input_pos [T] or [B, T], *, cache_slots,
     kv_len, last_logits_only) -> float logits [B, T or 1, vocab]``, each row's positions
@@ -109,7 +110,9 @@ class NativeForward:
         if batch > 1 and tokens.shape[1] == 1:  # decode steps of several sequences: one pass
             positions = input_pos.reshape(-1).tolist() if input_pos.dim() == 2 else [int(input_pos[0])] * batch
             normed = self.engine.forward_rows(self.embed(tokens[:, 0]), positions, slots)  # [B, dim]
-            return self._logits(normed).unsqueeze(1)  # [B, 1, vocab]
+            if self.head_dtype is None:  # a GGUF head's kernel computes rows independently of their number
+                return self._logits(normed).unsqueeze(1)  # [B, 1, vocab]
+            return torch.stack([self._logits(normed[i : i + 1]) for i in range(batch)])  # a GEMM may round by M
         rows = []
         for row in range(batch):
             start = int(input_pos[0] if input_pos.dim() == 1 else input_pos[row, 0])
@@ -120,12 +123,7 @@ class NativeForward:
         return torch.stack(rows)  # [B, T or 1, vocab]
 
     def _logits(self, normed: torch.Tensor) -> torch.Tensor:
-        """float logits [N, vocab] of final hidden states [N, dim], each row as if alone.
-
-        A GGUF head's kernel computes rows independently of how many there are; other heads
-        (a GEMM's rounding may depend on its size) run row by row.
-        """
-        if self.head_dtype is None:
-            return self.model.project_output(normed).float()
-        normed = normed.to(self.head_dtype)
-        return torch.cat([self.model.project_output(normed[i : i + 1]).float() for i in range(normed.shape[0])])
+        """float logits [N, vocab] of final hidden states [N, dim] through the model's head."""
+        if self.head_dtype is not None:
+            normed = normed.to(self.head_dtype)
+        return self.model.project_output(normed).float()
