@@ -29,7 +29,7 @@ def block_values(weight: torch.Tensor, type_name: str) -> tuple[np.ndarray, torc
     return blocks, torch.from_numpy(gguf.quants.dequantize(blocks, qtype))
 
 
-def engine_pair(tmp_path, type_names: list[str], fused: bool):
+def engine_pair(tmp_path, type_names: list[str], fused: bool, head_dim: int = 32):
     """(transformers model whose projections hold GGUF block values, our model on those blocks).
 
     Projection k of every layer is quantized as type_names[k % len(type_names)]. Our
@@ -37,7 +37,7 @@ def engine_pair(tmp_path, type_names: list[str], fused: bool):
     blocks, so our blocks are the reference's block rows in our row order (found by
     matching the values).
     """
-    hf = make_hf_llama(tmp_path, gqa=True, hidden_size=128, num_heads=4, intermediate_size=256, vocab_size=160)
+    hf = make_hf_llama(tmp_path, gqa=True, hidden_size=4 * head_dim, num_heads=4, intermediate_size=256, vocab_size=160)
     hf_blocks = {}
     hf_names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
                 "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
@@ -65,28 +65,34 @@ def relative_error(ours: torch.Tensor, expected: torch.Tensor) -> float:
     return ((ours - expected).norm() / expected.norm()).item()
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("cache_dtype", "head_dim"), [(torch.float32, 32), (torch.bfloat16, 32),
+                                                      (torch.bfloat16, 64), (torch.bfloat16, 128)], ids=str)  # fmt: skip
 @pytest.mark.parametrize(("type_names", "fused"), [(["Q4_0"], True), (["Q4_1"], True), (["Q8_0"], True),
                                                    (QTYPES, False)], ids=["Q4_0", "Q4_1", "Q8_0", "mixed-unfused"])  # fmt: skip
-def test_engine_logits_match_transformers(tmp_path, type_names, fused, cache_dtype):
+def test_engine_logits_match_transformers(tmp_path, type_names, fused, cache_dtype, head_dim):
     """Prefill chunks (key loop, matmul attention, bf16 GEMM), then decode steps, against transformers.
 
     The engine quantizes activations to int8 per block of 32 for its matmuls (as llama.cpp
-    does), so the logits are close, not equal (the PyTorch modules on the same blocks are
-    2.8-3.2% off here too); a wrong layout (RoPE pairs, heads, cache positions) would be
-    off by the size of the logits themselves.
+    does), so the logits are close, not equal; the yardstick for that noise is the
+    PyTorch modules' error on the same blocks (they use the same kernels, with bfloat16
+    GEMMs for long chunks): 3-4% at head_dim 32-64, ~9% at 128 (this random model's
+    activations grow with its width). A wrong layout (RoPE pairs, heads, cache positions)
+    would be off by the size of the logits themselves.
     """
-    hf, model = engine_pair(tmp_path, list(type_names), fused)
+    hf, model = engine_pair(tmp_path, list(type_names), fused, head_dim)  # 64 and 128: SmolLM2's and Llama 2's
     tokens = random_tokens(160, batch=1, length=56, seed=3)
     expected = reference_logits(hf, tokens)[0]  # [T, vocab]
-    model.setup_caches(1, 64, dtype=cache_dtype)
-    native = NativeForward(model)
     chunks = [(0, 8), (8, 48)] + [(t, t + 1) for t in range(48, 56)]  # 8 rows: kernel + key loop; 40: GEMM + matmuls
-    with torch.inference_mode():
-        logits = torch.cat([native(tokens[:, a:b], torch.arange(a, b), kv_len=b)[0] for a, b in chunks])
-    assert logits.shape == expected.shape
-    assert relative_error(logits, expected) < 0.045
-    assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+    errors = {}
+    for name in ("modules", "engine"):
+        model.setup_caches(1, 64, dtype=cache_dtype)
+        forward = model if name == "modules" else NativeForward(model)
+        with torch.inference_mode():
+            logits = torch.cat([forward(tokens[:, a:b], torch.arange(a, b), kv_len=b)[0] for a, b in chunks])
+        assert logits.shape == expected.shape
+        errors[name] = relative_error(logits, expected)
+    assert errors["engine"] < min(0.12, 1.25 * errors["modules"] + 0.01), errors
+    assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.8
 
 
 @pytest.mark.parametrize("head", ["float", "gguf"])
