@@ -23,6 +23,9 @@
 // on the blocks decoded by gguf_dequantize (the same split as llama2.quant.GGUFLinear).
 // Attention for few query rows is a loop over the cached keys; longer chunks use two
 // batched matmuls around a float32 softmax (llama2.model.matmul_attention's scheme).
+// `forward_rows` runs one decode step of several sequences (each row its own cache slot
+// and position) in one pass, on the batch-invariant kernels only, so every row comes out
+// bitwise as `forward` gives it alone.
 //
 // Registered as the TorchScript class llama2_kernels.GGUFLlama (see llama2/native.py).
 
