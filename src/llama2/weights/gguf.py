@@ -235,7 +235,7 @@ class _TensorInfo(NamedTuple):
 
 
 class _HeaderReader:
-    """One pass over a GGUF header that checks every length and count against the file, then reads it."""
+    """One pass over a GGUF header that reads its values, checking every length and count against the file first."""
 
     def __init__(self, buf: mmap.mmap, path: str):
         self.buf = buf
