@@ -274,19 +274,21 @@ class Llama:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.last_stats = GenerationStats()
         model.setup_caches(max_batch_size, max_seq_len)
-        # The native engine runs every cached forward of a supported model (per row).
+        # The native engine runs every cached forward of a model it supports (no compile needed).
         self.native = NativeForward(model) if native and native_engine_supports(model) else None
-        compile = compile and self.native is None
-        self.decode_step = compile_model(model) if compile else model
-        # CUDA graphs are recorded per shape: there prompts are prefilled eagerly and the
-        # decode step's cache length is rounded up to buckets.
-        cuda_graphs = compile and self.device.type == "cuda"
-        self.prefill_step = model if cuda_graphs else self.decode_step
-        if compile and not cuda_graphs:
-            self.decode_step = GuardFreeDecode(self.decode_step)
-        self.kv_len_bucket = CUDA_GRAPH_KV_BUCKET if cuda_graphs else 1
-        if self.native is not None:
-            self.decode_step = self.prefill_step = self.native
+        self.decode_step = self.prefill_step = self.native or model
+        self.kv_len_bucket = 1
+        if compile and self.native is None:
+            self._compile_steps()
+
+    def _compile_steps(self) -> None:
+        """Compiled steps: on CUDA, CUDA graphs per shape (prompts prefilled eagerly, the decode
+        step's cache length rounded up to buckets); on the CPU, decode without guard checks."""
+        compiled = compile_model(self.model)
+        if self.device.type == "cuda":
+            self.decode_step, self.kv_len_bucket = compiled, CUDA_GRAPH_KV_BUCKET
+        else:
+            self.prefill_step, self.decode_step = compiled, GuardFreeDecode(compiled)
 
     @staticmethod
     def build(

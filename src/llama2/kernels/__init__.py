@@ -5,8 +5,9 @@ machine and PyTorch version, ~30 s, cached by PyTorch under ~/.cache/torch_exten
 and registers two ops on GGUF Q4_0 / Q4_1 / Q8_0 blocks as stored:
 `torch.ops.llama2_kernels.gguf_matmul(x, raw, qtype, n, k)`: y = x W^T with the
 activations quantized per block of 32 to int8 and dot products in AVX-512 VNNI
-(decode); `gguf_dequantize(raw, qtype, n, k)`: W as bfloat16 (prefill chunks). Where
-that cannot be built or would not run (no AVX-512 VNNI, no C++ compiler,
+(decode); `gguf_dequantize(raw, qtype, n, k)`: W as bfloat16 (prefill chunks); and the
+TorchScript class `torch.classes.llama2_kernels.GGUFLlama`, the native engine that
+`llama2.native` drives. Where that cannot be built or would not run (no AVX-512 VNNI, no C++ compiler,
 LLAMA2_NO_KERNELS=1) callers use PyTorch's stock kernels (a failed build warns once).
 """
 

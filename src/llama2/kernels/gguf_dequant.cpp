@@ -37,19 +37,13 @@ float half_at(const uint8_t* p) {
 }
 
 #if GGUF_DEQUANT_AVX512
-// 16 fp32 lanes rounded to bf16 (nearest even; weights are finite) and stored.
-inline void store_bf16(c10::BFloat16* out, __m512 v) {
-  __m512i bits = _mm512_castps_si512(v);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
-}
+using GGUF_NS::store_bf16x16;
 
 // One block of 32 values: q holds the 32 unsigned (Q4) or signed (Q8_0) integers as int32 in two halves.
 inline void store_block(c10::BFloat16* out, __m512i q_lo, __m512i q_hi, float d, float offset) {
   __m512 scale = _mm512_set1_ps(d), shift = _mm512_set1_ps(offset);
-  store_bf16(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(q_lo), scale, shift));
-  store_bf16(out + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(q_hi), scale, shift));
+  store_bf16x16(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(q_lo), scale, shift));
+  store_bf16x16(out + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(q_hi), scale, shift));
 }
 #endif
 

@@ -44,7 +44,7 @@
 
 #include "gguf_kernels.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 #define ENGINE_AVX512 1
 #include <immintrin.h>
 #else
@@ -130,12 +130,7 @@ inline void load_row(const c10::BFloat16* src, float* dst, int64_t n) {
 inline void store_row(const float* src, c10::BFloat16* dst, int64_t n) {
   int64_t i = 0;
 #if ENGINE_AVX512
-  for (; i + 16 <= n; i += 16) {
-    const __m512i bits = _mm512_castps_si512(_mm512_loadu_ps(src + i));
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
-  }
+  for (; i + 16 <= n; i += 16) GGUF_NS::store_bf16x16(dst + i, _mm512_loadu_ps(src + i));
 #endif
   for (; i < n; ++i) dst[i] = static_cast<c10::BFloat16>(src[i]);
 }
@@ -293,6 +288,7 @@ class GGUFLlama : public torch::CustomClassHolder {
     }
     layers_.push_back(Layer{attention_norm.to(at::kFloat).contiguous(), ffn_norm.to(at::kFloat).contiguous(), k_cache,
                             v_cache, {}});
+    complete_ = false;
   }
 
   // Appends a GGUF tensor to projection `slot` of the last layer added.
@@ -307,6 +303,7 @@ class GGUFLlama : public torch::CustomClassHolder {
     const int64_t inputs[kSlots] = {dim_, n_heads_ * head_dim_, dim_, hidden_dim_};
     TORCH_CHECK(k == inputs[slot], "GGUFLlama: projection ", slot, " takes ", inputs[slot], " inputs, got ", k);
     layers_.back().projections[slot].push_back(BlockLinear{blocks, qtype, n, k});
+    complete_ = false;
   }
 
   // hidden [T, dim] (the token embeddings) at positions pos .. pos + T - 1 -> the final
@@ -375,7 +372,9 @@ class GGUFLlama : public torch::CustomClassHolder {
 
   int64_t qkv_width() const { return (n_heads_ + 2 * n_kv_heads_) * head_dim_; }
 
-  void check_complete() const {
+  // Checks once, after the last layer or projection was added, that every layer is whole.
+  void check_complete() {
+    if (complete_) return;
     TORCH_CHECK(!layers_.empty(), "GGUFLlama: no layers");
     for (const Layer& layer : layers_) {
       const int64_t widths[kSlots] = {qkv_width(), dim_, 2 * hidden_dim_, dim_};
@@ -386,6 +385,7 @@ class GGUFLlama : public torch::CustomClassHolder {
                     widths[slot]);
       }
     }
+    complete_ = true;
   }
 
   // h += update, both [T, dim]
@@ -544,6 +544,7 @@ class GGUFLlama : public torch::CustomClassHolder {
   int64_t dense_min_rows_, dense_max_values_;
   at::Tensor rope_cos_, rope_sin_, norm_;
   std::vector<Layer> layers_;
+  bool complete_ = false;  // check_complete passed since the last change
 };
 
 }  // namespace
