@@ -2,7 +2,9 @@
 
 Runs the engine's own generation loop (`Llama.generate`, greedy) for each variant:
 bf16 eager, bf16 compiled (CUDA graphs), int8 and int4 compiled (a "-cublas" suffix keeps
-one-row matrix products on cuBLAS instead of Triton reductions). The bound is the GPU's
+one-row matrix products on cuBLAS instead of Inductor's Triton reductions, "-triton" runs
+them on llama2's kernels, `llama2.kernels.cuda_matmul.use_for_decode`; mode "nographs" compiles
+without CUDA graphs, for `--profile`'s per-kernel view). The bound is the GPU's
 memory bandwidth over the bytes one token must read (weights, plus the KV cache it
 attends over). Prints one JSON line per variant, and a table.
 
@@ -20,6 +22,8 @@ import torch
 
 from llama2.bench import measure_generation
 from llama2.config import model_args_from_preset
+from llama2.fuse import fuse_projections
+from llama2.kernels import cuda_matmul
 from llama2.generation import Llama, compile_model
 from llama2.model import Transformer
 from llama2.quant import quantize_model
@@ -46,19 +50,24 @@ def model_bytes(model: Transformer) -> int:
 
 
 def run_variant(name: str, args, tokenizer: Tokenizer) -> dict:
-    precision, mode, *matmuls = name.split("-")  # "-cublas": no Triton matrix-vector reductions
+    precision, mode, *matmuls = name.split("-")  # "-cublas": no Triton reductions; "-triton": llama2's kernels
     torch._dynamo.reset()  # a compiled graph would otherwise be reused by the next variant's model
     model = random_model(args.preset, args.device)
     if precision in ("int8", "int4"):
         model = quantize_model(model, precision)
+    model = fuse_projections(model)  # as `Llama.build` loads a checkpoint
+    if matmuls == ["triton"]:
+        cuda_matmul.use_for_decode(model)
     weights = model_bytes(model)
     start = time.perf_counter()
     llama = Llama(model, tokenizer, None, args.prompt_len + args.gen_len, max_batch_size=1, compile=mode == "compiled")
-    if mode == "compiled" and matmuls == ["cublas"]:
-        llama.decode_step = compile_model(model, matvec_as_reduction=False)
+    if mode in ("compiled", "nographs") and (matmuls == ["cublas"] or mode == "nographs"):
+        llama.decode_step = compile_model(model, matvec_as_reduction=matmuls != ["cublas"], cuda_graphs=mode == "compiled")
     measure_generation(llama, args.prompt_len, args.gen_len)  # compiles and records every CUDA graph the runs use
     warmup_s = time.perf_counter() - start
     runs = [measure_generation(llama, args.prompt_len, args.gen_len, seed=i) for i in range(args.repeats)]
+    if args.profile:
+        print_kernel_profile(llama, args.prompt_len, PROFILED_STEPS)
     decode = sorted(r.decode_tokens_per_s for r in runs)[len(runs) // 2]
     prompt = sorted(r.prompt_tokens_per_s for r in runs)[len(runs) // 2]
     args_ = model.args
@@ -77,6 +86,27 @@ def run_variant(name: str, args, tokenizer: Tokenizer) -> dict:
     return result
 
 
+PROFILED_STEPS = 32
+
+
+def print_kernel_profile(llama: Llama, prompt_len: int, steps: int) -> None:
+    """The GPU kernels of one generation (a `prompt_len` prompt, then `steps` decode steps), by device time.
+
+    Kernels inside CUDA graph replays may not be listed: profile the "nographs" mode
+    (the same compiled kernels, launched one by one) for a per-kernel view.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        measure_generation(llama, prompt_len, steps)  # waits for the device before it returns
+    events = prof.key_averages()
+    total_us = sum(e.self_device_time_total for e in events)
+    print(f"profile: {total_us / 1e3:.1f} ms of kernels over a {prompt_len}-token prefill and {steps} steps")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:25]:
+        if e.self_device_time_total:
+            print(f"  {e.self_device_time_total / 1e3:9.2f} ms {e.count:7d} calls  {e.key[:110]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="llama2-7b")
@@ -86,6 +116,8 @@ def main() -> None:
     parser.add_argument("--gen-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", help="also write the results here as JSON")
+    parser.add_argument("--matmul-configs", help="tile settings measured by gpu_gemv.py --tuned-out")
+    parser.add_argument("--profile", action="store_true", help="also print each variant's GPU kernels by time")
     parser.add_argument("--device", default="cuda", help="cuda (or cpu with --bandwidth-gbs, to try the script)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -96,6 +128,9 @@ def main() -> None:
         if args.bandwidth_gbs is None:
             raise SystemExit(f"unknown GPU {device_name!r}: give --bandwidth-gbs")
     print(f"device {device_name}, torch {torch.__version__}, preset {args.preset}, bound at {args.bandwidth_gbs:.0f} GB/s")
+    if args.matmul_configs:
+        with open(args.matmul_configs) as f:
+            cuda_matmul.TUNED_CONFIGS.update({(kind, n, k): config for kind, n, k, config in json.load(f)})
     tokenizer = Tokenizer.from_file(llama2_tokenizer_path())
     results = []
     for name in args.variants.split(","):

@@ -176,7 +176,9 @@ def load_weights(model: Transformer, state_dict: dict[str, torch.Tensor], source
                           f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")  # fmt: skip
 
 
-def compile_model(model: Transformer, matvec_as_reduction: bool = True) -> Callable[..., torch.Tensor]:
+def compile_model(
+    model: Transformer, matvec_as_reduction: bool = True, cuda_graphs: bool = True
+) -> Callable[..., torch.Tensor]:
     """The model's forward compiled for prefill chunks and decode steps.
 
     On the CPU, sequence and cache lengths are dynamic sizes (a graph for decode and one
@@ -189,11 +191,13 @@ def compile_model(model: Transformer, matvec_as_reduction: bool = True) -> Calla
     Args:
         matvec_as_reduction: on CUDA, let one-row matrix products become tuned Triton
             reductions (Inductor's coordinate-descent tuning) rather than cuBLAS calls.
+        cuda_graphs: on CUDA, replay the step as CUDA graphs (off: for kernel profiles).
     """
     if model.norm.weight.device.type == "cpu":
         options = {"cpp_wrapper": True, "freezing": True, "cpp.min_chunk_size": CPU_PARALLEL_MIN_CHUNK}
         return torch.compile(model, dynamic=True, options=options)
-    return torch.compile(model, options={"triton.cudagraphs": True, "coordinate_descent_tuning": matvec_as_reduction})
+    options = {"triton.cudagraphs": cuda_graphs, "coordinate_descent_tuning": matvec_as_reduction}
+    return torch.compile(model, options=options)
 
 
 # Inductor's CPU loops split across threads only from this many elements a thread (its
@@ -239,6 +243,39 @@ class GuardFreeDecode:
 # A compiled CUDA decode step attends over the cache rounded up to a multiple of this many
 # positions (masked), so a 4096-token context needs at most 16 recorded CUDA graphs.
 CUDA_GRAPH_KV_BUCKET = 256
+
+
+class FinishedCheck:
+    """Whether every row of a generation has finished, asked after each step.
+
+    On CUDA the answer is read one step late: the flag of step t is copied to the host
+    while step t + 1 is queued, so the host never waits for the step it just queued and
+    the GPU never waits for the host's bookkeeping between steps. A generation then
+    runs one step past its end; its tokens lie after the stop and are never returned.
+    Elsewhere (the CPU computes as it is asked) the flag of the current step is read.
+    """
+
+    def __init__(self, device: torch.device):
+        self.lagged = device.type == "cuda"
+        self.pending: tuple[torch.Tensor, torch.cuda.Event] | None = None
+
+    def __call__(self, finished: torch.Tensor) -> bool:
+        if not self.lagged:
+            return bool(finished.all())
+        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        flag.copy_(finished.all(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        previous, self.pending = self.pending, (flag, event)
+        if previous is None:
+            return False
+        previous[1].synchronize()
+        return bool(previous[0])
+
+    def wait(self) -> None:
+        """Wait for the device to finish what was queued (for timing)."""
+        if self.lagged:
+            torch.cuda.synchronize()
 
 
 def _record_logprobs(token_logprobs, logits, tokens, start: int, end: int, pad: int) -> None:
@@ -408,6 +445,7 @@ class Llama:
         stats = self.last_stats = GenerationStats(prompt_tokens=max_len)
 
         prev_pos = 0
+        all_finished = FinishedCheck(self.device)
         if min_len == total_len and want_logprobs:
             logits = self.model(tokens, torch.arange(total_len, device=self.device))
             token_logprobs[:, 1:] = -F.cross_entropy(
@@ -428,6 +466,7 @@ class Llama:
                 _record_logprobs(token_logprobs, logits, tokens, prev_pos, cur_pos, pad)
             finished |= ~in_prompt[:, cur_pos] & torch.isin(next_token, stop_tensor)
             if cur_pos == min_len:
+                all_finished.wait()  # the prompt's time, not only the time to queue it
                 stats.prefill_s = time.perf_counter() - start
                 start = time.perf_counter()
             else:
@@ -435,8 +474,11 @@ class Llama:
             stats.generated_tokens = cur_pos + 1 - max_len
             prev_pos = cur_pos
             yield cur_pos, tokens, finished, token_logprobs
-            if bool(finished.all()):
+            if all_finished(finished):
                 break
+        if stats.generated_tokens > 1:
+            all_finished.wait()
+            stats.decode_s = time.perf_counter() - start
 
     def _forward(self, tokens: torch.Tensor, start: int, end: int, all_logits: bool) -> torch.Tensor:
         """Feed tokens[:, start:end] at their positions; logits of every position or the last."""
