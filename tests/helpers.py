@@ -11,6 +11,12 @@ from llama2.errors import Llama2Error
 from llama2.model import Transformer
 from llama2.weights import Checkpoint
 
+FIXTURES = Path(__file__).parent / "fixtures"
+# Meta's Llama 2 tokenizer.model (md5 eeec4125e9c7560836b4873b6f8e3025), the reference for tokens.
+LLAMA2_MODEL = FIXTURES / "llama2-tokenizer.model"
+# The same vocabulary as a GGUF file with no tensors, as GGUF conversions of Llama 2 carry it.
+LLAMA2_GGUF = FIXTURES / "llama2-vocab.gguf"
+
 
 def expect_error(call, *needles) -> Llama2Error:
     """Run `call`, expecting a one-line Llama2Error mentioning every needle; return the error."""

@@ -33,8 +33,8 @@ from llama2.chat import (
 from llama2.errors import Llama2Error
 from llama2.tokenizer import HFTokenizer, Tokenizer, llama2_tokenizer_path
 
-LLAMA2_MODEL = Path("/work/shared/data/llama2-tokenizer.model")
-LLAMA2_GGUF = Path("/work/shared/data/llama2-vocab.gguf")
+from helpers import LLAMA2_GGUF, LLAMA2_MODEL
+
 
 # Verbatim from the SmolLM2-135M-Instruct GGUF (the '\n' are real newlines in the
 # Jinja string literals).

@@ -32,9 +32,8 @@ from llama2.tokenizer import (
     llama2_tokenizer_path,
 )
 
-DATA = Path("/work/shared/data")
-LLAMA2_MODEL = DATA / "llama2-tokenizer.model"
-LLAMA2_GGUF = DATA / "llama2-vocab.gguf"
+from helpers import LLAMA2_GGUF, LLAMA2_MODEL
+
 LLAMA2_MD5 = "eeec4125e9c7560836b4873b6f8e3025"
 
 # -- seeded text generation -------------------------------------------------------------
