@@ -1,6 +1,9 @@
 """Generation on a tiny random model with Meta's Llama 2 tokenizer."""
 
+import random
+
 import pytest
+import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 
@@ -11,6 +14,8 @@ from llama2.generation import Llama, TextStreamer, truncate_at_stop
 from llama2.model import Transformer
 from llama2.sampling import SamplingParams, apply_repetition_penalty, sample_next
 from llama2.tokenizer import Tokenizer, llama2_tokenizer_path
+
+from helpers import LLAMA2_MODEL
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +126,33 @@ def test_streamer_never_splits_multibyte_characters(tokenizer):
     pieces = [streamer.push(i) for i in ids] + [streamer.flush()]
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == text
+
+
+class CountingTokenizer:
+    """A tokenizer that records how many ids each decode call was given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.decoded_lengths: list[int] = []
+
+    def decode(self, ids):
+        self.decoded_lengths.append(len(ids))
+        return self.tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("stop", [(), ("zebra",), ("🦙 L",)])
+def test_streamer_decodes_a_constant_window_and_equals_the_whole_decode(tokenizer, stop):
+    """2,000 random ids (byte pieces included): the pieces join to sentencepiece's decode of
+    the whole answer cut at the first stop string, and no decode call sees more than a few ids."""
+    rng = random.Random(7)
+    ids = tokenizer.encode("🦙 Llamas 吃草 naïve", bos=False, eos=False)
+    ids += [rng.choice([rng.randrange(3, 259), rng.randrange(259, 32000)]) for _ in range(2000)]
+    reference = spm.SentencePieceProcessor(model_file=str(LLAMA2_MODEL))
+    counting = CountingTokenizer(tokenizer)
+    streamer = TextStreamer(counting, stop)
+    pieces = [streamer.push(i) for i in ids] + [streamer.flush()]
+    assert "".join(pieces) == truncate_at_stop(reference.decode(ids), stop)
+    assert max(counting.decoded_lengths) <= 16  # the longest run of byte pieces in a row, not the answer
 
 
 def test_chat_completion_refuses_special_tags_like_meta(llama):

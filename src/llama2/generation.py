@@ -730,40 +730,56 @@ class StopStringWatcher:
 
 
 class TextStreamer:
-    """Turns generated token ids into text pieces, one call per token.
+    """Turns generated token ids into text pieces, one call per token, with constant work a token.
 
-    Decodes a sliding window of ids (so SentencePiece's leading-space rule and byte
-    pieces work), emits only text that is complete (no trailing U+FFFD of a partial
-    UTF-8 sequence) and holds back anything that could begin a stop string.
+    Each step decodes only the ids since the last decided piece, after the ids of that
+    piece as context (so SentencePiece's leading-space rule and byte pieces decode as
+    they do in the whole answer), emits only text that is complete (no trailing U+FFFD
+    of a partial UTF-8 sequence), looks for stop strings only where a new one could
+    start, and holds back anything that could begin a stop string.
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self.ids: list[int] = []
+        self.context = 0  # ids[context:decided] decoded into the last piece (the next piece's context)
+        self.decided = 0  # ids[decided:] not yet turned into text
         self.text = ""  # all decided text so far
         self.emitted = 0  # characters of self.text already yielded
+        self.search_from = 0  # no stop string starts before this character
         self.stopped = False
 
     def push(self, token: int) -> str:
         """Add one token; return the newly decided text (possibly empty)."""
         self.ids.append(token)
-        decoded = self.tokenizer.decode(self.ids)
-        if decoded.endswith("\ufffd"):
-            return ""  # wait for the rest of a multi-byte character
-        self.text = decoded
+        if self.stopped or not self._decide(final=False):
+            return ""  # stopped, or waiting for the rest of a multi-byte character
         return self._release(final=False)
 
     def flush(self) -> str:
         """Everything still held back, at the end of generation."""
         if not self.stopped:
-            self.text = self.tokenizer.decode(self.ids)
+            self._decide(final=True)
         return self._release(final=True)
+
+    def _decide(self, final: bool) -> bool:
+        """Append the text of the undecided ids; False (nothing appended) while it ends mid-character."""
+        if self.decided == len(self.ids):
+            return True
+        known = self.tokenizer.decode(self.ids[self.context : self.decided])
+        extended = self.tokenizer.decode(self.ids[self.context :])
+        if extended.endswith("\ufffd") and not final:
+            return False
+        self.search_from = max(0, len(self.text) - max((len(s) for s in self.stop), default=1) + 1)
+        self.text += extended[len(known) :]
+        self.context, self.decided = self.decided, len(self.ids)
+        return True
 
     def _release(self, final: bool) -> str:
         end = len(self.text)
         for s in self.stop:
-            hit = self.text.find(s)
+            hit = self.text.find(s, self.search_from)
             if hit >= 0:
                 end = min(end, hit)
                 self.stopped = True
