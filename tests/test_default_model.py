@@ -1,6 +1,8 @@
 """The real default model (SmolLM2-135M-Instruct Q4_1 GGUF) against llama.cpp's recorded outputs."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -184,3 +186,23 @@ def test_int8_perplexity_within_two_percent_of_bfloat16(default_model_path):
     assert 1 < perplexities["none"] < 100, perplexities  # a real model on plain English, not garbage
     assert abs(perplexities["int8"] / perplexities["none"] - 1) <= 0.02, perplexities
 
+
+def test_bench_json_is_one_object_naming_the_backend_that_ran(default_llama):
+    """`llama2 bench --json` on the default model: one JSON object whose backend is what `Llama` runs here."""
+    command = [sys.executable, "-m", "llama2.cli", "bench", "--json", "--prompt-len", "8", "--gen-len", "4", "--repeats", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)  # fails on anything besides one JSON value
+    assert isinstance(report, dict)
+    assert report["prompt_tps"] > 0 and report["decode_tps"] > 0
+    assert all(isinstance(report[key], float) for key in ("prompt_tps", "decode_tps"))
+    if default_llama.native is not None:
+        assert report["backend"].startswith("native/") and len(report["backend"]) > len("native/")
+    else:
+        from llama2.quant import GGUFLinear, Int4Linear, Int8Linear
+
+        kind = {GGUFLinear: "gguf", Int4Linear: "int4", Int8Linear: "int8"}.get(type(default_llama.model.layers[0].attention.wqkv))
+        assert report["backend"].startswith("modules/") and (kind is None or kind in report["backend"])
+    if report["peak_rss_mb"] is not None:  # None only where the platform does not say (Windows without psutil)
+        assert isinstance(report["peak_rss_mb"], float) and isinstance(report["rss_above_torch_mb"], float)
+        assert 0 < report["rss_above_torch_mb"] < report["peak_rss_mb"]
