@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,13 @@ from tokenizers import pre_tokenizers
 from llama2.errors import Llama2Error
 from llama2.tokenizer import Tokenizer
 from llama2.weights import registry
+
+# `ATEN_CPU_CAPABILITY=avx2` (or `default`) runs PyTorch's kernels for a CPU without AVX-512;
+# cap oneDNN the same way, as such a CPU would, or on an AMX machine PyTorch's bfloat16
+# attention packs for AMX from its AVX2 code and fails ("pack_vnni2 is only supported when
+# avx512 is supported"). oneDNN reads the cap on first use, after these imports.
+if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("avx2", "default"):
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,16 @@
 """The same code on CUDA: skipped without a GPU."""
 
+import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
 
 from llama2.chat import Llama2ChatFormat
 from llama2.config import model_args_from_preset
 from llama2.generation import Llama, compile_model
 from llama2.model import Transformer
-from llama2.quant import Int4Linear, quantize_model
+from llama2.quant import Int4Linear, quantize_model, unpack_q4_blocks
 from llama2.tokenizer import Tokenizer, llama2_tokenizer_path
 
 pytestmark = [
@@ -89,6 +92,23 @@ def test_int4_layer_on_cuda_matches_its_weight():
     expected = x.float() @ cpu.dequantize().T
     actual = gpu(x.cuda()).float().cpu()
     assert (actual - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+def test_int4_values_on_cuda_come_back_exactly_and_fuse_to_ggufs_rows():
+    """tinygemm's layout is never read either: the values come back through its matmul, as on the CPU."""
+    blocks = quantize(np.random.default_rng(0).standard_normal((80, 256)).astype(np.float32), GGMLQuantizationType.Q4_1)
+    reference = torch.from_numpy(dequantize(blocks, GGMLQuantizationType.Q4_1))
+    q, scale, minimum = unpack_q4_blocks(torch.from_numpy(blocks), (80, 256), has_minimum=True)
+    cpu = Int4Linear.from_q4_blocks(q, scale, minimum)
+    gpu = Int4Linear.from_q4_blocks(q.cuda(), scale.cuda(), minimum.cuda())
+    assert torch.equal(gpu.codes().cpu(), q)
+    assert torch.equal(gpu.dequantize().cpu(), cpu.dequantize())
+    fused = Int4Linear.concat([gpu, gpu])
+    expected = torch.cat([reference, reference])
+    assert ((fused.dequantize().cpu() - expected).norm() / expected.norm()).item() < 5e-3  # bf16 scales
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    out, want = fused(x.cuda()).float().cpu(), x.float() @ expected.T
+    assert ((out - want).norm() / want.norm()).item() < 1e-2
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])

@@ -1,4 +1,13 @@
-"""Packed weight-only quantized linears against independent dequantization (gguf's own)."""
+"""Packed weight-only quantized linears against independent dequantization (gguf's own).
+
+The int4 tests also run under every other ATen CPU capability this machine has
+(`test_int4_tests_pass_under_every_cpu_capability`): PyTorch's int4 layout differs per
+instruction set, and nothing here may depend on it.
+"""
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,25 +20,86 @@ from llama2.errors import Llama2Error
 from llama2.fuse import fuse_projections
 from llama2.kernels import gguf_matmul_available
 from llama2.model import Transformer
-from llama2.quant import GGUFLinear, Int4Linear, Int8Linear, int8_from_gguf, pack_int4, quantize_model, unpack_int4pack, unpack_q4_blocks
+from llama2 import quant
+from llama2.quant import GGUFLinear, Int4Linear, Int8Linear, int8_from_gguf, pack_int4, quantize_model, read_int4pack, unpack_q4_blocks
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
 
 
+def gguf_q4_layer(qtype, rows: int, cols: int, seed: int = 0) -> tuple[Int4Linear, torch.Tensor, np.ndarray]:
+    """(an `Int4Linear` from gguf-quantized blocks, gguf's own decode of them, the blocks)."""
+    weight = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
+    blocks = quantize(weight, qtype)  # uint8 [rows, bytes per row]
+    reference = torch.from_numpy(dequantize(blocks, qtype))
+    q, scale, minimum = unpack_q4_blocks(torch.from_numpy(blocks), (rows, cols), qtype == GGMLQuantizationType.Q4_1)
+    return Int4Linear.from_q4_blocks(q, scale, minimum), reference, blocks
+
+
+@pytest.fixture(params=["nibbles", "read-back"])
+def int4_storage(request, monkeypatch):
+    """Int4Linear keeping its nibbles (small CPU weights) or reading them back through the kernel (large ones)."""
+    if request.param == "read-back":
+        monkeypatch.setattr(quant, "DENSE_MAX_WEIGHT_VALUES", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("qtype", [GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1])
-def test_int4_from_gguf_blocks_computes_gguf_dequantized_weights(qtype):
+def test_int4_from_gguf_blocks_computes_gguf_dequantized_weights(qtype, int4_storage):
     torch.manual_seed(0)
-    weight = np.random.default_rng(0).standard_normal((96, 256)).astype(np.float32)
-    blocks = quantize(weight, qtype)  # uint8 [96, bytes per row]
-    reference = torch.from_numpy(dequantize(blocks, qtype))  # gguf's decode of the same blocks
-    q, scale, minimum = unpack_q4_blocks(torch.from_numpy(blocks), (96, 256), qtype == GGMLQuantizationType.Q4_1)
-    layer = Int4Linear.from_q4_blocks(q, scale, minimum)
-    x = torch.randn(5, 256)
-    expected = x.to(torch.bfloat16).float() @ reference.T
-    assert relative_error(layer(x), expected) < 1e-2  # bf16 activations, scales and output
-    assert relative_error(layer.dequantize(), reference) < 5e-3
+    layer, reference, _ = gguf_q4_layer(qtype, 96, 256)
+    assert (layer.nibbles is None) == (int4_storage == "read-back")
+    for rows in (5, 40):  # the int4 kernel (decode); a dense GEMM on decoded nibbles (prefill) when kept
+        x = torch.randn(rows, 256)
+        expected = x.to(torch.bfloat16).float() @ reference.T
+        assert relative_error(layer(x), expected) < 1e-2  # bf16 activations, scales and output
+    assert relative_error(layer.dequantize(), reference) < 5e-3  # bf16 scales
+
+
+@pytest.mark.parametrize(("out_features", "in_features"), [(64, 32), (192, 576), (96, 64), (80, 128), (32, 64), (16, 256)])
+def test_int4_values_read_back_through_the_kernel_are_the_packed_ones(out_features, in_features):
+    q = torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8)
+    packed = pack_int4(q)
+    assert torch.equal(read_int4pack(packed, 32, out_features, in_features), q)
+    assert torch.equal(read_int4pack(packed, 32, out_features, in_features, columns_per_call=24), q)
+
+
+@pytest.mark.parametrize("qtype", [GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1])
+def test_concatenated_int4_layers_compute_ggufs_joined_rows(qtype, int4_storage):
+    """Fusion joins any row counts (here 48, 80 and 16 rows) into one layer with gguf's values."""
+    parts = [gguf_q4_layer(qtype, rows, 128, seed) for seed, rows in enumerate((48, 80, 16))]
+    fused = Int4Linear.concat([layer for layer, _, _ in parts])
+    reference = torch.from_numpy(dequantize(np.concatenate([blocks for _, _, blocks in parts]), qtype))
+    assert fused.out_features == 144 and relative_error(fused.dequantize(), reference) < 5e-3
+    x = torch.randn(3, 128)
+    assert relative_error(fused(x), x.to(torch.bfloat16).float() @ reference.T) < 1e-2
+
+
+def test_int4_layers_of_different_widths_stay_apart():
+    assert Int4Linear.concat([Int4Linear.from_float(torch.randn(32, n)) for n in (64, 128)]) is None
+
+
+# The int4 layer tests (the model-level ones load and convert a model: minutes with the portable kernels).
+RERUN_TESTS = "int4 and not every_cpu and not quantize_command"
+
+
+def test_int4_tests_pass_under_every_cpu_capability():
+    """This file's int4 tests, run again with PyTorch dispatching to each other instruction set it has here."""
+    current = torch.backends.cpu.get_cpu_capability().lower()
+    others = [cap for cap in cpu_capabilities() if cap != current]
+    for capability in others:
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", RERUN_TESTS]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, f"ATEN_CPU_CAPABILITY={capability}:\n{result.stdout[-3000:]}{result.stderr[-2000:]}"
+    assert others or current == "default"  # at least the portable kernels besides this machine's best
+
+
+def cpu_capabilities() -> list[str]:
+    """The ATen CPU capabilities this machine can run: "default" everywhere, then x86's vector ones."""
+    supported = {"avx2": "_is_avx2_supported", "avx512": "_is_avx512_supported"}
+    return ["default"] + [cap for cap, probe in supported.items() if getattr(torch.cpu, probe, lambda: False)()]
 
 
 def test_int8_per_channel():
@@ -49,14 +119,6 @@ def test_int4_from_float_groups():
     assert relative_error(layer.dequantize(), weight) < 0.12  # 4-bit min/max groups
     x = torch.randn(4, 128)
     assert relative_error(layer(x), x @ layer.dequantize().T) < 1e-2
-
-
-@pytest.mark.parametrize(("out_features", "in_features"), [(64, 32), (192, 576), (1536, 576), (96, 64), (80, 128), (32, 64)])
-def test_unpack_int4pack_inverts_pytorchs_packer(out_features, in_features):
-    q = torch.randint(0, 16, (out_features, in_features), dtype=torch.int32)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-    assert torch.equal(unpack_int4pack(packed, out_features, in_features).int(), q)
-    assert torch.equal(pack_int4(q.to(torch.uint8), rows_per_chunk=64), packed)  # chunked packing, same layout
 
 
 def test_int4_rejects_unaligned_width():
@@ -148,9 +210,3 @@ def test_fused_projections_compute_what_the_separate_ones_did(kind):
     assert model.layers[0].attention.wqkv is not None and model.layers[0].feed_forward.w13 is not None
     assert not hasattr(model.layers[0].attention, "wq")
     assert torch.allclose(actual, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
-
-
-def test_int4_layers_with_a_partial_row_block_in_front_stay_apart():
-    layers = [Int4Linear.from_float(torch.randn(n, 64)) for n in (48, 64)]
-    assert Int4Linear.concat(layers) is None
-    assert Int4Linear.concat(layers[::-1]).dequantize().equal(torch.cat([layers[1].dequantize(), layers[0].dequantize()]))

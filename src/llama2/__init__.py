@@ -7,6 +7,7 @@ Public API::
     llama.chat_completion([[{"role": "user", "content": "hi"}]])
 """
 
+from . import rss as _rss  # noqa: F401  (imported first: memory right after PyTorch's import, `llama2 bench`'s baseline)
 from .chat import ChatFormat, Dialog, JinjaChatFormat, Llama2ChatFormat, Message, resolve_chat_format
 from .config import PRESETS, ModelArgs, model_args_from_preset
 from .errors import Llama2Error

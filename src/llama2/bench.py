@@ -3,27 +3,14 @@
 from __future__ import annotations
 
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
+from torch import nn
 
-
-def peak_rss_mb() -> float | None:
-    """Peak resident memory of this process in MB (None where the platform does not say)."""
-    try:
-        import resource  # POSIX only
-    except ImportError:
-        try:
-            import psutil
-
-            info = psutil.Process().memory_info()
-            return getattr(info, "peak_wset", info.rss) / 2**20  # Windows reports the peak working set
-        except ImportError:
-            return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KB on Linux
+from .quant import GGUFLinear, Int4Linear, Int8Linear
+from .rss import TORCH_IMPORT_PEAK_RSS_MB, peak_rss_mb
 
 
 @dataclass
@@ -78,7 +65,10 @@ def run_bench(build_llama, prompt_len: int, gen_len: int, repeats: int = 3) -> d
         build_llama: a callable returning a ready `Llama` (timed as the load).
 
     Returns:
-        load_s, warmup_s, the median run's figures, every run, and peak RSS in MB.
+        backend (`backend_name`), load_s, warmup_s, the median run's figures (also as
+        prompt_tps and decode_tps), every run, peak RSS in MB, and rss_above_torch_mb:
+        the peak above the process's memory right after PyTorch's import (None where
+        the platform does not report memory).
     """
     start = time.perf_counter()
     llama = build_llama()
@@ -88,11 +78,55 @@ def run_bench(build_llama, prompt_len: int, gen_len: int, repeats: int = 3) -> d
     warmup_s = time.perf_counter() - start
     runs = [measure_generation(llama, prompt_len, gen_len, seed=i) for i in range(repeats)]
     median = sorted(runs, key=lambda r: r.decode_tokens_per_s)[len(runs) // 2]
+    peak = peak_rss_mb()
     return {
+        "backend": backend_name(llama),
         "load_s": load_s,
         "warmup_s": warmup_s,
         **median.to_dict(),
+        "prompt_tps": median.prompt_tokens_per_s,
+        "decode_tps": median.decode_tokens_per_s,
         "runs": [r.to_dict() for r in runs],
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak,
+        "rss_above_torch_mb": peak - TORCH_IMPORT_PEAK_RSS_MB if peak is not None and TORCH_IMPORT_PEAK_RSS_MB else None,
+        "torch_import_rss_mb": TORCH_IMPORT_PEAK_RSS_MB,
         "threads": torch.get_num_threads(),
     }
+
+
+def backend_name(llama) -> str:
+    """Which code computes a `Llama`'s steps.
+
+    "native/<isa>" when llama2's C++ engine runs them (`native_isa`), else
+    "modules/<kinds>": the kinds of the blocks' projections joined by "+" ("gguf" for a
+    GGUF file's blocks on llama2's kernels, "int4" / "int8" for PyTorch's packed kernels,
+    else the weights' dtype, e.g. "bf16"), with "+compiled" when torch.compile runs them.
+    """
+    if llama.native is not None:
+        return f"native/{native_isa()}"
+    kinds = sorted({_layer_kind(layer) for block in llama.model.layers for layer in _projections(block)})
+    compiled = "+compiled" if llama.decode_step is not llama.model else ""
+    return f"modules/{'+'.join(kinds)}{compiled}"
+
+
+def native_isa() -> str:
+    """The instruction set of llama2's native kernels (`llama2.kernels.selected_isa()` where it exists)."""
+    from . import kernels
+
+    selected_isa = getattr(kernels, "selected_isa", None)
+    return selected_isa() if selected_isa is not None else "avx512_vnni"
+
+
+LAYER_KINDS = {GGUFLinear: "gguf", Int4Linear: "int4", Int8Linear: "int8"}
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _projections(block: nn.Module) -> list[nn.Module]:
+    """A transformer block's linear projections (fused or not)."""
+    return [layer for layer in block.modules() if type(layer) in LAYER_KINDS or isinstance(layer, nn.Linear)]
+
+
+def _layer_kind(layer: nn.Module) -> str:
+    if type(layer) in LAYER_KINDS:
+        return LAYER_KINDS[type(layer)]
+    return DTYPE_NAMES.get(layer.weight.dtype, str(layer.weight.dtype).removeprefix("torch."))

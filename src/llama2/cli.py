@@ -341,14 +341,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    rss = result["peak_rss_mb"]
     print(f"model            {args.model}  ({result['threads']} threads, median of {args.repeats})")
+    print(f"backend          {result['backend']}")
     print(f"load             {result['load_s']:.2f} s (+ warm-up {result['warmup_s']:.2f} s)")
     print(f"prompt           {result['prompt_tokens_per_s']:.1f} tok/s ({args.prompt_len} tokens)")
     print(f"time to 1st tok  {result['time_to_first_token_s'] * 1000:.0f} ms")
     print(f"decode           {result['decode_tokens_per_s']:.1f} tok/s ({args.gen_len} tokens)")
-    print(f"peak RSS         {rss:.0f} MB" if rss is not None else "peak RSS         unknown on this platform")
+    print(f"peak RSS         {describe_rss(result['peak_rss_mb'], result['rss_above_torch_mb'])}")
     return 0
+
+
+def describe_rss(peak_mb: float | None, above_torch_mb: float | None) -> str:
+    """"396 MB (177 MB above importing PyTorch)", or what the platform does not say."""
+    if peak_mb is None:
+        return "unknown on this platform"
+    if above_torch_mb is None:
+        return f"{peak_mb:.0f} MB"
+    return f"{peak_mb:.0f} MB ({above_torch_mb:.0f} MB above importing PyTorch)"
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:

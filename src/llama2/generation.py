@@ -35,7 +35,7 @@ from .fuse import fuse_projections
 from .model import Transformer, meta_transformer
 from .kernels import gguf_matmul_available
 from .native import NativeForward, native_engine_supports
-from .quant import PACKED_GGUF_TYPES, gguf_layer, install_quantized_head, quantize_model
+from .quant import PACKED_GGUF_TYPES, GGUFLinear, gguf_layer, install_quantized_head, quantize_model
 from .sampling import SamplingParams, sample_next
 from .tokenizer import Tokenizer
 from .weights import Checkpoint, open_checkpoint
@@ -105,7 +105,9 @@ def packed_gguf_linears(checkpoint: Checkpoint, device: torch.device, quant: str
     }
 
 
-def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, quant: str = "none") -> Transformer:
+def build_model(
+    checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, quant: str = "none", fuse: bool = False
+) -> Transformer:
     """Build the Transformer without allocating, then take the checkpoint's tensors one by one.
 
     Args:
@@ -117,6 +119,9 @@ def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype
             where llama2's kernel runs (`llama2.kernels`), else repacked for PyTorch's
             int4 kernel (Q8_0 and the head as per-channel int8), and leaves other
             checkpoints as they are.
+        fuse: join each block's q/k/v and gate/up projections (`fuse_projections`, for
+            inference). Joining happens before any quantizing or repacking, on the
+            file's block rows or the float rows, so no packed layout is ever taken apart.
     """
     if quant not in QUANT_MODES:
         raise Llama2Error(f"unknown quantization {quant!r}; choose one of {', '.join(QUANT_MODES)}")
@@ -124,17 +129,12 @@ def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype
     packed = packed_gguf_linears(checkpoint, device, quant)
     keep_blocks = bool(packed) and gguf_matmul_available()
     state_dict, head_tables = {}, {}
-    unreleased = 0  # bytes packed since the heap was last trimmed
     for name in checkpoint.state_dict:
         if name in packed:
             parent, attr = name.removesuffix(".weight").rsplit(".", 1)
             shape = tuple(model.get_submodule(f"{parent}.{attr}").weight.shape)
             raw = checkpoint.state_dict.read_raw(name)
-            setattr(model.get_submodule(parent), attr, gguf_layer(raw, packed[name], shape, keep_blocks))
-            unreleased += raw.numel()
-            if unreleased >= TRIM_EVERY_BYTES:  # the packing's temporaries sit between kept tensors
-                release_freed_heap()
-                unreleased = 0
+            setattr(model.get_submodule(parent), attr, GGUFLinear(raw, packed[name], shape))  # as stored, for now
         elif packed and name in HEAD_WEIGHTS:
             shape = checkpoint.state_dict.spec(name).shape
             raw, type_name = checkpoint.state_dict.read_raw(name), checkpoint.tensor_types[name]
@@ -144,9 +144,30 @@ def build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype
     if head_tables:
         install_quantized_head(model, head_tables, dtype)
     load_weights(model, state_dict, checkpoint.source)
+    if fuse:
+        fuse_projections(model)
+    if packed and not keep_blocks:
+        repack_gguf_blocks(model)
     if quant in ("int8", "int4") and not packed:
         quantize_model(model, quant)
     return model.eval()
+
+
+def repack_gguf_blocks(model: Transformer) -> None:
+    """Swap the blocks' `GGUFLinear` projections for layers PyTorch's kernels compute, one at a time, in place.
+
+    Q4_0 / Q4_1 become `Int4Linear`, Q8_0 a per-channel `Int8Linear` (`llama2.quant.gguf_layer`).
+    """
+    unreleased = 0  # bytes repacked since the heap was last trimmed
+    for module in model.layers.modules():
+        for attr, child in list(module.named_children()):
+            if isinstance(child, GGUFLinear):
+                shape = (child.out_features, child.in_features)
+                setattr(module, attr, gguf_layer(child.blocks, child.type_name, shape, keep_blocks=False))
+                unreleased += child.blocks.numel()
+                if unreleased >= TRIM_EVERY_BYTES:  # the packing's temporaries sit between kept tensors
+                    release_freed_heap()
+                    unreleased = 0
 
 
 def release_freed_heap() -> None:
@@ -378,7 +399,7 @@ class Llama:
             )
         checkpoint.tokenizer_metadata = None  # the tokenizer holds the vocabulary now
         release_freed_heap()  # the tokenizer's construction temporaries
-        model = fuse_projections(build_model(checkpoint, device, dtype, quant))
+        model = build_model(checkpoint, device, dtype, quant, fuse=True)
         release_freed_heap()  # the separate projections' memory
         checkpoint.state_dict = {}  # the model owns the tensors now
         max_seq_len = max_seq_len or min(checkpoint.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)

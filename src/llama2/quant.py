@@ -8,7 +8,9 @@ Three layouts, all computed with bfloat16 activations:
 - `Int4Linear`: 4-bit weights in groups along the input dimension, each group with a
   scale and a zero point, value = (q - 8) * scale + zero
   (`aten._weight_int4pack_mm_for_cpu` on the CPU, `aten._weight_int4pack_mm` on CUDA;
-  each device has its own packed layout, so a layer is packed on the device it runs on).
+  each device has its own packed layout, private to the kernel and on the CPU different
+  per instruction set, so a layer is packed on the device it runs on and only the
+  matmul reads it).
   GGUF's Q4_0 and Q4_1 blocks (32 values, an fp16 scale and, for Q4_1, an fp16 minimum)
   are exactly this form, so GGUF files map onto it without re-quantizing.
 - `GGUFLinear`: a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks as stored, computed by llama2's
@@ -89,46 +91,45 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """y = x W^T with W in 4-bit groups: W[n, k] = (q[n, k] - 8) * scale[k // g, n] + zero[k // g, n]."""
+    """y = x W^T with W in 4-bit groups: W[n, k] = (q[n, k] - 8) * scale[k // g, n] + zero[k // g, n].
+
+    The weight is packed for PyTorch's int4 matmul on its device. That layout is the
+    kernel's own (on the CPU it changes with the instruction set PyTorch dispatches to),
+    so nothing here reads it: the 4-bit values come back through the matmul itself
+    (`read_int4pack`). Small CPU weights also keep their values as plain nibble pairs
+    (half a byte a value) so that prefill chunks can decode them for one dense GEMM.
+    """
 
     def __init__(self, q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int):
         """
         Args:
-            q: unsigned 4-bit values [out, in] (0..15), any integer dtype.
+            q: unsigned 4-bit values [out, in] (0..15), any integer dtype, on the device to run on.
             scales_and_zeros: [in // group_size, out, 2] (scale, zero).
             group_size: values per group along the input dimension.
         """
+        super().__init__()
         out_features, in_features = q.shape
         if in_features % (INT4_INNER_K_TILES * 16) or in_features % group_size:
             raise Llama2Error(f"int4 needs in_features divisible by 32 and the group size, got {in_features}")
-        self._init_packed(pack_int4(q), scales_and_zeros, group_size, out_features, in_features)
-
-    def _init_packed(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, out_features: int,
-                     in_features: int) -> None:  # fmt: skip
-        nn.Module.__init__(self)
         self.out_features, self.in_features, self.group_size = out_features, in_features, group_size
-        self.register_buffer("scales_and_zeros", scales_and_zeros.to(torch.bfloat16).contiguous())
-        self.register_buffer("weight_packed", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros.to(device=q.device, dtype=torch.bfloat16).contiguous())
+        self.register_buffer("weight_packed", pack_int4(q))
+        dense_prefill = q.device.type == "cpu" and out_features * in_features <= DENSE_MAX_WEIGHT_VALUES
+        self.register_buffer("nibbles", pack_nibbles(q) if dense_prefill else None)
 
     @classmethod
     def concat(cls, layers: list["Int4Linear"]) -> "Int4Linear | None":
-        """One layer computing `layers`' outputs side by side, without repacking; None if the layouts do not join.
+        """One layer computing `layers`' outputs side by side; None unless they share input size and group size.
 
-        Both packed layouts keep output rows in independent blocks (64 rows on the CPU,
-        8 on CUDA), so whole blocks concatenate; only the last layer may end in a partial one.
+        The 4-bit values are read back (`codes`), joined and packed again, so this costs a
+        matmul of `in_features` rows per layer that keeps no nibbles (large weights).
         """
         first = layers[0]
-        rows_per_block = 8 if first.weight_packed.device.type == "cuda" else 64
         if any(layer.group_size != first.group_size or layer.in_features != first.in_features for layer in layers):
             return None
-        if any(layer.out_features % rows_per_block for layer in layers[:-1]):
-            return None
-        fused = cls.__new__(cls)
-        packed = torch.cat([layer.weight_packed for layer in layers])  # dim 0 runs over output-row blocks
+        q = torch.cat([layer.codes() for layer in layers])
         scales_and_zeros = torch.cat([layer.scales_and_zeros for layer in layers], dim=1)  # [G, N, 2]
-        out_features = sum(layer.out_features for layer in layers)
-        fused._init_packed(packed, scales_and_zeros, first.group_size, out_features, first.in_features)
-        return fused
+        return cls(q, scales_and_zeros, first.group_size)
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int = 32) -> "Int4Linear":
@@ -140,7 +141,7 @@ class Int4Linear(nn.Module):
         q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
         zero = low + 8 * scale
         scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1)  # [G, N, 2]
-        return cls(q.reshape(out_features, in_features).to(torch.int32), scales_and_zeros, group_size)
+        return cls(q.reshape(out_features, in_features).to(torch.uint8), scales_and_zeros, group_size)
 
     @classmethod
     def from_q4_blocks(cls, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> "Int4Linear":
@@ -157,72 +158,77 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if x.device.type == "cuda":
-            out = torch.ops.aten._weight_int4pack_mm(
-                flat.to(torch.bfloat16), self.weight_packed, self.group_size, self.scales_and_zeros
-            )
-            return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        small_weight = self.in_features * self.out_features <= DENSE_MAX_WEIGHT_VALUES
-        if flat.shape[0] < DENSE_MIN_ROWS or not small_weight:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                flat.to(torch.bfloat16), self.weight_packed, self.group_size, self.scales_and_zeros
-            )
-            return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        # Many rows (prefill) on a small weight: unpack to a dense weight, one GEMM.
-        return F.linear(x.to(torch.bfloat16), self.dequantize(torch.bfloat16)).to(x.dtype)
+        if self.nibbles is not None and flat.shape[0] >= DENSE_MIN_ROWS:
+            # Many rows (prefill) on a small CPU weight: decode it to bfloat16, one GEMM.
+            return F.linear(x.to(torch.bfloat16), self.dequantize(torch.bfloat16)).to(x.dtype)
+        out = int4pack_mm(flat.to(torch.bfloat16), self.weight_packed, self.group_size, self.scales_and_zeros)
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def codes(self) -> torch.Tensor:
+        """The 4-bit values q [out, in] (uint8, 0..15) this layer holds."""
+        if self.nibbles is not None:
+            return unpack_nibbles(self.nibbles)
+        return read_int4pack(self.weight_packed, self.group_size, self.out_features, self.in_features)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight [out, in] this layer computes: (q - 8) * scale + zero per group."""
-        if self.weight_packed.device.type == "cuda":  # the kernel applied to the identity: W^T, rounded to bf16
-            identity = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.weight_packed.device)
-            columns = torch.ops.aten._weight_int4pack_mm(identity, self.weight_packed, self.group_size, self.scales_and_zeros)
-            return columns.T.to(dtype)  # [in, out] -> [out, in]
-        q = unpack_int4pack(self.weight_packed, self.out_features, self.in_features)
-        q = q.reshape(self.out_features, -1, self.group_size).float()  # [N, G, g]
+        """The weight [out, in] this layer computes: (q - 8) * scale + zero per group, in float32, then `dtype`."""
+        q = self.codes().reshape(self.out_features, -1, self.group_size).float()  # [N, G, g]
         scale = self.scales_and_zeros[..., 0].T.float().unsqueeze(-1)  # [N, G, 1]
         zero = self.scales_and_zeros[..., 1].T.float().unsqueeze(-1)
         return ((q - 8) * scale + zero).reshape(self.out_features, self.in_features).to(dtype)
 
 
-def pack_int4(q: torch.Tensor, rows_per_chunk: int = 1024) -> torch.Tensor:
-    """4-bit values q [N, K] in PyTorch's int4 layout for q's device (CUDA's, else the CPU's).
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """4-bit values q [N, K] (0..15) packed for PyTorch's int4 matmul on q's device (CUDA's, else the CPU's).
 
-    The CPU layout is made of independent 64-row blocks (see `unpack_int4pack`), so it is
-    packed `rows_per_chunk` rows at a time and the int32 copy its packer needs never
-    exists for the whole weight (180 MB for a 7B FFN matrix).
+    Whole weights are packed at once: the layouts are private to the kernels (the CPU's
+    differs with the instruction set), so no assumption about row blocks splits the
+    work; the CPU packer's int32 copy costs 4 bytes a value while it runs.
     """
-    if q.device.type == "cuda":
+    if q.device.type == "cuda":  # the op's documented input: [N, K / 2] bytes, even columns in the high nibble
         q = q.to(torch.int32)
-        pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # [N, K/2], even columns in the high nibble
+        pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
         return torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), INT4_INNER_K_TILES)
-    chunks = [
-        torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            q[start : start + rows_per_chunk].to(device="cpu", dtype=torch.int32).contiguous(), INT4_INNER_K_TILES
-        )
-        for start in range(0, q.shape[0], rows_per_chunk)
-    ]
-    return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), INT4_INNER_K_TILES)
 
 
-def unpack_int4pack(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """The 4-bit values [N, K] (uint8, 0..15) inside `_convert_weight_to_int4pack_for_cpu`'s output.
+def int4pack_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (bfloat16) times a `pack_int4` weight's transpose with PyTorch's int4 kernel for its device: [M, N]."""
+    if packed.device.type == "cuda":
+        return torch.ops.aten._weight_int4pack_mm(x, packed, group_size, scales_and_zeros)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)
 
-    That layout (PyTorch's, checked against the packer by tests/test_quant.py) takes rows in
-    blocks of 64: per block, a [K, 32] byte array whose low nibbles are rows 0..31 and high
-    nibbles rows 32..63; the rows after the last full block are a [K, rest / 2] array of
-    row pairs (even row low, odd row high). Unpacking it means the packed weight is the
-    only copy a layer keeps.
+
+def read_int4pack(packed: torch.Tensor, group_size: int, out_features: int, in_features: int,
+                  columns_per_call: int = 512) -> torch.Tensor:  # fmt: skip
+    """The 4-bit values [N, K] (uint8, 0..15) inside a `pack_int4` weight, read through the matmul itself.
+
+    With every group's scale 1 and zero 8 the weight's values are its 4-bit values, and
+    rows of the identity give them back exactly: each output is one product with 1 plus
+    products with 0, a small integer that bfloat16 holds. No packed layout is assumed;
+    the cost is a matmul of K rows (`columns_per_call` at a time, bounding the memory).
     """
     n, k = out_features, in_features
-    full = n // 64 * 64
-    flat = packed.reshape(-1)
-    blocks = flat[: full * k // 2].view(n // 64, k, 32)
-    rows = torch.cat((blocks & 0x0F, blocks >> 4), dim=2).transpose(1, 2).reshape(full, k)  # [NB, 64, K] -> [full, K]
-    if full == n:
-        return rows
-    pairs = flat[full * k // 2 :].view(k, (n - full) // 2)
-    rest = torch.stack((pairs & 0x0F, pairs >> 4), dim=-1).reshape(k, n - full).T  # [K, rest/2, 2] -> [rest, K]
-    return torch.cat((rows, rest))
+    unit = torch.tensor([1.0, 8.0], dtype=torch.bfloat16, device=packed.device)
+    unit_scales_and_zeros = unit.expand(k // group_size, n, 2).contiguous()
+    codes = torch.empty(n, k, dtype=torch.uint8, device=packed.device)
+    for start in range(0, k, columns_per_call):
+        end = min(start + columns_per_call, k)
+        identity_rows = torch.zeros(end - start, k, dtype=torch.bfloat16, device=packed.device)
+        identity_rows[:, start:end] = torch.eye(end - start, dtype=torch.bfloat16, device=packed.device)
+        codes[:, start:end] = int4pack_mm(identity_rows, packed, group_size, unit_scales_and_zeros).T.to(torch.uint8)
+    return codes
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """4-bit values [N, K] as bytes [N, K / 2]: column 2j in the low nibble, 2j + 1 in the high one."""
+    q = q.to(torch.uint8)
+    return (q[:, 0::2] | q[:, 1::2] << 4).contiguous()
+
+
+def unpack_nibbles(pairs: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_nibbles`: [N, K / 2] bytes -> [N, K] uint8 values."""
+    return torch.stack((pairs & 0x0F, pairs >> 4), dim=-1).reshape(pairs.shape[0], -1)
 
 
 class GGUFLinear(nn.Module):
