@@ -188,22 +188,35 @@ def variant_ops(isa: str):
     return getattr(torch.ops, namespace_for(isa))
 
 
-def compile_flags(isa: str, compiler: str) -> tuple[list[str], list[str]]:
+def compile_flags(isa: str, compiler: str, openmp: bool = True) -> tuple[list[str], list[str]]:
     """(compiler flags, linker flags) of a variant for 'gcc' (also clang on Linux), 'apple-clang' or 'msvc'.
 
     -ffp-contract=off (MSVC: /fp:precise) keeps the compiler from fusing a multiply and an
     add on its own: the kernels write their fused multiply-adds explicitly, the same in
     every variant. OpenMP: at::parallel_for's inline code runs threads only where the file
-    is compiled with it (Apple clang takes it through the preprocessor, with PyTorch's libomp).
+    is compiled with it (PyTorch's own backend); Apple clang takes it through the
+    preprocessor, with PyTorch's bundled libomp. Without `openmp` the kernels run serially.
     """
     define = f"LLAMA2_ISA_{isa.upper()}"
     if compiler == "msvc":
-        return ["/O2", "/std:c++17", "/fp:precise", "/openmp", *MSVC_ISA_FLAGS[isa], f"/D{define}"], []
+        return ["/O2", "/std:c++17", "/fp:precise", *(["/openmp"] if openmp else []), *MSVC_ISA_FLAGS[isa], f"/D{define}"], []
     common = ["-O3", "-std=c++17", "-ffp-contract=off", *GCC_ISA_FLAGS[isa], f"-D{define}"]
+    if not openmp:
+        return common, []
     if compiler == "apple-clang":
         torch_lib = Path(torch.__file__).parent / "lib"
         return [*common, "-Xpreprocessor", "-fopenmp"], [f"-L{torch_lib}", "-lomp"]
     return [*common, "-fopenmp"], ["-fopenmp"]
+
+
+def _openmp_usable(compiler: str) -> bool:
+    """Whether PyTorch runs on OpenMP and, for Apple clang (no OpenMP of its own), ships omp.h and libomp."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return False
+    if compiler != "apple-clang":
+        return True
+    root = Path(torch.__file__).parent
+    return (root / "include" / "omp.h").exists() and any((root / "lib").glob("libomp*"))
 
 
 def _compiler() -> str:
@@ -223,7 +236,7 @@ def build_kernels(isa: str, namespace: str = NAMESPACE) -> None:
     if isa not in VARIANTS:
         raise ValueError(f"unknown kernel variant {isa!r} (one of {', '.join(VARIANTS)})")
     _put_ninja_on_path()
-    cflags, ldflags = compile_flags(isa, _compiler())
+    cflags, ldflags = compile_flags(isa, _compiler(), _openmp_usable(_compiler()))
     name = f"{NAMESPACE}_{isa}" if namespace == NAMESPACE else f"{NAMESPACE}_{isa}_{namespace}"
     cpp_extension.load(
         name=name,

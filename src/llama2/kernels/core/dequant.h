@@ -23,19 +23,11 @@ inline void dequantize_row(const uint8_t* row, int64_t blocks, bf16* out) {
     const float d = fp16_to_fp32(load_u16(row));
     // Q4: value = d * nibble + offset; offset = -8 d (Q4_0) or the block minimum m (Q4_1).
     const float offset = QT == Q4_0 ? -8.0f * d : QT == Q4_1 ? fp16_to_fp32(load_u16(row + 2)) : 0.0f;
-    int8_t q[QK];
-    const uint8_t* qs = row + qs_offset(QT);
-    if (QT == Q8_0) {
-      for (int j = 0; j < QK; ++j) q[j] = static_cast<int8_t>(qs[j]);
-    } else {
-      for (int j = 0; j < QK / 2; ++j) {
-        q[j] = static_cast<int8_t>(qs[j] & 0x0F);
-        q[j + QK / 2] = static_cast<int8_t>(qs[j] >> 4);
-      }
-    }
     const V::F16 scale = V::set1(d), shift = V::set1(offset);
-    V::store_bf16(out, V::fmadd(V::load_i8(q), scale, shift));
-    V::store_bf16(out + 16, V::fmadd(V::load_i8(q + 16), scale, shift));
+    V::F16 lo, hi;
+    V::block_values<QT>(row + qs_offset(QT), lo, hi);
+    V::store_bf16(out, V::fmadd(lo, scale, shift));
+    V::store_bf16(out + 16, V::fmadd(hi, scale, shift));
   }
 }
 

@@ -222,9 +222,9 @@ void quantize_row(const T* x, const QuantActs& a, int64_t m, int32_t offset) {
 
 #if !LLAMA2_GEMV_AVX512
 // ---------------------------------------------------------------------------------------
-// Generic kernel: R weight rows (row_bytes apart) against one activation row -> out[0..R).
+// Generic kernel: R weight rows (row_bytes apart) against MD activation rows.
 // Per group of 16 blocks: the ISA's exact block sums, the blocks' scales as one F16, and
-// the float terms in the order above. Prefetches `pf` bytes ahead in the tile's byte
+// the float terms in the order above (the same for any R, MD: rows do not depend on M). Prefetches `pf` bytes ahead in the tile's byte
 // stream (the R rows of a tile are contiguous).
 // ---------------------------------------------------------------------------------------
 template <int64_t QT>
@@ -239,28 +239,71 @@ inline void group_scales(const uint8_t* blk, int cnt, V::F16& dw, V::F16& mw) {
   mw = QT == Q4_1 ? V::load_fp16(m) : V::zero();
 }
 
-template <int64_t QT, int R>
-void dot_tile(const uint8_t* w, int64_t row_bytes, int64_t nb, int64_t pf, const ActRow& a, float* out) {
+// R weight rows against MD activation rows a[0..MD): out[md][r].
+template <int64_t QT, int R, int MD>
+void dot_tile(const uint8_t* w, int64_t row_bytes, int64_t nb, int64_t pf, const ActRow* a, float (*out)[ROWS]) {
   constexpr int64_t BS = block_bytes(QT);
-  V::F16 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = V::zero();
+  V::F16 acc[MD][R];
+  for (int md = 0; md < MD; ++md)
+    for (int r = 0; r < R; ++r) acc[md][r] = V::zero();
   for (int64_t g = 0; g < nb; g += GROUP) {
     const int cnt = static_cast<int>(std::min<int64_t>(GROUP, nb - g));
     if (pf > 0) {
       const uint8_t* p = w + pf + g * R * BS;
       for (int64_t i = 0; i < R * GROUP * BS; i += 64) V::prefetch(p + i);
     }
-    const V::F16 dx = V::load(a.d + g);
+    const int8_t* q[MD];
+    const int32_t* sumq[MD];
+    for (int md = 0; md < MD; ++md) {
+      q[md] = a[md].q + g * QK;
+      sumq[md] = a[md].sumq + g;
+    }
     for (int r = 0; r < R; ++r) {
       const uint8_t* blk = w + r * row_bytes + g * BS;
-      const V::I16 isum = V::group_isums<QT>(blk, a.q + g * QK, a.sumq + g, cnt);
+      V::I16 isum[MD];
+      V::group_isums<QT, MD>(blk, q, sumq, cnt, isum);
       V::F16 dw, mw;
       group_scales<QT>(blk, cnt, dw, mw);
-      if (QT == Q4_1) acc[r] = V::fmadd(mw, V::load(a.xs + g), acc[r]);
-      acc[r] = V::fmadd(V::to_float(isum), V::mul(dw, dx), acc[r]);
+      for (int md = 0; md < MD; ++md) {
+        if (QT == Q4_1) acc[md][r] = V::fmadd(mw, V::load(a[md].xs + g), acc[md][r]);
+        acc[md][r] = V::fmadd(V::to_float(isum[md]), V::mul(dw, V::load(a[md].d + g)), acc[md][r]);
+      }
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = V::reduce_add(acc[r]);
+  for (int md = 0; md < MD; ++md)
+    for (int r = 0; r < R; ++r) out[md][r] = V::reduce_add(acc[md][r]);
+}
+
+// A tile of `rows` weight rows against every activation row: two activation rows per pass
+// (each decoded weight block serves both) with two weight rows at a time (the sums stay
+// in registers), a last odd activation row with all the tile's rows.
+template <int64_t QT>
+void dot_tile_all(const uint8_t* w, int64_t row_bytes, int rows, int64_t pf, const QuantActs& acts, int64_t m_rows,
+                  float (*out)[ROWS]) {
+  const int64_t nb = acts.nb;
+  int64_t m = 0;
+  for (; m + 2 <= m_rows; m += 2) {
+    const ActRow a[2] = {acts.row(m), acts.row(m + 1)};
+    for (int r0 = 0; r0 < rows; r0 += 2) {
+      float part[2][ROWS];
+      if (rows - r0 >= 2) {
+        dot_tile<QT, 2, 2>(w + r0 * row_bytes, row_bytes, nb, pf, a, part);
+      } else {
+        dot_tile<QT, 1, 2>(w + r0 * row_bytes, row_bytes, nb, pf, a, part);
+      }
+      for (int md = 0; md < 2; ++md)
+        for (int r = 0; r < std::min(2, rows - r0); ++r) out[m + md][r0 + r] = part[md][r];
+    }
+  }
+  if (m < m_rows) {
+    const ActRow a[1] = {acts.row(m)};
+    switch (rows) {
+      case 4: dot_tile<QT, 4, 1>(w, row_bytes, nb, pf, a, out + m); break;
+      case 3: dot_tile<QT, 3, 1>(w, row_bytes, nb, pf, a, out + m); break;
+      case 2: dot_tile<QT, 2, 1>(w, row_bytes, nb, pf, a, out + m); break;
+      default: dot_tile<QT, 1, 1>(w, row_bytes, nb, pf, a, out + m); break;
+    }
+  }
 }
 
 template <int64_t QT, class ParallelFor>
@@ -268,23 +311,15 @@ void run_tiles(const uint8_t* w, const QuantActs& acts, int64_t m_rows, int64_t 
                const ParallelFor& parallel_for) {
   const int64_t nb = acts.nb, row_bytes = nb * block_bytes(QT), tiles = (n + ROWS - 1) / ROWS;
   const int64_t tile_bytes = ROWS * row_bytes;
-  const int64_t pf = m_rows == 1 ? (PREFETCH_BYTES + tile_bytes - 1) / tile_bytes * tile_bytes : 0;
+  const int64_t pf = m_rows <= 2 ? (PREFETCH_BYTES + tile_bytes - 1) / tile_bytes * tile_bytes : 0;
   parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    static thread_local Scratch out_scratch;
+    auto* out = reinterpret_cast<float(*)[ROWS]>(out_scratch.get(m_rows * ROWS * sizeof(float)));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t * ROWS;
-      const uint8_t* wr = w + r0 * row_bytes;
       const int rows = static_cast<int>(std::min<int64_t>(ROWS, n - r0));
-      for (int64_t m = 0; m < m_rows; ++m) {
-        float out[ROWS];
-        const ActRow a = acts.row(m);
-        switch (rows) {
-          case 4: dot_tile<QT, 4>(wr, row_bytes, nb, pf, a, out); break;
-          case 3: dot_tile<QT, 3>(wr, row_bytes, nb, pf, a, out); break;
-          case 2: dot_tile<QT, 2>(wr, row_bytes, nb, pf, a, out); break;
-          default: dot_tile<QT, 1>(wr, row_bytes, nb, pf, a, out); break;
-        }
-        std::copy(out, out + rows, y + m * n + r0);
-      }
+      dot_tile_all<QT>(w + r0 * row_bytes, row_bytes, rows, pf, acts, m_rows, out);
+      for (int64_t m = 0; m < m_rows; ++m) std::copy(out[m], out[m] + rows, y + m * n + r0);
     }
   });
 }

@@ -105,9 +105,21 @@ inline float reduce_max(const F16& a) {
 
 inline F16 to_float(const I16& a) { return {_mm256_cvtepi32_ps(a.lo), _mm256_cvtepi32_ps(a.hi)}; }
 inline F16 load_fp16(const uint16_t* h) { return load(reinterpret_cast<const fp16*>(h)); }
-inline F16 load_i8(const int8_t* q) {
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-  return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)))};
+
+// See scalar.h.
+template <int64_t QT>
+inline void block_values(const uint8_t* qs, F16& lo, F16& hi) {
+  auto cvt = [](__m128i bytes8) { return _mm256_cvtepi32_ps(QT == Q8_0 ? _mm256_cvtepi8_epi32(bytes8) : _mm256_cvtepu8_epi32(bytes8)); };
+  const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  if (QT == Q8_0) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16));
+    lo = {cvt(a), cvt(_mm_srli_si128(a, 8))};
+    hi = {cvt(b), cvt(_mm_srli_si128(b, 8))};
+    return;
+  }
+  const __m128i mask = _mm_set1_epi8(0x0F), low = _mm_and_si128(a, mask), high = _mm_and_si128(_mm_srli_epi16(a, 4), mask);
+  lo = {cvt(low), cvt(_mm_srli_si128(low, 8))};
+  hi = {cvt(high), cvt(_mm_srli_si128(high, 8))};
 }
 
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
@@ -124,19 +136,18 @@ inline __m256i dot_u8s8(__m256i u, __m256i s) {
 #endif
 }
 
-// Integer products of one block (weights at qs) with 32 activations: 8 int32 partial sums.
-// Q4: nibbles 0..15 as unsigned bytes (the Q4_0 -8 is taken off afterwards with sumq).
-// Q8_0: signed weights, so the sign trick: |w| (unsigned) times x * sign(w) (signed).
+// One block's weights (at qs) as the unsigned operand of dot_u8s8, and what the signed
+// activations are multiplied by: Q4: the nibbles 0..15 (natural order: byte j = value j; the
+// Q4_0 -8 is taken off afterwards with sumq). Q8_0: signed weights, so the sign trick:
+// |w| (unsigned) times x * sign(w) (signed).
 template <int64_t QT>
-inline __m256i block_products(const uint8_t* qs, const int8_t* x) {
-  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+inline __m256i block_weights(const uint8_t* qs, __m256i& sign) {
   if (QT == Q8_0) {
-    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs));
-    return dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));
+    sign = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs));
+    return _mm256_sign_epi8(sign, sign);
   }
   const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-  const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0F));
-  return dot_u8s8(nib, xv);
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0F));
 }
 
 // [sum(p[0]), ..., sum(p[7])] of 8 vectors of 8 int32.
@@ -149,23 +160,30 @@ inline __m256i sum8x8(const __m256i* p) {
 
 // See scalar.h. Blocks past cnt re-read block cnt - 1 (never past the row); their
 // activation blocks are zero padding, so their lanes come out 0.
-template <int64_t QT>
-inline I16 group_isums(const uint8_t* blk, const int8_t* q, const int32_t* sumq, int cnt) {
+template <int64_t QT, int MD>
+inline void group_isums(const uint8_t* blk, const int8_t* const* q, const int32_t* const* sumq, int cnt, I16* out) {
   constexpr int64_t BS = block_bytes(QT), OFF = qs_offset(QT);
-  __m256i half[2];
   for (int h = 0; h < 2; ++h) {
-    __m256i p[8];
+    __m256i p[MD][8];
     for (int i = 0; i < 8; ++i) {
       const int b = 8 * h + i;
-      p[i] = block_products<QT>(blk + (b < cnt ? b : cnt - 1) * BS + OFF, q + b * QK);
+      __m256i sign;
+      const __m256i w = block_weights<QT>(blk + (b < cnt ? b : cnt - 1) * BS + OFF, sign);
+      for (int md = 0; md < MD; ++md) {
+        __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[md] + b * QK));
+        if (QT == Q8_0) x = _mm256_sign_epi8(x, sign);
+        p[md][i] = dot_u8s8(w, x);
+      }
     }
-    half[h] = sum8x8(p);
-    if (QT == Q4_0) {  // nibble = value + 8
-      const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sumq + 8 * h));
-      half[h] = _mm256_sub_epi32(half[h], _mm256_slli_epi32(s, 3));
+    for (int md = 0; md < MD; ++md) {
+      __m256i sums = sum8x8(p[md]);
+      if (QT == Q4_0) {  // nibble = value + 8
+        const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sumq[md] + 8 * h));
+        sums = _mm256_sub_epi32(sums, _mm256_slli_epi32(s, 3));
+      }
+      (h == 0 ? out[md].lo : out[md].hi) = sums;
     }
   }
-  return {half[0], half[1]};
 }
 
 }  // namespace simd_avx2 / simd_avx_vnni

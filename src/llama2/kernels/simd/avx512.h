@@ -81,8 +81,19 @@ inline float reduce_max(const F16& a) { return _mm512_reduce_max_ps(a.v); }
 
 inline F16 to_float(const I16& a) { return {_mm512_cvtepi32_ps(a.v)}; }
 inline F16 load_fp16(const uint16_t* h) { return load(reinterpret_cast<const fp16*>(h)); }
-inline F16 load_i8(const int8_t* q) {
-  return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))))};
+
+// See scalar.h.
+template <int64_t QT>
+inline void block_values(const uint8_t* qs, F16& lo, F16& hi) {
+  if (QT == Q8_0) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs));
+    lo = {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)))};
+    hi = {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)))};
+    return;
+  }
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
+  lo = {_mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(0x0F)))};
+  hi = {_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4))};
 }
 
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }

@@ -109,10 +109,24 @@ inline float reduce_max(const F16& a) {
 
 inline F16 to_float(const I16& a) { return map4([&](int i) { return vcvtq_f32_s32(a.v[i]); }); }
 inline F16 load_fp16(const uint16_t* h) { return load(reinterpret_cast<const fp16*>(h)); }
-inline F16 load_i8(const int8_t* q) {
-  const int16x8_t w = vmovl_s8(vld1_s8(q)), z = vmovl_s8(vld1_s8(q + 8));
-  return {{vcvtq_f32_s32(vmovl_s16(vget_low_s16(w))), vcvtq_f32_s32(vmovl_s16(vget_high_s16(w))),
-           vcvtq_f32_s32(vmovl_s16(vget_low_s16(z))), vcvtq_f32_s32(vmovl_s16(vget_high_s16(z)))}};
+
+// See scalar.h.
+inline F16 bytes_to_float(int16x8_t a, int16x8_t b) {
+  return {{vcvtq_f32_s32(vmovl_s16(vget_low_s16(a))), vcvtq_f32_s32(vmovl_s16(vget_high_s16(a))),
+           vcvtq_f32_s32(vmovl_s16(vget_low_s16(b))), vcvtq_f32_s32(vmovl_s16(vget_high_s16(b)))}};
+}
+template <int64_t QT>
+inline void block_values(const uint8_t* qs, F16& lo, F16& hi) {
+  if (QT == Q8_0) {
+    const int8x16_t a = vld1q_s8(reinterpret_cast<const int8_t*>(qs)), b = vld1q_s8(reinterpret_cast<const int8_t*>(qs + 16));
+    lo = bytes_to_float(vmovl_s8(vget_low_s8(a)), vmovl_s8(vget_high_s8(a)));
+    hi = bytes_to_float(vmovl_s8(vget_low_s8(b)), vmovl_s8(vget_high_s8(b)));
+    return;
+  }
+  const uint8x16_t v = vld1q_u8(qs), low = vandq_u8(v, vdupq_n_u8(0x0F)), high = vshrq_n_u8(v, 4);
+  auto widen = [](uint8x8_t x) { return vreinterpretq_s16_u16(vmovl_u8(x)); };
+  lo = bytes_to_float(widen(vget_low_u8(low)), widen(vget_high_u8(low)));
+  hi = bytes_to_float(widen(vget_low_u8(high)), widen(vget_high_u8(high)));
 }
 
 inline void prefetch(const void* p) { __builtin_prefetch(p); }
@@ -146,18 +160,20 @@ inline void block_weights(const uint8_t* qs, int8x16_t& lo, int8x16_t& hi) {
 }
 
 // See scalar.h (the weights are used as signed bytes, so sumq is not needed).
-template <int64_t QT>
-inline I16 group_isums(const uint8_t* blk, const int8_t* q, const int32_t*, int cnt) {
+template <int64_t QT, int MD>
+inline void group_isums(const uint8_t* blk, const int8_t* const* q, const int32_t* const*, int cnt, I16* out) {
   constexpr int64_t BS = block_bytes(QT), OFF = qs_offset(QT);
-  int32_t sums[16] = {};
+  int32_t sums[MD][16] = {};
   for (int i = 0; i < cnt; ++i) {
     int8x16_t lo, hi;
     block_weights<QT>(blk + i * BS + OFF, lo, hi);
-    const int8_t* x = q + i * QK;
-    const int32x4_t acc = dot16(dot16(vdupq_n_s32(0), lo, vld1q_s8(x)), hi, vld1q_s8(x + 16));
-    sums[i] = vaddvq_s32(acc);
+    for (int md = 0; md < MD; ++md) {
+      const int8_t* x = q[md] + i * QK;
+      sums[md][i] = vaddvq_s32(dot16(dot16(vdupq_n_s32(0), lo, vld1q_s8(x)), hi, vld1q_s8(x + 16)));
+    }
   }
-  return {{vld1q_s32(sums), vld1q_s32(sums + 4), vld1q_s32(sums + 8), vld1q_s32(sums + 12)}};
+  for (int md = 0; md < MD; ++md)
+    out[md] = {{vld1q_s32(sums[md]), vld1q_s32(sums[md] + 4), vld1q_s32(sums[md] + 8), vld1q_s32(sums[md] + 12)}};
 }
 
 }  // namespace simd_neon / simd_neon_dot

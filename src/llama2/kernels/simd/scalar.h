@@ -7,7 +7,7 @@
 //   fmadd(a, b, c) = a * b + c and fnmadd(a, b, c) = c - a * b, each rounded ONCE (fused),
 //   round_even (to an integral value, ties to even), exp2i (2^n for integral n in [-126, 127]),
 //   reduce_add (THE float reduction order, below), reduce_max,
-//   to_float (I16 -> F16), load_fp16 (16 IEEE halves), load_i8 (16 int8 -> float),
+//   to_float (I16 -> F16), load_fp16 (16 IEEE halves), block_values (a block's 32 integers),
 //   store_bf16 (rounded as fp32_to_bf16_bits), prefetch,
 //   group_isums<QT>: the exact integer dot products of up to 16 weight blocks with the
 //   activation blocks (block i in lane i), see below.
@@ -94,33 +94,43 @@ inline float reduce_max(const F16& a) {
 
 inline F16 to_float(const I16& a) { return map([&](int i) { return static_cast<float>(a.v[i]); }); }
 inline F16 load_fp16(const uint16_t* h) { return map([h](int i) { return fp16_to_fp32(h[i]); }); }
-inline F16 load_i8(const int8_t* q) { return map([q](int i) { return static_cast<float>(q[i]); }); }
+
+// A block's 32 stored integers as floats: lo = values 0..15, hi = values 16..31 (Q4: the
+// nibbles 0..15, Q8_0: the int8 values); qs points at the block's quantized values.
+template <int64_t QT>
+inline void block_values(const uint8_t* qs, F16& lo, F16& hi) {
+  for (int j = 0; j < 16; ++j) {
+    lo.v[j] = QT == Q8_0 ? static_cast<float>(static_cast<int8_t>(qs[j])) : static_cast<float>(qs[j] & 0x0F);
+    hi.v[j] = QT == Q8_0 ? static_cast<float>(static_cast<int8_t>(qs[j + 16])) : static_cast<float>(qs[j] >> 4);
+  }
+}
 
 inline void prefetch(const void*) {}
 
 // Exact integer dot products of `cnt` (1..16) consecutive weight blocks starting at blk with
-// the activation blocks q (32 int8 each): lane i = sum_j w_ij * q_ij, where w is the block's
-// integer (Q4_0: nibble - 8, Q4_1: nibble, Q8_0: int8); lanes >= cnt are 0. sumq[i] is the
-// sum of activation block i's values (for the Q4_0 offset).
-template <int64_t QT>
-inline I16 group_isums(const uint8_t* blk, const int8_t* q, const int32_t* sumq, int cnt) {
+// the activation blocks of MD activation rows (q[md]: 32 int8 a block): out[md] lane i =
+// sum_j w_ij * q[md]_ij, where w is the block's integer (Q4_0: nibble - 8, Q4_1: nibble,
+// Q8_0: int8); lanes >= cnt are 0. sumq[md][i] is the sum of activation block i's values
+// (for the Q4_0 offset). With MD = 2 the weights are decoded once for both rows.
+template <int64_t QT, int MD>
+inline void group_isums(const uint8_t* blk, const int8_t* const* q, const int32_t* const* sumq, int cnt, I16* out) {
   constexpr int64_t BS = block_bytes(QT), OFF = qs_offset(QT);
-  I16 r;
-  for (int i = 0; i < 16; ++i) {
-    int32_t isum = 0;
-    if (i < cnt) {
-      const uint8_t* qs = blk + i * BS + OFF;
-      const int8_t* x = q + i * QK;
-      if (QT == Q8_0) {
-        for (int j = 0; j < QK; ++j) isum += static_cast<int8_t>(qs[j]) * x[j];
-      } else {
-        for (int j = 0; j < QK / 2; ++j) isum += (qs[j] & 0xF) * x[j] + (qs[j] >> 4) * x[j + 16];
-        isum -= weight_offset(QT) * sumq[i];
+  for (int md = 0; md < MD; ++md) {
+    for (int i = 0; i < 16; ++i) {
+      int32_t isum = 0;
+      if (i < cnt) {
+        const uint8_t* qs = blk + i * BS + OFF;
+        const int8_t* x = q[md] + i * QK;
+        if (QT == Q8_0) {
+          for (int j = 0; j < QK; ++j) isum += static_cast<int8_t>(qs[j]) * x[j];
+        } else {
+          for (int j = 0; j < QK / 2; ++j) isum += (qs[j] & 0xF) * x[j] + (qs[j] >> 4) * x[j + 16];
+          isum -= weight_offset(QT) * sumq[md][i];
+        }
       }
+      out[md].v[i] = isum;
     }
-    r.v[i] = isum;
   }
-  return r;
 }
 
 }  // namespace simd_scalar
