@@ -12,6 +12,10 @@ library per variant:
     neon          aarch64 Advanced SIMD
     neon_dot      aarch64 with the dot product extension (sdot; Cortex-A76+, Apple M1+)
 
+No i8mm variant: smmla multiplies 2 x 8 by 8 x 2 int8 tiles, which pays with two or more
+activation rows per weight row; decode (one row) is where these kernels spend their time,
+and prefill chunks of 32+ rows go to PyTorch's bf16 GEMM on the dequantized blocks.
+
 Every variant computes bitwise the same results (integer block sums are exact, and all
 float reductions follow one fixed order, see `simd/scalar.h`). `pick_isa` chooses the best
 variant this CPU runs (`LLAMA2_CPU_ISA=<variant>` forces one, clamped to what the CPU has);

@@ -61,6 +61,12 @@ constexpr int64_t TASK_MIN_BYTES = 32 << 10;
 
 inline float fp16_at(const uint8_t* p) { return fp16_to_fp32(load_u16(p)); }
 
+// A tile's results for one activation row: at most ROWS floats (a loop: std::copy would
+// call memmove for each few bytes).
+inline void store_tile_row(const float* out, int rows, float* y) {
+  for (int r = 0; r < rows; ++r) y[r] = out[r];
+}
+
 // ---------------------------------------------------------------------------------------
 // Scratch memory: per-thread, 64-byte aligned, reused across calls (no allocator traffic on
 // the decode path). Requests above kScratchKeep are served by a temporary allocation.
@@ -188,23 +194,27 @@ void quantize_row(const T* x, const QuantActs& a, int64_t m, int32_t offset) {
 #endif
     int32_t s = 0;
     for (int l = 0; l < 8; ++l) s += lanes[l];
-    for (int l = 0; l < 4; ++l) noffq[b * 4 + l] = -offset * (lanes[l] + lanes[l + 4]);
     d[b] = db;
     sumq[b] = s;
     xs[b] = db * static_cast<float>(s);
-    int8_t* quad = qq + (b / 4) * 128 + (b % 4) * 16;
-    std::memcpy(quad, q + b * QK, 16);
-    std::memcpy(quad + 64, q + b * QK + 16, 16);
+    if (LLAMA2_GEMV_AVX512) {
+      for (int l = 0; l < 4; ++l) noffq[b * 4 + l] = -offset * (lanes[l] + lanes[l + 4]);
+      int8_t* quad = qq + (b / 4) * 128 + (b % 4) * 16;
+      std::memcpy(quad, q + b * QK, 16);
+      std::memcpy(quad + 64, q + b * QK + 16, 16);
+    }
   }
   std::memset(q + nb * QK, 0, pad * QK);
   std::memset(d + nb, 0, pad * 4);
   std::memset(xs + nb, 0, pad * 4);
   std::memset(sumq + nb, 0, pad * 4);
-  std::memset(noffq + nb * 4, 0, pad * 16);
-  for (int64_t b = nb; b < a.nbp; ++b) {
-    int8_t* quad = qq + (b / 4) * 128 + (b % 4) * 16;
-    std::memset(quad, 0, 16);
-    std::memset(quad + 64, 0, 16);
+  if (LLAMA2_GEMV_AVX512) {
+    std::memset(noffq + nb * 4, 0, pad * 16);
+    for (int64_t b = nb; b < a.nbp; ++b) {
+      int8_t* quad = qq + (b / 4) * 128 + (b % 4) * 16;
+      std::memset(quad, 0, 16);
+      std::memset(quad + 64, 0, 16);
+    }
   }
   if (a.transposed) {
     // qT[g][c][i] = column c (4 bytes) of block 16 g + i.
@@ -319,7 +329,7 @@ void run_tiles(const uint8_t* w, const QuantActs& acts, int64_t m_rows, int64_t 
       const int64_t r0 = t * ROWS;
       const int rows = static_cast<int>(std::min<int64_t>(ROWS, n - r0));
       dot_tile_all<QT>(w + r0 * row_bytes, row_bytes, rows, pf, acts, m_rows, out);
-      for (int64_t m = 0; m < m_rows; ++m) std::copy(out[m], out[m] + rows, y + m * n + r0);
+      for (int64_t m = 0; m < m_rows; ++m) store_tile_row(out[m], rows, y + m * n + r0);
     }
   });
 }

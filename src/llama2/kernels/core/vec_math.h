@@ -145,7 +145,9 @@ inline void rotate_heads(float* x, int64_t heads, int64_t head_dim, const float*
 inline void load_row(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
 inline void store_row(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
 inline void load_row(const bf16* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = to_f32(src[i]);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) V::store(dst + i, V::load(src + i));
+  for (; i < n; ++i) dst[i] = to_f32(src[i]);
 }
 inline void store_row(const float* src, bf16* dst, int64_t n) {
   int64_t i = 0;

@@ -486,7 +486,7 @@ void run_tiles(const uint8_t* w, const QuantActs& acts, int64_t m_rows, int64_t 
           case 2: dot_tile_direct_all<QT, 2>(wr, row_bytes, nb, pf, acts, m_rows, out); break;
           default: dot_tile_direct_all<QT, 1>(wr, row_bytes, nb, pf, acts, m_rows, out); break;
         }
-        for (int64_t m = 0; m < m_rows; ++m) std::copy(out[m], out[m] + rows, y + m * n + r0);
+        for (int64_t m = 0; m < m_rows; ++m) store_tile_row(out[m], rows, y + m * n + r0);
       }
     });
     return;
@@ -511,7 +511,7 @@ void run_tiles(const uint8_t* w, const QuantActs& acts, int64_t m_rows, int64_t 
         case 2: dot_tile_unpacked_all<QT, 2>(wt, dw, mw, tail, wr, row_bytes, acts, m_rows, out); break;
         default: dot_tile_unpacked_all<QT, 1>(wt, dw, mw, tail, wr, row_bytes, acts, m_rows, out); break;
       }
-      for (int64_t m = 0; m < m_rows; ++m) std::copy(out[m], out[m] + rows, y + m * n + r0);
+      for (int64_t m = 0; m < m_rows; ++m) store_tile_row(out[m], rows, y + m * n + r0);
     }
   });
 }
