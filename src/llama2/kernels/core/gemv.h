@@ -104,7 +104,8 @@ class Scratch {
 //   q     [nbp][32]  int8   quantized values
 //   d     [nbp]      float  block scale d_x
 //   xs    [nbp]      float  fp32(d_x * sumq), for Q4_1's minimum
-//   sumq  [nbp]      int32  sum of the block's values (scalar path)
+//   sumq  [nbp]      int32  sum of the block's values (Q4_0's offset in group_isums)
+// and for the AVX-512 VNNI kernels only (simd/avx512_vnni_gemv.h):
 //   qq    [nbp/4][2][64] int8  the decode path's layout: per quad of 4 blocks, values
 //                           0..15 of the 4 blocks, then values 16..31 of the 4 blocks
 //   noffq [nbp][4]   int32  -offset * (sum of values 4l..4l+3 and 16+4l..16+4l+3), l < 4:
