@@ -10,19 +10,24 @@ import torch
 from gguf_kernel_helpers import BLOCK_BYTES, NAMES, Q4_0, Q4_1, Q8_0, dequantize, emulate, make_weight, quantize_acts
 
 from llama2.fuse import concat_layers
-from llama2.kernels import build_kernels, gguf_matmul_available
+from llama2.kernels import cpu_capabilities, gguf_matmul_available, supported_isas, variant_ops
 from llama2.quant import GGUFLinear
 
-pytestmark = pytest.mark.skipif(not gguf_matmul_available(), reason="needs AVX-512 VNNI and a C++ compiler")
+pytestmark = pytest.mark.skipif(not gguf_matmul_available(), reason="llama2's kernels are off or do not build here")
+# Every kernel variant this CPU runs (scalar, avx2, ...): each test below runs on each.
+ISAS = supported_isas(cpu_capabilities()) if gguf_matmul_available() else []
+by_isa = pytest.mark.parametrize("isa", ISAS)  # the top decorator: the fastest-varying parameter
 
 QTYPES = [Q4_0, Q4_1, Q8_0]
-MODEL_SHAPES = [(192, 576), (960, 576), (1536, 576), (576, 1536), (49152, 576), (4096, 4096), (11008, 4096), (4096, 11008)]
+MODEL_SHAPES = [(192, 576), (960, 576), (1536, 576), (576, 1536)]  # SmolLM2-135M's projections
+BIG_SHAPES = [(49152, 576), (4096, 4096), (11008, 4096), (4096, 11008)]  # its head, Llama-2-7B's projections
 ODD_SHAPES = [(5, 32), (7, 96), (33, 544), (61, 1056)]  # odd block counts, rows not a multiple of a tile
 BIG = 4096 * 4096
 
 
-def gguf_matmul(x, raw, qtype, n, k):
-    return torch.ops.llama2_kernels.gguf_matmul(x, raw, qtype, n, k)
+def gguf_matmul(x, raw, qtype, n, k, isa=None):
+    ops = torch.ops.llama2_kernels if isa is None else variant_ops(isa)
+    return ops.gguf_matmul(x, raw, qtype, n, k)
 
 
 def random_blocks(qtype: int, n: int, k: int, seed: int = 0) -> np.ndarray:
@@ -44,10 +49,10 @@ def weight(qtype: int, n: int, k: int):
     return raw, torch.from_numpy(raw), torch.from_numpy(dequantize(raw, qtype))
 
 
-def check(qtype, n, k, m, dtype=torch.float32, seed=0):
+def check(isa, qtype, n, k, m, dtype=torch.float32, seed=0):
     raw_np, raw, w = weight(qtype, n, k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
-    y = gguf_matmul(x, raw, qtype, n, k)
+    y = gguf_matmul(x, raw, qtype, n, k, isa)
     assert y.shape == (m, n) and y.dtype == dtype
     # Against the float product with gguf's values: only the int8 activations' error (~0.5-1 %).
     reference = x.float() @ w.T
@@ -64,48 +69,75 @@ def check(qtype, n, k, m, dtype=torch.float32, seed=0):
         assert ((y.double() >= low) & (y.double() <= high)).all()
 
 
+@by_isa
 @pytest.mark.parametrize("m", [1, 2, 17])
 @pytest.mark.parametrize("n,k", MODEL_SHAPES + ODD_SHAPES, ids=str)
 @pytest.mark.parametrize("qtype", QTYPES, ids=NAMES.get)
-def test_matmul_matches_gguf_values_and_exact_arithmetic(qtype, n, k, m):
-    check(qtype, n, k, m)
+def test_matmul_matches_gguf_values_and_exact_arithmetic(isa, qtype, n, k, m):
+    check(isa, qtype, n, k, m)
 
 
+@pytest.mark.parametrize("m", [1, 2, 17])
+@pytest.mark.parametrize("n,k", BIG_SHAPES, ids=str)
+@pytest.mark.parametrize("qtype", QTYPES, ids=NAMES.get)
+def test_big_matmuls_match_gguf_values_and_exact_arithmetic(qtype, n, k, m):
+    """The variant in use (the others equal it bitwise: test_every_variant_equals_scalar_bitwise)."""
+    check(None, qtype, n, k, m)
+
+
+@by_isa
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("m", [1, 3, 64, 100])
 @pytest.mark.parametrize("qtype", QTYPES, ids=NAMES.get)
-def test_half_precision_activations_and_prefill_rows(qtype, m, dtype):
-    check(qtype, 576, 1536, m, dtype)
-    check(qtype, 61, 1056, m, dtype)
+def test_half_precision_activations_and_prefill_rows(isa, qtype, m, dtype):
+    check(isa, qtype, 576, 1536, m, dtype)
+    check(isa, qtype, 61, 1056, m, dtype)
 
 
-def test_activations_are_quantized_like_llama_cpp_q8_0_with_fp32_scales():
+@pytest.mark.parametrize("m", [1, 2, 3, 17, 64])
+@pytest.mark.parametrize("n,k", [(192, 576), (61, 1056), (7, 96), (33, 544), (5, 32), (64, 4096)], ids=str)
+@pytest.mark.parametrize("qtype", QTYPES, ids=NAMES.get)
+def test_every_variant_equals_scalar_bitwise(qtype, n, k, m):
+    """The same bits from every variant: exact integer block sums, one float order (k: 1 to 128 blocks)."""
+    _, raw, _ = weight(qtype, n, k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    x[0, :32] = 0  # an all-zero activation block
+    expected = gguf_matmul(x, raw, qtype, n, k, "scalar")
+    for isa in ISAS:
+        assert torch.equal(gguf_matmul(x, raw, qtype, n, k, isa), expected), isa
+        assert torch.equal(variant_ops(isa).gguf_dequantize(raw, qtype, n, k), variant_ops("scalar").gguf_dequantize(raw, qtype, n, k)), isa
+
+
+@by_isa
+def test_activations_are_quantized_like_llama_cpp_q8_0_with_fp32_scales(isa):
     x = torch.from_numpy(np.random.default_rng(1).standard_normal((7, 1056), dtype=np.float32))
     x[0, :32] = 0  # an all-zero block: d = 0, q = 0
     x[1, :32] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5] + [0.0] * 25)  # ties, d = 1
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        q, d = torch.ops.llama2_kernels.gguf_quantize_rows(x.to(dtype))
+        q, d = variant_ops(isa).gguf_quantize_rows(x.to(dtype))
         q_ref, d_ref = quantize_acts(x.to(dtype).float().numpy())
         np.testing.assert_array_equal(q.numpy(), q_ref.reshape(q.shape))
         np.testing.assert_array_equal(d.numpy(), d_ref)
-    q, _ = torch.ops.llama2_kernels.gguf_quantize_rows(x)
+    q, _ = variant_ops(isa).gguf_quantize_rows(x)
     assert q[1, :7].tolist() == [127, 0, 2, 2, 0, -2, -2]  # round half to even
     assert q[0, :32].abs().sum() == 0
 
 
+@by_isa
 @pytest.mark.parametrize("qtype", QTYPES, ids=NAMES.get)
-def test_dequantize_equals_gguf_rounded_to_bf16(qtype):
+def test_dequantize_equals_gguf_rounded_to_bf16(isa, qtype):
     raw_np, raw, w = weight(qtype, 61, 1056)
-    got = torch.ops.llama2_kernels.gguf_dequantize(raw, qtype, 61, 1056)
+    got = variant_ops(isa).gguf_dequantize(raw, qtype, 61, 1056)
     assert got.dtype == torch.bfloat16 and torch.equal(got, w.to(torch.bfloat16))
 
 
-def test_rows_do_not_depend_on_the_batch():
+@by_isa
+def test_rows_do_not_depend_on_the_batch(isa):
     _, raw, _ = weight(Q4_0, 576, 1536)
     x = torch.randn(9, 1536)
-    full = gguf_matmul(x, raw, Q4_0, 576, 1536)
+    full = gguf_matmul(x, raw, Q4_0, 576, 1536, isa)
     for m in range(9):
-        assert torch.equal(gguf_matmul(x[m : m + 1], raw, Q4_0, 576, 1536)[0], full[m])
+        assert torch.equal(gguf_matmul(x[m : m + 1], raw, Q4_0, 576, 1536, isa)[0], full[m])
 
 
 def test_leading_dims_non_contiguous_and_empty_inputs():
@@ -140,23 +172,3 @@ def test_gguf_linear_layers_concatenate_and_compile():
     for rows in (1, 3, 40):  # decode (kernel) and prefill (bf16 weights) shapes
         h = torch.randn(1, rows, 576, dtype=torch.bfloat16)
         torch.testing.assert_close(compiled(h), torch.nn.functional.silu(fused(h)), rtol=2e-2, atol=1e-3)
-
-
-@pytest.fixture(scope="module")
-def scalar_ops():
-    """The same sources built without the vector code: the portable path other CPUs would get."""
-    build_kernels("llama2_gguf_kernels_scalar", vector_code=False, namespace="llama2_kernels_scalar")
-    assert not torch.ops.llama2_kernels_scalar.gguf_has_avx512()
-    return torch.ops.llama2_kernels_scalar
-
-
-@pytest.mark.parametrize("m", [1, 5])
-@pytest.mark.parametrize("n,k", [(192, 576), (61, 1056), (7, 96)], ids=str)
-@pytest.mark.parametrize("qtype", QTYPES, ids=NAMES.get)
-def test_portable_build_computes_the_same(scalar_ops, qtype, n, k, m):
-    raw_np, raw, w = weight(qtype, n, k)
-    x = torch.randn(m, k)
-    y = scalar_ops.gguf_matmul(x, raw, qtype, n, k)
-    exact, bound = emulate(x, raw_np, qtype, n, k)
-    assert ((y.double() - exact).abs() <= bound).all()
-    assert torch.equal(scalar_ops.gguf_dequantize(raw, qtype, n, k), w.to(torch.bfloat16))

@@ -9,6 +9,7 @@ import torch
 from helpers import make_hf_llama, our_model, random_tokens, reference_logits
 
 from llama2.fuse import fuse_projections
+from llama2.kernels import cpu_capabilities, gguf_matmul_available, requested_isa, supported_isas
 from llama2.native import NativeForward, native_engine_supports
 from llama2.quant import GGUFLinear
 from llama2.weights import open_checkpoint
@@ -17,9 +18,9 @@ QTYPES = ("Q4_0", "Q4_1", "Q8_0")
 PROJECTIONS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
                "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")  # fmt: skip
 
-pytestmark = pytest.mark.skipif(
-    not __import__("llama2.kernels", fromlist=["x"]).gguf_matmul_available(), reason="llama2's kernels do not build here"
-)
+pytestmark = pytest.mark.skipif(not gguf_matmul_available(), reason="llama2's kernels do not build here")
+# Every kernel variant this CPU runs (scalar, avx2, ...), the one in use first.
+ISAS = sorted(supported_isas(cpu_capabilities()), key=lambda isa: isa != requested_isa()) if gguf_matmul_available() else []
 
 
 def block_values(weight: torch.Tensor, type_name: str) -> tuple[np.ndarray, torch.Tensor]:
@@ -77,26 +78,33 @@ def test_engine_logits_match_transformers(tmp_path, type_names, fused, cache_dty
     PyTorch modules' error on the same blocks (they use the same kernels, with bfloat16
     GEMMs for long chunks): 3-4% at head_dim 32-64, ~9% at 128 (this random model's
     activations grow with its width). A wrong layout (RoPE pairs, heads, cache positions)
-    would be off by the size of the logits themselves.
+    would be off by the size of the logits themselves. Every kernel variant gives the
+    engine's logits bitwise.
     """
     hf, model = engine_pair(tmp_path, list(type_names), fused, head_dim)  # 64 and 128: SmolLM2's and Llama 2's
     tokens = random_tokens(160, batch=1, length=56, seed=3)
     expected = reference_logits(hf, tokens)[0]  # [T, vocab]
     chunks = [(0, 8), (8, 48)] + [(t, t + 1) for t in range(48, 56)]  # 8 rows: kernel + key loop; 40: GEMM + matmuls
-    errors = {}
-    for name in ("modules", "engine"):
+    errors, engine_logits = {}, {}
+    for name in ("modules", *ISAS):
         model.setup_caches(1, 64, dtype=cache_dtype)
-        forward = model if name == "modules" else NativeForward(model)
+        forward = model if name == "modules" else NativeForward(model, isa=name)
         with torch.inference_mode():
             logits = torch.cat([forward(tokens[:, a:b], torch.arange(a, b), kv_len=b)[0] for a, b in chunks])
         assert logits.shape == expected.shape
         errors[name] = relative_error(logits, expected)
-    assert errors["engine"] < min(0.12, 1.25 * errors["modules"] + 0.01), errors
-    assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.8
+        if name != "modules":
+            engine_logits[name] = logits
+    engine = engine_logits[ISAS[0]]  # the variant in use
+    assert errors[ISAS[0]] < min(0.12, 1.25 * errors["modules"] + 0.01), errors
+    assert (engine.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.8
+    for isa, logits in engine_logits.items():
+        assert torch.equal(logits, engine), isa
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("head", ["float", "gguf"])
-def test_batch_rows_are_computed_alone_in_their_cache_slots(tmp_path, head):
+def test_batch_rows_are_computed_alone_in_their_cache_slots(tmp_path, head, isa):
     """Decode rows of a batch (any cache slots, different lengths) equal the same rows run alone, bitwise."""
     hf, model = engine_pair(tmp_path, ["Q8_0"], True)
     if head == "gguf":  # the output head as Q8_0 blocks too (its kernel's rows do not depend on the batch)
@@ -109,7 +117,7 @@ def test_batch_rows_are_computed_alone_in_their_cache_slots(tmp_path, head):
         calls.append(sorted(options))
         return model(tokens, input_pos, **options)
 
-    native = NativeForward(model, fallback=fallback)
+    native = NativeForward(model, fallback=fallback, isa=isa)
     tokens = random_tokens(160, batch=2, length=12, seed=5)
     lengths = (11, 7)  # prompt lengths of the two rows; then one decode step each
     slots = torch.tensor([1, 0])

@@ -3,7 +3,7 @@
 When every projection of a `Transformer` is a `GGUFLinear` (a GGUF file's Q4_0 / Q4_1 /
 Q8_0 blocks, see `llama2.quant`) and the kernels build, `NativeForward` runs each
 sequence's cached forward (a prefill chunk or a decode step) as one call into the C++
-engine `llama2_kernels.GGUFLlama` (`kernels/llama_engine.cpp`): float32 activations, the
+engine `llama2_kernels.GGUFLlama` (`kernels/llama_engine.cpp`, the kernel variant in use): float32 activations, the
 model's own KV cache buffers, the file's blocks without copies. The embedding lookup and
 the output head stay the model's modules.
 """
@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from .kernels import gguf_matmul_available
+from .kernels import gguf_matmul_available, namespace_for, requested_isa, variant_ops
 from .model import Transformer, rotary_cos_sin
 from .quant import (
     DENSE_MAX_WEIGHT_VALUES,
@@ -57,27 +57,30 @@ class NativeForward:
     options go to `fallback`.
     """
 
-    def __init__(self, model: Transformer, fallback: Callable[..., torch.Tensor] | None = None):
+    def __init__(self, model: Transformer, fallback: Callable[..., torch.Tensor] | None = None, isa: str | None = None):
         """
         Args:
             model: a model `native_engine_supports`, with its caches set up (the engine
                 writes the same buffers, so the model and the engine can take turns; after
                 `setup_caches` installs new ones, the next call rebuilds the engine over them).
             fallback: what runs the calls the engine does not take (default: the model).
+            isa: the kernel variant whose engine runs (default: the one in use,
+                `llama2.kernels.selected_isa()`; tests compare variants).
         """
         if not native_engine_supports(model):
             raise ValueError("the native engine needs a CPU model of GGUF block layers with KV caches set up")
+        self.isa = isa or requested_isa()
+        variant_ops(self.isa)  # built and loaded
         self.model = model
         self.fallback = fallback or model
         self.head_dtype = None if isinstance(model.output, GGUFLinear) else model.norm.weight.dtype
         self.engine = self._build_engine(model)
         self._caches = model.layers[0].attention.kv_cache  # the buffers the engine was given
 
-    @staticmethod
-    def _build_engine(model: Transformer):
+    def _build_engine(self, model: Transformer):
         args = model.args
         cos, sin = rotary_cos_sin(torch.arange(model.cache_len), args.head_dim, args.rope_theta)  # [S, head_dim / 2]
-        engine = torch.classes.llama2_kernels.GGUFLlama(
+        engine = getattr(torch.classes, namespace_for(self.isa)).GGUFLlama(
             args.n_heads, args.n_kv_heads, args.head_dim, args.hidden_dim, args.norm_eps, cos, sin,
             model.norm.weight.detach(), DENSE_MIN_ROWS, DENSE_MAX_WEIGHT_VALUES,
         )  # fmt: skip

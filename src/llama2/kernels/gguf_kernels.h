@@ -1,15 +1,18 @@
-// Functions the GGUF kernels share between their source files (one library, namespace
-// GGUF_NS: llama2_kernels, or a test build's own).
+// Torch glue shared by the three source files of one kernel library (namespace GGUF_NS:
+// llama2_kernels for the variant in use, llama2_kernels_<variant> for a test build). The
+// arithmetic is in core/ (torch-free), on the primitives of simd/; the variant is chosen by
+// the -DLLAMA2_ISA_<NAME> macro of the build (core/isa.h).
 #pragma once
 
 #include <ATen/ATen.h>
-#include <c10/util/BFloat16.h>
+#include <ATen/Parallel.h>
 
 #include <cstdint>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#include <immintrin.h>
-#endif
+#include "core/blocks.h"
+#include "core/dequant.h"
+#include "core/gemv.h"
+#include "core/vec_math.h"
 
 #ifndef GGUF_NS
 #define GGUF_NS llama2_kernels
@@ -17,29 +20,30 @@
 
 namespace GGUF_NS {
 
-// GGML type ids (gguf.GGMLQuantizationType) of the block formats the kernels compute on.
-constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8;
+namespace K = ::llama2::LLAMA2_ISA_NS;  // this variant's kernels
 
-// Bytes of one block of 32 values.
-constexpr int64_t gguf_block_bytes(int64_t qtype) {
-  return qtype == kQ4_0 ? 18 : qtype == kQ4_1 ? 20 : qtype == kQ8_0 ? 34 : 0;
-}
+// GGML type ids (gguf.GGMLQuantizationType) of the block formats the kernels compute on.
+constexpr int64_t kQ4_0 = llama2::Q4_0, kQ4_1 = llama2::Q4_1, kQ8_0 = llama2::Q8_0;
+
+// Bytes of one block of 32 values (0: a type the kernels do not take).
+constexpr int64_t gguf_block_bytes(int64_t qtype) { return llama2::block_bytes(qtype); }
+
+// The core kernels' parallel_for, on PyTorch's intra-op thread pool.
+struct AtParallel {
+  template <class Fn>
+  void operator()(int64_t begin, int64_t end, int64_t grain, const Fn& fn) const {
+    at::parallel_for(begin, end, grain, fn);
+  }
+};
 
 // y[m, n] = x[m, k] W^T for W [n, k] given as GGUF blocks `w` (row-major, k / 32 blocks a
 // row); x and y are contiguous float32. The arithmetic of the op gguf_matmul.
-void gguf_matmul_f32(const float* x, int64_t m, const uint8_t* w, int64_t qtype, int64_t n, int64_t k, float* y);
+inline void gguf_matmul_f32(const float* x, int64_t m, const uint8_t* w, int64_t qtype, int64_t n, int64_t k,
+                            float* y) {
+  K::matmul(x, m, w, qtype, n, k, y, AtParallel{});
+}
 
 // W [n, k] as bfloat16 from its blocks (the op gguf_dequantize).
 at::Tensor gguf_dequantize(const at::Tensor& raw, int64_t qtype, int64_t n, int64_t k);
-
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-// 16 fp32 lanes rounded to bf16 (nearest even; finite values) and stored at out.
-inline void store_bf16x16(c10::BFloat16* out, __m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
-}
-#endif
 
 }  // namespace GGUF_NS

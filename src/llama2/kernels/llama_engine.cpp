@@ -44,13 +44,6 @@
 
 #include "gguf_kernels.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#define ENGINE_AVX512 1
-#include <immintrin.h>
-#else
-#define ENGINE_AVX512 0
-#endif
-
 namespace {
 
 // Query rows up to which attention is the key loop below (llama2.model.SMALL_QUERY_MAX).
@@ -59,163 +52,34 @@ constexpr int64_t kSmallQueryMax = 16;
 // costs about a microsecond).
 constexpr int64_t kTaskWork = 1 << 15;
 
-// ---------------------------------------------------------------------------------------
-// Vector helpers on float32 rows (AVX-512 where built with it, plain loops otherwise).
-// ---------------------------------------------------------------------------------------
+// The row math (rms_norm, rotate_heads, dot, softmax_inplace, weighted_rows, swiglu,
+// load_row / store_row) is core/vec_math.h's, in this library's variant: bitwise the same
+// in every variant. bf16 caches are passed as llama2::bf16 (c10::BFloat16's bits).
+using GGUF_NS::K::dot;
+using GGUF_NS::K::load_row;
+using GGUF_NS::K::rms_norm;
+using GGUF_NS::K::rotate_heads;
+using GGUF_NS::K::softmax_inplace;
+using GGUF_NS::K::store_row;
+using GGUF_NS::K::swiglu;
+using GGUF_NS::K::weighted_rows;
 
-inline float to_float(float x) { return x; }
-inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
-
-#if ENGINE_AVX512
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {  // bf16 -> fp32 is a 16-bit left shift
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-// e^x: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two parts for an exact n ln2), e^r
-// by its Taylor series to degree 6 (relative error ~1e-7), times 2^n by vscalefps.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-#endif
-
-// sum_i a[i] * b[i]
-template <typename T>
-inline float dot(const float* a, const T* b, int64_t n) {
-  int64_t i = 0;
-  float sum = 0.f;
-#if ENGINE_AVX512
-  __m512 acc = _mm512_setzero_ps();
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(load16(a + i), load16(b + i), acc);
-  sum = _mm512_reduce_add_ps(acc);
-#endif
-  for (; i < n; ++i) sum += a[i] * to_float(b[i]);
-  return sum;
-}
-
-// y[i] += alpha * x[i]
-template <typename T>
-inline void axpy(float alpha, const T* x, float* y, int64_t n) {
-  int64_t i = 0;
-#if ENGINE_AVX512
-  const __m512 va = _mm512_set1_ps(alpha);
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, load16(x + i), load16(y + i)));
-#endif
-  for (; i < n; ++i) y[i] += alpha * to_float(x[i]);
-}
-
-// float32 copies of rows in the cache's dtype, and back (bf16 rounded to nearest even).
-inline void load_row(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
-inline void store_row(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
-inline void load_row(const c10::BFloat16* src, float* dst, int64_t n) {
-  int64_t i = 0;
-#if ENGINE_AVX512
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load16(src + i));
-#endif
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-inline void store_row(const float* src, c10::BFloat16* dst, int64_t n) {
-  int64_t i = 0;
-#if ENGINE_AVX512
-  for (; i + 16 <= n; i += 16) GGUF_NS::store_bf16x16(dst + i, _mm512_loadu_ps(src + i));
-#endif
-  for (; i < n; ++i) dst[i] = static_cast<c10::BFloat16>(src[i]);
-}
-
-#if ENGINE_AVX512
-// o = sum_j p[j] * v[j], VECS * 16 values a row, the sums kept in registers.
-template <int VECS, typename C>
-inline void weighted_rows_avx512(const float* p, const C* v, int64_t keys, float* o) {
-  __m512 acc[VECS];
-  for (int i = 0; i < VECS; ++i) acc[i] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < keys; ++j, v += VECS * 16) {
-    const __m512 weight = _mm512_set1_ps(p[j]);
-    for (int i = 0; i < VECS; ++i) acc[i] = _mm512_fmadd_ps(weight, load16(v + 16 * i), acc[i]);
-  }
-  for (int i = 0; i < VECS; ++i) _mm512_storeu_ps(o + 16 * i, acc[i]);
-}
-#endif
-
-// o[0 .. n) = sum over j < keys of p[j] * v[j * n .. j * n + n)
+// A cache's element type as the core kernels take it.
 template <typename C>
-inline void weighted_rows(const float* p, const C* v, int64_t keys, int64_t n, float* o) {
-#if ENGINE_AVX512
-  switch (n) {
-    case 64: return weighted_rows_avx512<4>(p, v, keys, o);
-    case 128: return weighted_rows_avx512<8>(p, v, keys, o);
-    default: break;
-  }
-#endif
-  std::fill(o, o + n, 0.f);
-  for (int64_t j = 0; j < keys; ++j) axpy(p[j], v + j * n, o, n);
+struct CoreType {
+  using type = C;
+};
+template <>
+struct CoreType<c10::BFloat16> {
+  using type = llama2::bf16;
+};
+template <typename C>
+const typename CoreType<C>::type* core_ptr(const C* p) {
+  return reinterpret_cast<const typename CoreType<C>::type*>(p);
 }
-
-// x[0 .. n) <- softmax(x[0 .. n))
-inline void softmax_inplace(float* x, int64_t n) {
-  float max = -std::numeric_limits<float>::infinity();
-  for (int64_t i = 0; i < n; ++i) max = std::max(max, x[i]);
-  int64_t i = 0;
-  float sum = 0.f;
-#if ENGINE_AVX512
-  const __m512 vmax = _mm512_set1_ps(max);
-  __m512 acc = _mm512_setzero_ps();
-  for (; i + 16 <= n; i += 16) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), vmax));
-    _mm512_storeu_ps(x + i, e);
-    acc = _mm512_add_ps(acc, e);
-  }
-  sum = _mm512_reduce_add_ps(acc);
-#endif
-  for (; i < n; ++i) {
-    x[i] = std::exp(x[i] - max);
-    sum += x[i];
-  }
-  const float inv = 1.f / sum;
-  for (int64_t j = 0; j < n; ++j) x[j] *= inv;
-}
-
-// out[i] = silu(gate[i]) * up[i] = gate[i] / (1 + e^-gate[i]) * up[i]
-inline void swiglu(const float* gate, const float* up, float* out, int64_t n) {
-  int64_t i = 0;
-#if ENGINE_AVX512
-  const __m512 one = _mm512_set1_ps(1.f);
-  for (; i + 16 <= n; i += 16) {
-    const __m512 g = _mm512_loadu_ps(gate + i);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
-    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), _mm512_loadu_ps(up + i)));
-  }
-#endif
-  for (; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
-}
-
-// out = x / sqrt(mean(x^2) + eps) * weight
-inline void rms_norm(const float* x, const float* weight, int64_t n, float eps, float* out) {
-  const float scale = 1.f / std::sqrt(dot(x, x, n) / static_cast<float>(n) + eps);
-  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * scale * weight[i];
-}
-
-// Adjacent channel pairs (2i, 2i + 1) of each head rotated by the angles cos[i], sin[i].
-inline void rotate_heads(float* x, int64_t heads, int64_t head_dim, const float* cos, const float* sin) {
-  for (int64_t h = 0; h < heads; ++h, x += head_dim) {
-    for (int64_t i = 0; i < head_dim / 2; ++i) {
-      const float even = x[2 * i], odd = x[2 * i + 1];
-      x[2 * i] = even * cos[i] - odd * sin[i];
-      x[2 * i + 1] = even * sin[i] + odd * cos[i];
-    }
-  }
+template <typename C>
+typename CoreType<C>::type* core_ptr(C* p) {
+  return reinterpret_cast<typename CoreType<C>::type*>(p);
 }
 
 // fn(row) for rows 0 .. rows-1, split across threads when the rows carry enough work.
@@ -491,8 +355,8 @@ class GGUFLlama : public torch::CustomClassHolder {
         const int64_t t = task / n_heads_, head = task % n_heads_, keys = rows.positions[t] + 1;
         const int64_t cache_row = (rows.slots[t] * n_kv_heads_ + head / group) * max_seq_len * head_dim_;
         const float* q = q_rows + t * width + head * head_dim_;
-        const C* k = k_cache + cache_row;
-        const C* v = v_cache + cache_row;
+        const auto* k = core_ptr(k_cache + cache_row);
+        const auto* v = core_ptr(v_cache + cache_row);
         for (int64_t j = 0; j < keys; ++j) scores[j] = dot(q, k + j * head_dim_, head_dim_) * scale;
         softmax_inplace(scores.data(), keys);
         weighted_rows(scores.data(), v, keys, head_dim_, out_rows + t * n_heads_ * head_dim_ + head * head_dim_);
@@ -530,10 +394,10 @@ class GGUFLlama : public torch::CustomClassHolder {
       for (int64_t r = begin; r < end; ++r) {
         C* scores_row = scores + r * keys;
         const int64_t visible = pos + r % tokens + 1;
-        load_row(scores_row, row.data(), visible);
+        load_row(core_ptr(scores_row), row.data(), visible);
         for (int64_t j = 0; j < visible; ++j) row[j] *= scale;
         softmax_inplace(row.data(), visible);
-        store_row(row.data(), scores_row, visible);
+        store_row(row.data(), core_ptr(scores_row), visible);
         std::fill(scores_row + visible, scores_row + keys, C(0.f));
       }
     });

@@ -1,0 +1,190 @@
+// The primitive interface (see scalar.h) in AVX2 + FMA + F16C; with LLAMA2_AVX_VNNI the
+// integer dot products use AVX-VNNI's vpdpbusd (the avx_vnni variant), otherwise
+// vpmaddubsw + vpmaddwd. F16 is two ymm: lanes 0..7 and 8..15.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "../core/blocks.h"
+
+namespace llama2 {
+#if defined(LLAMA2_AVX_VNNI)
+namespace simd_avx_vnni {
+constexpr const char* kName = "avx_vnni";
+#else
+namespace simd_avx2 {
+constexpr const char* kName = "avx2";
+#endif
+
+struct F16 {
+  __m256 lo, hi;
+};
+struct I16 {
+  __m256i lo, hi;
+};
+
+inline F16 zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline F16 set1(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16* p) {  // bf16 -> fp32 is a 16-bit left shift
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 load8(const fp16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+template <typename T>
+inline F16 load(const T* p) {
+  return {load8(p), load8(p + 8)};
+}
+template <typename T>
+inline F16 load_partial(const T* p, int n) {  // through a zeroed copy: tails only
+  T tmp[16] = {};
+  for (int i = 0; i < n; ++i) tmp[i] = p[i];
+  return load(tmp);
+}
+inline void store(float* p, const F16& a) {
+  _mm256_storeu_ps(p, a.lo);
+  _mm256_storeu_ps(p + 8, a.hi);
+}
+inline void store_partial(float* p, const F16& a, int n) {
+  alignas(32) float tmp[16];
+  store(tmp, a);
+  for (int i = 0; i < n; ++i) p[i] = tmp[i];
+}
+// 8 lanes rounded to bf16 as fp32_to_bf16_bits: nearest even, NaN -> 0x7FC0.
+inline __m128i bf16x8(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  r = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC0)),
+                                           _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+inline void store_bf16(bf16* p, const F16& a) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bf16x8(a.lo));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), bf16x8(a.hi));
+}
+
+inline F16 add(const F16& a, const F16& b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+inline F16 sub(const F16& a, const F16& b) { return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)}; }
+inline F16 mul(const F16& a, const F16& b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+inline F16 div(const F16& a, const F16& b) { return {_mm256_div_ps(a.lo, b.lo), _mm256_div_ps(a.hi, b.hi)}; }
+inline F16 min(const F16& a, const F16& b) { return {_mm256_min_ps(a.lo, b.lo), _mm256_min_ps(a.hi, b.hi)}; }
+inline F16 max(const F16& a, const F16& b) { return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)}; }
+inline F16 fmadd(const F16& a, const F16& b, const F16& c) {
+  return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+}
+inline F16 fnmadd(const F16& a, const F16& b, const F16& c) {
+  return {_mm256_fnmadd_ps(a.lo, b.lo, c.lo), _mm256_fnmadd_ps(a.hi, b.hi, c.hi)};
+}
+inline F16 round_even(const F16& a) {
+  constexpr int mode = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  return {_mm256_round_ps(a.lo, mode), _mm256_round_ps(a.hi, mode)};
+}
+inline __m256 exp2i8(__m256 n) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+inline F16 exp2i(const F16& n) { return {exp2i8(n.lo), exp2i8(n.hi)}; }
+
+inline float reduce_add(const F16& a) {
+  const __m256 t = _mm256_add_ps(a.lo, a.hi);  // t_j = v_j + v_{j+8}
+  const __m256 p = _mm256_hadd_ps(t, t);      // [t0+t1, t2+t3, ., . | t4+t5, t6+t7, ., .]
+  const __m256 q = _mm256_hadd_ps(p, p);      // [(t0+t1)+(t2+t3), ... | (t4+t5)+(t6+t7), ...]
+  return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(q), _mm256_extractf128_ps(q, 1)));
+}
+inline float reduce_max(const F16& a) {
+  __m256 m = _mm256_max_ps(a.lo, a.hi);
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+  return _mm_cvtss_f32(h);
+}
+
+inline F16 to_float(const I16& a) { return {_mm256_cvtepi32_ps(a.lo), _mm256_cvtepi32_ps(a.hi)}; }
+inline F16 load_fp16(const uint16_t* h) { return load(reinterpret_cast<const fp16*>(h)); }
+
+// See scalar.h.
+template <int64_t QT>
+inline void block_values(const uint8_t* qs, F16& lo, F16& hi) {
+  auto cvt = [](__m128i bytes8) { return _mm256_cvtepi32_ps(QT == Q8_0 ? _mm256_cvtepi8_epi32(bytes8) : _mm256_cvtepu8_epi32(bytes8)); };
+  const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  if (QT == Q8_0) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16));
+    lo = {cvt(a), cvt(_mm_srli_si128(a, 8))};
+    hi = {cvt(b), cvt(_mm_srli_si128(b, 8))};
+    return;
+  }
+  const __m128i mask = _mm_set1_epi8(0x0F), low = _mm_and_si128(a, mask), high = _mm_and_si128(_mm_srli_epi16(a, 4), mask);
+  lo = {cvt(low), cvt(_mm_srli_si128(low, 8))};
+  hi = {cvt(high), cvt(_mm_srli_si128(high, 8))};
+}
+
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+
+// 32 unsigned bytes u times 32 signed bytes s -> 8 int32, each the sum of 4 products.
+// vpmaddubsw adds product pairs into int16 with saturation; it cannot saturate here:
+// |u| <= 128 and |s| <= 127 (activations are rounded from x / (amax / 127)) give
+// |pair| <= 2 * 128 * 127 = 32512 < 32767.
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(LLAMA2_AVX_VNNI)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+// One block's weights (at qs) as the unsigned operand of dot_u8s8, and what the signed
+// activations are multiplied by: Q4: the nibbles 0..15 (natural order: byte j = value j; the
+// Q4_0 -8 is taken off afterwards with sumq). Q8_0: signed weights, so the sign trick:
+// |w| (unsigned) times x * sign(w) (signed).
+template <int64_t QT>
+inline __m256i block_weights(const uint8_t* qs, __m256i& sign) {
+  if (QT == Q8_0) {
+    sign = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs));
+    return _mm256_sign_epi8(sign, sign);
+  }
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0F));
+}
+
+// [sum(p[0]), ..., sum(p[7])] of 8 vectors of 8 int32.
+inline __m256i sum8x8(const __m256i* p) {
+  const __m256i h01 = _mm256_hadd_epi32(p[0], p[1]), h23 = _mm256_hadd_epi32(p[2], p[3]);
+  const __m256i h45 = _mm256_hadd_epi32(p[4], p[5]), h67 = _mm256_hadd_epi32(p[6], p[7]);
+  const __m256i a = _mm256_hadd_epi32(h01, h23), b = _mm256_hadd_epi32(h45, h67);  // 128-bit halves' sums
+  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+// See scalar.h. Blocks past cnt re-read block cnt - 1 (never past the row); their
+// activation blocks are zero padding, so their lanes come out 0.
+template <int64_t QT, int MD>
+inline void group_isums(const uint8_t* blk, const int8_t* const* q, const int32_t* const* sumq, int cnt, I16* out) {
+  constexpr int64_t BS = block_bytes(QT), OFF = qs_offset(QT);
+  for (int h = 0; h < 2; ++h) {
+    __m256i p[MD][8];
+    for (int i = 0; i < 8; ++i) {
+      const int b = 8 * h + i;
+      __m256i sign;
+      const __m256i w = block_weights<QT>(blk + (b < cnt ? b : cnt - 1) * BS + OFF, sign);
+      for (int md = 0; md < MD; ++md) {
+        __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[md] + b * QK));
+        if (QT == Q8_0) x = _mm256_sign_epi8(x, sign);
+        p[md][i] = dot_u8s8(w, x);
+      }
+    }
+    for (int md = 0; md < MD; ++md) {
+      __m256i sums = sum8x8(p[md]);
+      if (QT == Q4_0) {  // nibble = value + 8
+        const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sumq[md] + 8 * h));
+        sums = _mm256_sub_epi32(sums, _mm256_slli_epi32(s, 3));
+      }
+      (h == 0 ? out[md].lo : out[md].hi) = sums;
+    }
+  }
+}
+
+}  // namespace simd_avx2 / simd_avx_vnni
+}  // namespace llama2
