@@ -31,6 +31,7 @@ from .checkpoint import LazyStateDict, TensorSpec, lazy
 from .common import atomic_output, check_state_dict
 from .dequant import tensor_nbytes
 from .gguf import gguf_name
+from .tokenizer_files import gguf_tokenizer_metadata
 
 T = GGMLQuantizationType
 
@@ -93,8 +94,6 @@ def write_gguf(
         Llama2Error: an unknown `tensor_type`, a state dict that does not match `args`, or
             a vocabulary whose size differs from the embeddings'.
     """
-    from .tokenizer_files import gguf_tokenizer_metadata
-
     path = Path(path)
     if tensor_type not in TENSOR_TYPES:
         raise Llama2Error(f"unknown GGUF tensor type {tensor_type!r} (choose from {', '.join(TENSOR_TYPES)})")

@@ -31,6 +31,7 @@ from .common import (
     read_folder_config,
     write_json,
 )
+from .tokenizer_files import write_meta_tokenizer
 from .torch_zip import TorchSaveWriter
 
 PARAMS_FILE = "params.json"
@@ -261,8 +262,6 @@ def write_meta(
         Llama2Error: the state dict does not match `args`, or the model cannot be split
             into `num_shards`.
     """
-    from .tokenizer_files import write_meta_tokenizer
-
     folder = Path(folder)
     if not isinstance(num_shards, int) or isinstance(num_shards, bool) or num_shards < 1:
         raise Llama2Error(f"{folder}: num_shards must be a positive integer, got {num_shards!r}")
