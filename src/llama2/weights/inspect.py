@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..chat import resolve_chat_format
 from ..config import describe_args
 from ..errors import Llama2Error
 from ..tokenizer import Tokenizer
@@ -70,8 +71,6 @@ def find_tokenizer(checkpoint: Checkpoint, tokenizer_path: str | os.PathLike | N
 
 def describe(source: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None) -> dict[str, str]:
     """Lines for `llama2 info`: format, architecture, tensor types, tokenizer and chat format."""
-    from ..chat import resolve_chat_format
-
     checkpoint = load_checkpoint(source, dtype=torch.bfloat16)
     tokenizer = checkpoint_tokenizer(checkpoint, tokenizer_path)
     types = Counter(checkpoint.tensor_types.values())
