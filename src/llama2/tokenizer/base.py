@@ -19,9 +19,15 @@ from gguf.constants import Keys
 
 from ..errors import Llama2Error
 from ..weights.gguf_header import MAGIC, read_gguf_metadata
-from ..weights.tokenizer_files import read_tokenizer_config
+from ..weights.tokenizer_files import (
+    HF_FILE,
+    SENTENCEPIECE_FILE,
+    TOKENIZER_FILES,
+    find_tokenizer_file,
+    read_tokenizer_config,
+)
 
-__all__ = ["END_OF_TURN_PIECES", "HF_FILE", "SENTENCEPIECE_FILE", "Tokenizer", "special_pattern", "split_specials"]
+__all__ = ["END_OF_TURN_PIECES", "Tokenizer", "special_pattern", "split_specials"]
 
 #: Special tokens that end a turn in common chat vocabularies; those a vocabulary marks
 #: as special join its `stop_ids`, next to EOS.
@@ -34,12 +40,6 @@ END_OF_TURN_PIECES = (
     "<|endoftext|>",
     "<|end_of_text|>",
 )
-
-SENTENCEPIECE_FILE = "tokenizer.model"
-"""The file name of a SentencePiece model in a checkpoint folder."""
-HF_FILE = "tokenizer.json"
-"""The file name of a Hugging Face `tokenizers` vocabulary in a checkpoint folder."""
-_FOLDER_FILES = (SENTENCEPIECE_FILE, HF_FILE)  # looked for in this order
 
 # Backends by `file_name` and by `gguf_model`, filled as they are defined.
 _BY_FILE_NAME: dict[str, type[Tokenizer]] = {}
@@ -300,11 +300,10 @@ def _read_head(path: Path) -> bytes:
 
 
 def _from_folder(folder: Path) -> Tokenizer:
-    config = read_tokenizer_config(folder)
-    for name in _FOLDER_FILES:
-        if (folder / name).is_file():
-            return _BY_FILE_NAME[name].load(folder / name, config)
-    raise Llama2Error(f"{folder}: no {' or '.join(_FOLDER_FILES)} in this folder")
+    path = find_tokenizer_file(folder)
+    if path is None:
+        raise Llama2Error(f"{folder}: no {' or '.join(TOKENIZER_FILES)} in this folder")
+    return _BY_FILE_NAME[path.name].load(path, read_tokenizer_config(folder))
 
 
 # -- special-token splitting -----------------------------------------------------------

@@ -18,8 +18,9 @@ import tokenizers
 from gguf.constants import Keys
 
 from ..errors import Llama2Error, Llama2Warning
+from ..weights.tokenizer_files import HF_FILE
 from . import gguf_vocab, pretokenizers
-from .base import HF_FILE, Tokenizer
+from .base import Tokenizer
 
 __all__ = ["HFTokenizer"]
 

@@ -17,8 +17,9 @@ from gguf.constants import Keys
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
 from ..errors import Llama2Error
+from ..weights.tokenizer_files import SENTENCEPIECE_FILE
 from . import gguf_vocab
-from .base import SENTENCEPIECE_FILE, Tokenizer, special_pattern, split_specials
+from .base import Tokenizer, special_pattern, split_specials
 
 __all__ = ["SentencePieceTokenizer", "llama2_tokenizer_path"]
 

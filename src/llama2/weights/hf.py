@@ -33,7 +33,7 @@ from .common import (
     write_json,
 )
 from .safetensors_file import SafetensorsFile, SafetensorsWriter, data_size
-from .tokenizer_files import read_tokenizer_config, special_token_ids, write_hf_tokenizer
+from .tokenizer_files import find_tokenizer_file, read_tokenizer_config, special_token_ids, write_hf_tokenizer
 
 CONFIG_FILE = "config.json"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -362,10 +362,8 @@ def read_chat_template(folder: Path) -> str | None:
 
 
 def _tokenizer_path(folder: Path) -> str | None:
-    for name in ("tokenizer.model", "tokenizer.json"):
-        if (folder / name).is_file():
-            return str(folder / name)
-    return None
+    found = find_tokenizer_file(folder)
+    return None if found is None else str(found)
 
 
 # ---------------------------------------------------------------------------------------

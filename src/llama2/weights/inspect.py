@@ -14,14 +14,13 @@ from ..errors import Llama2Error
 from ..tokenizer import Tokenizer
 from . import detect_format, load_checkpoint
 from .checkpoint import Checkpoint
+from .tokenizer_files import find_tokenizer_file
 
 
 def _tokenizer_beside(folder: Path) -> Path | None:
     """The folder itself or its parent when it holds a tokenizer file (Meta puts it one level up)."""
-    for candidate in (folder, folder.parent):
-        if (candidate / "tokenizer.model").is_file() or (candidate / "tokenizer.json").is_file():
-            return candidate
-    return None
+    found = find_tokenizer_file(folder, folder.parent)
+    return None if found is None else found.parent
 
 
 def load_tokenizer(source: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None) -> Tokenizer:

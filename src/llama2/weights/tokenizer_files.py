@@ -23,18 +23,33 @@ if TYPE_CHECKING:  # annotations only: llama2.tokenizer reads its config files h
     from ..tokenizer import Tokenizer
 
 K = Keys.Tokenizer
-META_TOKENIZER_FILE = "tokenizer.model"
-"""The only tokenizer file Meta's format (and Meta's code) has."""
+
+SENTENCEPIECE_FILE = "tokenizer.model"
+"""A SentencePiece model; the only tokenizer file Meta's format (and Meta's code) has."""
+HF_FILE = "tokenizer.json"
+"""A Hugging Face `tokenizers` vocabulary."""
+TOKENIZER_FILES = (SENTENCEPIECE_FILE, HF_FILE)
+"""The tokenizer files a checkpoint folder may hold, in the order they are looked for."""
+
 # transformers' tokenizer class and extra config for each kind of vocabulary file.
 _HF_TOKENIZER_CLASSES = {
-    META_TOKENIZER_FILE: ("LlamaTokenizer", {"legacy": False, "sp_model_kwargs": {}}),
-    "tokenizer.json": ("PreTrainedTokenizerFast", {}),
+    SENTENCEPIECE_FILE: ("LlamaTokenizer", {"legacy": False, "sp_model_kwargs": {}}),
+    HF_FILE: ("PreTrainedTokenizerFast", {}),
 }
 
 
 # ---------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------
+
+
+def find_tokenizer_file(*folders: Path) -> Path | None:
+    """The first of `TOKENIZER_FILES` in the first of `folders` that holds one; None when none does."""
+    for folder in folders:
+        for name in TOKENIZER_FILES:
+            if (folder / name).is_file():
+                return folder / name
+    return None
 
 
 def read_tokenizer_config(folder: Path) -> dict[str, Any]:
@@ -138,7 +153,7 @@ def write_meta_tokenizer(folder: Path, tokenizer: Tokenizer, chat_template: str 
     """
     template = chat_template or tokenizer.chat_template
     config: dict[str, Any] = {"chat_template": template} if template else {}
-    if tokenizer.file_name != META_TOKENIZER_FILE:
+    if tokenizer.file_name != SENTENCEPIECE_FILE:
         warnings.warn(
             f"{folder.name}: the vocabulary is byte-level BPE, which Meta's format has no tokenizer.model for; "
             f"wrote {tokenizer.file_name} (read by llama2 and transformers, not by Meta's code)",
