@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf.constants import GGMLQuantizationType
+from gguf.constants import GGMLQuantizationType, Keys
 
 from ..config import ModelArgs
 from ..errors import Llama2Error
@@ -118,7 +118,7 @@ def open_gguf(path: str | os.PathLike[str], device: str | torch.device = "cpu") 
         args=args,
         state_dict=GGUFStateDict(specs, load, source, read_raw),
         tokenizer_metadata={k: v for k, v in meta.items() if k.startswith("tokenizer.")} or None,
-        chat_template=_optional_str(meta, "tokenizer.chat_template", source),
+        chat_template=_optional_str(meta, Keys.Tokenizer.CHAT_TEMPLATE, source),
         source=source,
         format="gguf",
         tensor_types={name: t.qtype.name for name, t in tensors.items()},
@@ -184,7 +184,7 @@ def _required(meta: dict[str, Any], key: str, path: str, default: Any = _MISSING
 
 
 def _architecture(meta: dict[str, Any], path: str) -> str:
-    arch = _required(meta, "general.architecture", path)
+    arch = _required(meta, Keys.General.ARCHITECTURE, path)
     if arch not in ARCHITECTURES:
         raise Llama2Error(f"{path}: unsupported architecture {arch!r} (supported: {', '.join(sorted(ARCHITECTURES))})")
     return arch
@@ -213,29 +213,33 @@ def _optional_str(meta: dict[str, Any], key: str, path: str) -> str | None:
 
 def _vocab_size(meta: dict[str, Any], arch: str, shapes: dict[str, tuple[int, ...]], path: str) -> int:
     """From ``{arch}.vocab_size``, else the token list, else the embedding's rows."""
-    if f"{arch}.vocab_size" in meta:
-        return _int_key(meta, f"{arch}.vocab_size", path)
-    tokens = meta.get("tokenizer.ggml.tokens")
+    key = Keys.LLM.VOCAB_SIZE.format(arch=arch)
+    if key in meta:
+        return _int_key(meta, key, path)
+    tokens = meta.get(Keys.Tokenizer.LIST)
     if isinstance(tokens, list):
         return len(tokens)
     embedding = shapes.get("token_embd.weight")
     if embedding:
         return embedding[0]
-    raise Llama2Error(f"{path}: cannot tell the vocabulary size: no {arch}.vocab_size, token list or token_embd.weight")
+    raise Llama2Error(f"{path}: cannot tell the vocabulary size: no {key}, token list or token_embd.weight")
 
 
 def _model_args(meta: dict[str, Any], arch: str, shapes: dict[str, tuple[int, ...]], path: str) -> ModelArgs:
-    n_heads = _int_key(meta, f"{arch}.attention.head_count", path)
+    def key(template: str) -> str:
+        return template.format(arch=arch)
+
+    n_heads = _int_key(meta, key(Keys.Attention.HEAD_COUNT), path)
     fields = dict(
-        dim=_int_key(meta, f"{arch}.embedding_length", path),
-        n_layers=_int_key(meta, f"{arch}.block_count", path),
+        dim=_int_key(meta, key(Keys.LLM.EMBEDDING_LENGTH), path),
+        n_layers=_int_key(meta, key(Keys.LLM.BLOCK_COUNT), path),
         n_heads=n_heads,
-        n_kv_heads=_int_key(meta, f"{arch}.attention.head_count_kv", path, default=n_heads),
-        hidden_dim=_int_key(meta, f"{arch}.feed_forward_length", path),
+        n_kv_heads=_int_key(meta, key(Keys.Attention.HEAD_COUNT_KV), path, default=n_heads),
+        hidden_dim=_int_key(meta, key(Keys.LLM.FEED_FORWARD_LENGTH), path),
         vocab_size=_vocab_size(meta, arch, shapes, path),
-        norm_eps=_float_key(meta, f"{arch}.attention.layer_norm_rms_epsilon", path),
-        rope_theta=_float_key(meta, f"{arch}.rope.freq_base", path, default=10000.0),
-        max_seq_len=_int_key(meta, f"{arch}.context_length", path),
+        norm_eps=_float_key(meta, key(Keys.Attention.LAYERNORM_RMS_EPS), path),
+        rope_theta=_float_key(meta, key(Keys.Rope.FREQ_BASE), path, default=10000.0),
+        max_seq_len=_int_key(meta, key(Keys.LLM.CONTEXT_LENGTH), path),
         tie_word_embeddings="output.weight" not in shapes,
     )
     try:
@@ -246,20 +250,24 @@ def _model_args(meta: dict[str, Any], arch: str, shapes: dict[str, tuple[int, ..
 
 def _check_supported(meta: dict[str, Any], arch: str, args: ModelArgs, path: str) -> None:
     """Reject features the model does not implement, rather than run them wrongly."""
-    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    scaling_type = Keys.Rope.SCALING_TYPE.format(arch=arch)
+    scaling = meta.get(scaling_type, "none")
     if scaling != "none":
-        raise Llama2Error(f"{path}: unsupported RoPE scaling type {scaling!r} ({arch}.rope.scaling.type)")
-    for key in (f"{arch}.rope.scaling.factor", f"{arch}.rope.scale_linear"):
+        raise Llama2Error(f"{path}: unsupported RoPE scaling type {scaling!r} ({scaling_type})")
+    # rope.scale_linear: the older files' name of the factor (gguf.constants has no key for it).
+    for key in (Keys.Rope.SCALING_FACTOR.format(arch=arch), f"{arch}.rope.scale_linear"):
         factor = meta.get(key, 1.0)
         if factor not in (0.0, 1.0):
             raise Llama2Error(f"{path}: unsupported RoPE scaling factor {factor!r} ({key})")
-    for key in (f"{arch}.rope.dimension_count", f"{arch}.attention.key_length", f"{arch}.attention.value_length"):
+    for template in (Keys.Rope.DIMENSION_COUNT, Keys.Attention.KEY_LENGTH, Keys.Attention.VALUE_LENGTH):
+        key = template.format(arch=arch)
         size = meta.get(key, args.head_dim)
         if size != args.head_dim:
             raise Llama2Error(f"{path}: unsupported {key} = {size!r}: only head_dim {args.head_dim} is supported")
-    experts = meta.get(f"{arch}.expert_count", 0)
+    expert_count = Keys.LLM.EXPERT_COUNT.format(arch=arch)
+    experts = meta.get(expert_count, 0)
     if experts:
-        raise Llama2Error(f"{path}: unsupported mixture-of-experts model ({arch}.expert_count = {experts!r})")
+        raise Llama2Error(f"{path}: unsupported mixture-of-experts model ({expert_count} = {experts!r})")
 
 
 # ---------------------------------------------------------------------------

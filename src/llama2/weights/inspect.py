@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from gguf.constants import Keys
 
 from ..chat import resolve_chat_format
 from ..config import describe_args
@@ -77,7 +78,7 @@ def describe(source: str | os.PathLike, tokenizer_path: str | os.PathLike | None
         chat_format = resolve_chat_format(tokenizer, checkpoint.chat_template or tokenizer.chat_template).name
     except Llama2Error:
         chat_format = "none (completion only; pass --chat-format)"
-    name = checkpoint.metadata.get("general.name")
+    name = checkpoint.metadata.get(Keys.General.NAME)
     return {
         "source": checkpoint.source,
         "format": checkpoint.format + (f" ({name})" if name else ""),
