@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import Llama2Error
+from ..weights.registry import DEFAULT_MODEL
 
 MODES = ("pretrain", "sft")
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
@@ -34,7 +35,7 @@ DATA_LAYOUTS = ("pack", "pad")
 PRETRAIN_WARMUP_STEPS = 2000
 _DEFAULT_LR = {"pretrain": 3e-4, "sft": 2e-5, "lora": 2e-4}
 _DEFAULT_BATCH = {"pretrain": 1024, "sft": 64}
-_DEFAULT_MODEL = {"pretrain": "tiny", "sft": "smollm2-135m-instruct"}
+_DEFAULT_MODEL = {"pretrain": "tiny", "sft": DEFAULT_MODEL}
 CONFIG_FILE = "config.yaml"  # the resolved config a run writes into its output folder
 PAPER_SEQ_LEN = 4096  # tokens per sequence in pretraining and SFT
 

@@ -17,6 +17,7 @@ from ..errors import Llama2Error
 from . import hub, registry
 from .checkpoint import Checkpoint, LazyStateDict
 from .gguf import open_gguf, read_gguf
+from .gguf_header import MAGIC as GGUF_MAGIC
 from .gguf_writer import write_gguf
 from .hf import open_hf, read_hf, write_hf
 from .meta import open_meta, read_meta, write_meta
@@ -37,8 +38,6 @@ __all__ = [
     "write_hf",
     "write_meta",
 ]
-
-GGUF_MAGIC = b"GGUF"
 
 Reader = Callable[..., Checkpoint]
 

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from gguf.constants import Keys
 
 from ..errors import Llama2Error, Llama2Warning
 from ..tokenizer import Tokenizer
@@ -49,7 +50,7 @@ def _to_hf(checkpoint: Checkpoint, tensors: LazyStateDict, dest: Path, tokenizer
 def _to_gguf(checkpoint: Checkpoint, tensors: LazyStateDict, dest: Path, tokenizer: Tokenizer | None, options: dict):
     # A GGUF source's own tokenizer keys are copied exactly, unless another tokenizer was asked for.
     keep = checkpoint.tokenizer_metadata if options.get("tokenizer_path") is None else None
-    name = checkpoint.metadata.get("general.name") or Path(checkpoint.source).stem
+    name = checkpoint.metadata.get(Keys.General.NAME) or Path(checkpoint.source).stem
     return write_gguf(checkpoint.args, tensors, dest, tensor_type=options.get("tensor_type") or "auto",
                       tokenizer=tokenizer, tokenizer_metadata=keep, chat_template=checkpoint.chat_template,
                       name=str(name))  # fmt: skip

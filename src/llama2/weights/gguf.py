@@ -1,35 +1,33 @@
 """Read GGUF checkpoints (llama.cpp's format) of Llama-architecture models.
 
-The header (metadata and tensor table) is parsed by `_HeaderReader`, which checks every
-length and count against the file size before it reads a value (a corrupted count
-cannot make it loop for ever or read past the file) and keeps only plain Python values:
-`gguf.GGUFReader` would build a numpy view per array element, ~160 MB for a 49k-token
-vocabulary. Each tensor's bytes are then read with plain file reads and decoded with
-`llama2.weights.dequant`, one tensor at a time, so reading needs about the final state
-dict plus one tensor of memory (and `open_gguf` only one tensor). GGUF llama tensors are
-already in Meta's interleaved RoPE layout (llama.cpp's converter permutes Hugging Face
-q/k), so names are mapped and nothing is permuted.
+The header (metadata and tensor table) is parsed by the bounds-checked reader of
+`llama2.weights.gguf_header`, which keeps only plain Python values. Each tensor's bytes
+are then read with plain file reads and decoded with `llama2.weights.dequant`, one
+tensor at a time, so reading needs about the final state dict plus one tensor of memory
+(and `open_gguf` only one tensor). GGUF llama tensors are already in Meta's interleaved
+RoPE layout (llama.cpp's converter permutes Hugging Face q/k), so names are mapped and
+nothing is permuted.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
-import struct
 from itertools import islice
-from math import prod
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
-from gguf.constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType
+from gguf.constants import GGMLQuantizationType, Keys
 
 from ..config import ModelArgs
 from ..errors import Llama2Error
 from .checkpoint import Checkpoint, LazyStateDict, TensorSpec, iter_expected_shapes, materialize
 from .common import check_dtype, describe_names
 from .dequant import dequantize
+from .gguf_header import TensorInfo, read_gguf_metadata, read_header
+
+__all__ = ["ARCHITECTURES", "GGUFStateDict", "canonical_name", "gguf_name", "open_gguf", "read_gguf", "read_gguf_metadata"]
 
 # Storage types read as themselves; every other type is dequantized to float32.
 _PLAIN_TYPES = {
@@ -37,8 +35,6 @@ _PLAIN_TYPES = {
     GGMLQuantizationType.F16: torch.float16,
     GGMLQuantizationType.BF16: torch.bfloat16,
 }
-
-V = GGUFValueType
 
 ARCHITECTURES = frozenset({"llama"})
 """`general.architecture` values read here (same tensors and hyperparameters as Llama)."""
@@ -103,7 +99,7 @@ def open_gguf(path: str | os.PathLike[str], device: str | torch.device = "cpu") 
         device: where tensors are decoded.
     """
     source = os.fspath(path)
-    meta, infos = _read_header(source)
+    meta, infos = read_header(source)
     arch = _architecture(meta, source)
     shapes = _tensor_shapes(infos, source)
     args = _model_args(meta, arch, shapes, source)
@@ -122,7 +118,7 @@ def open_gguf(path: str | os.PathLike[str], device: str | torch.device = "cpu") 
         args=args,
         state_dict=GGUFStateDict(specs, load, source, read_raw),
         tokenizer_metadata={k: v for k, v in meta.items() if k.startswith("tokenizer.")} or None,
-        chat_template=_optional_str(meta, "tokenizer.chat_template", source),
+        chat_template=_optional_str(meta, Keys.Tokenizer.CHAT_TEMPLATE, source),
         source=source,
         format="gguf",
         tensor_types={name: t.qtype.name for name, t in tensors.items()},
@@ -141,20 +137,6 @@ class GGUFStateDict(LazyStateDict):
     def __init__(self, specs, load, source: str, read_raw):
         super().__init__(specs, load, source)
         self.read_raw = read_raw
-
-
-def read_gguf_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """All key/value fields of a GGUF file as plain python values.
-
-    Includes the reader's pseudo-fields ``GGUF.version``, ``GGUF.tensor_count`` and
-    ``GGUF.kv_count``. Scalar float32 values are given as the shortest decimal that
-    round-trips (``1e-05`` rather than ``9.999999747378752e-06``).
-
-    Raises:
-        Llama2Error: the file is missing or is not a valid GGUF file.
-    """
-    source = os.fspath(path)
-    return _read_header(source)[0]
 
 
 def canonical_name(name: str) -> str | None:
@@ -181,203 +163,6 @@ def gguf_name(canonical: str) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Opening and validating the file
-
-
-def _invalid(path: str, reason: str) -> Llama2Error:
-    return Llama2Error(f"{path}: not a valid GGUF file ({reason})")
-
-
-def _read_header(path: str) -> tuple[dict[str, Any], list[_TensorInfo]]:
-    """The file's metadata (plain Python values, with the pseudo-fields ``GGUF.version``,
-    ``GGUF.tensor_count``, ``GGUF.kv_count`` first) and its tensor table."""
-    try:
-        with open(path, "rb") as file:
-            size = os.fstat(file.fileno()).st_size
-            if size == 0:
-                raise _invalid(path, "the file is empty")
-            with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                return _HeaderReader(buf, path).run()
-    except FileNotFoundError:
-        raise Llama2Error(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise Llama2Error(f"{path}: is a directory, not a GGUF file") from None
-    except OSError as exc:
-        raise Llama2Error(f"{path}: cannot read ({exc.strerror or exc})") from None
-
-
-# Little-endian numpy dtypes of the scalar value types.
-_SCALAR_DTYPES = {
-    V.UINT8: np.dtype("<u1"), V.INT8: np.dtype("<i1"), V.BOOL: np.dtype("?"),
-    V.UINT16: np.dtype("<u2"), V.INT16: np.dtype("<i2"),
-    V.UINT32: np.dtype("<u4"), V.INT32: np.dtype("<i4"), V.FLOAT32: np.dtype("<f4"),
-    V.UINT64: np.dtype("<u8"), V.INT64: np.dtype("<i8"), V.FLOAT64: np.dtype("<f8"),
-}  # fmt: skip
-_SCALAR_BYTES = {vtype: dtype.itemsize for vtype, dtype in _SCALAR_DTYPES.items()}
-# Fewest bytes one value of each type can take (a string's length, an array's type + count).
-_MIN_VALUE_BYTES = {**_SCALAR_BYTES, V.STRING: 8, V.ARRAY: 12}
-_MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, smallest value
-_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, n_dims, type, offset
-_MAX_DIMS = 4  # GGML_MAX_DIMS
-_MAX_ARRAY_DEPTH = 8
-_VERSIONS = (2, 3)
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
-
-
-class _TensorInfo(NamedTuple):
-    name: str
-    dims: list[int]  # GGUF order: row length first
-    qtype: GGMLQuantizationType
-    offset: int  # from the start of the data section
-    data_offset: int = 0  # from the start of the file (set once the header's end is known)
-    n_bytes: int = 0
-
-
-class _HeaderReader:
-    """One pass over a GGUF header that reads its values, checking every length and count against the file first."""
-
-    def __init__(self, buf: mmap.mmap, path: str):
-        self.buf = buf
-        self.path = path
-        self.size = len(buf)
-        self.pos = 0
-        self.alignment = GGUF_DEFAULT_ALIGNMENT
-
-    def run(self) -> tuple[dict[str, Any], list[_TensorInfo]]:
-        version, tensor_count, kv_count = self._preamble()
-        meta: dict[str, Any] = {"GGUF.version": version, "GGUF.tensor_count": tensor_count, "GGUF.kv_count": kv_count}
-        for i in range(kv_count):
-            key, value = self._key_value(i)
-            meta[key] = value
-        infos = [self._tensor_info(i) for i in range(tensor_count)]
-        data_start = -(-self.pos // self.alignment) * self.alignment
-        return meta, [self._check_tensor_data(info, data_start) for info in infos]
-
-    def _fail(self, reason: str) -> Llama2Error:
-        return _invalid(self.path, reason)
-
-    def _preamble(self) -> tuple[int, int, int]:
-        magic = bytes(self.buf[:4])
-        if magic != b"GGUF":
-            raise self._fail(f"it starts with {magic!r}, not the magic b'GGUF'")
-        self.pos = 4
-        version = self._u32("the version")
-        if version and not version & 0xFFFF:
-            raise self._fail("big-endian GGUF files are not supported")
-        if version not in _VERSIONS:
-            raise self._fail(f"GGUF version {version} is not supported, only {_VERSIONS}")
-        tensor_count = self._count("the tensor count", _MIN_TENSOR_INFO_BYTES)
-        kv_count = self._count("the metadata key count", _MIN_KV_BYTES)
-        return version, tensor_count, kv_count
-
-    def _take(self, n: int, what: str) -> int:
-        """Step over `n` bytes and return where they start."""
-        start = self.pos
-        if n > self.size - start:
-            raise self._fail(f"{what} at byte {start} runs past the end of the file ({self.size} bytes)")
-        self.pos = start + n
-        return start
-
-    def _u32(self, what: str) -> int:
-        return _U32.unpack_from(self.buf, self._take(4, what))[0]
-
-    def _u64(self, what: str) -> int:
-        return _U64.unpack_from(self.buf, self._take(8, what))[0]
-
-    def _count(self, what: str, min_item_bytes: int) -> int:
-        """Read a u64 count of items that each take at least `min_item_bytes`."""
-        count = self._u64(what)
-        if count * min_item_bytes > self.size - self.pos:
-            raise self._fail(f"{what} {count} is more than the {self.size - self.pos} bytes left can hold")
-        return count
-
-    def _string(self, what: str) -> str:
-        start = self._take(self._u64(f"the length of {what}"), what)
-        try:
-            return str(self.buf[start : self.pos], encoding="utf-8")
-        except UnicodeDecodeError:
-            raise self._fail(f"{what} at byte {start} is not valid UTF-8") from None
-
-    def _value_type(self, what: str) -> GGUFValueType:
-        raw = self._u32(f"the type of {what}")
-        try:
-            return GGUFValueType(raw)
-        except ValueError:
-            raise self._fail(f"{what} has unknown value type {raw}") from None
-
-    def _key_value(self, index: int) -> tuple[str, Any]:
-        key = self._string(f"metadata key #{index}")
-        what = f"metadata {key!r}"
-        vtype = self._value_type(what)
-        if key == "general.alignment":
-            return key, self._alignment(vtype)
-        value = self._value(vtype, what, depth=0)
-        if vtype == V.FLOAT32:
-            value = float(str(np.float32(value)))  # shortest decimal that round-trips float32
-        return key, value
-
-    def _alignment(self, vtype: GGUFValueType) -> int:
-        if vtype != V.UINT32:
-            raise self._fail(f"general.alignment must be a uint32, not {vtype.name}")
-        value = self._u32("general.alignment")
-        if value == 0 or value & (value - 1):
-            raise self._fail(f"general.alignment {value} is not a power of two")
-        self.alignment = value
-        return value
-
-    def _value(self, vtype: GGUFValueType, what: str, depth: int) -> Any:
-        if vtype in _SCALAR_DTYPES:
-            return np.frombuffer(self.buf, _SCALAR_DTYPES[vtype], 1, self._take(_SCALAR_BYTES[vtype], what))[0].item()
-        if vtype == V.STRING:
-            return self._string(what)
-        return self._array(what, depth)
-
-    def _array(self, what: str, depth: int) -> list:
-        if depth >= _MAX_ARRAY_DEPTH:
-            raise self._fail(f"{what} nests arrays more than {_MAX_ARRAY_DEPTH} deep")
-        itype = self._value_type(f"the elements of {what}")
-        count = self._count(f"the element count of {what}", _MIN_VALUE_BYTES[itype])
-        if itype in _SCALAR_DTYPES:
-            start = self._take(count * _SCALAR_BYTES[itype], what)
-            return np.frombuffer(self.buf, _SCALAR_DTYPES[itype], count, start).tolist()
-        return [self._value(itype, what, depth + 1) for _ in range(count)]
-
-    def _tensor_info(self, index: int) -> _TensorInfo:
-        name = self._string(f"tensor name #{index}")
-        n_dims = self._u32(f"the dimension count of tensor {name!r}")
-        if n_dims > _MAX_DIMS:
-            raise self._fail(f"tensor {name!r} has {n_dims} dimensions, more than {_MAX_DIMS}")
-        dims = [self._u64(f"the dimensions of tensor {name!r}") for _ in range(n_dims)]
-        raw_type = self._u32(f"the type of tensor {name!r}")
-        try:
-            qtype = GGMLQuantizationType(raw_type)
-        except ValueError:
-            raise self._fail(f"tensor {name!r} has unknown GGML type {raw_type}") from None
-        if qtype not in GGML_QUANT_SIZES:
-            raise self._fail(f"tensor {name!r} has GGML type {qtype.name} of unknown size")
-        offset = self._u64(f"the data offset of tensor {name!r}")
-        return _TensorInfo(name, dims, qtype, offset)
-
-    def _check_tensor_data(self, info: _TensorInfo, data_start: int) -> _TensorInfo:
-        block_size, type_size = GGML_QUANT_SIZES[info.qtype]
-        if info.dims and info.dims[0] % block_size:
-            raise self._fail(
-                f"tensor {info.name!r} has rows of {info.dims[0]} values, "
-                f"not a multiple of the {info.qtype.name} block size {block_size}"
-            )
-        if info.offset % self.alignment:
-            raise self._fail(f"tensor {info.name!r} data offset {info.offset} is not aligned to {self.alignment}")
-        start = data_start + info.offset
-        end = start + prod(info.dims) // block_size * type_size
-        if end > self.size:
-            raise self._fail(
-                f"tensor {info.name!r} data (bytes {start}..{end}) runs past the end of the file ({self.size} bytes)"
-            )
-        return info._replace(data_offset=start, n_bytes=end - start)
-
-
-# ---------------------------------------------------------------------------
 # Metadata
 
 
@@ -399,7 +184,7 @@ def _required(meta: dict[str, Any], key: str, path: str, default: Any = _MISSING
 
 
 def _architecture(meta: dict[str, Any], path: str) -> str:
-    arch = _required(meta, "general.architecture", path)
+    arch = _required(meta, Keys.General.ARCHITECTURE, path)
     if arch not in ARCHITECTURES:
         raise Llama2Error(f"{path}: unsupported architecture {arch!r} (supported: {', '.join(sorted(ARCHITECTURES))})")
     return arch
@@ -428,29 +213,33 @@ def _optional_str(meta: dict[str, Any], key: str, path: str) -> str | None:
 
 def _vocab_size(meta: dict[str, Any], arch: str, shapes: dict[str, tuple[int, ...]], path: str) -> int:
     """From ``{arch}.vocab_size``, else the token list, else the embedding's rows."""
-    if f"{arch}.vocab_size" in meta:
-        return _int_key(meta, f"{arch}.vocab_size", path)
-    tokens = meta.get("tokenizer.ggml.tokens")
+    key = Keys.LLM.VOCAB_SIZE.format(arch=arch)
+    if key in meta:
+        return _int_key(meta, key, path)
+    tokens = meta.get(Keys.Tokenizer.LIST)
     if isinstance(tokens, list):
         return len(tokens)
     embedding = shapes.get("token_embd.weight")
     if embedding:
         return embedding[0]
-    raise Llama2Error(f"{path}: cannot tell the vocabulary size: no {arch}.vocab_size, token list or token_embd.weight")
+    raise Llama2Error(f"{path}: cannot tell the vocabulary size: no {key}, token list or token_embd.weight")
 
 
 def _model_args(meta: dict[str, Any], arch: str, shapes: dict[str, tuple[int, ...]], path: str) -> ModelArgs:
-    n_heads = _int_key(meta, f"{arch}.attention.head_count", path)
+    def key(template: str) -> str:
+        return template.format(arch=arch)
+
+    n_heads = _int_key(meta, key(Keys.Attention.HEAD_COUNT), path)
     fields = dict(
-        dim=_int_key(meta, f"{arch}.embedding_length", path),
-        n_layers=_int_key(meta, f"{arch}.block_count", path),
+        dim=_int_key(meta, key(Keys.LLM.EMBEDDING_LENGTH), path),
+        n_layers=_int_key(meta, key(Keys.LLM.BLOCK_COUNT), path),
         n_heads=n_heads,
-        n_kv_heads=_int_key(meta, f"{arch}.attention.head_count_kv", path, default=n_heads),
-        hidden_dim=_int_key(meta, f"{arch}.feed_forward_length", path),
+        n_kv_heads=_int_key(meta, key(Keys.Attention.HEAD_COUNT_KV), path, default=n_heads),
+        hidden_dim=_int_key(meta, key(Keys.LLM.FEED_FORWARD_LENGTH), path),
         vocab_size=_vocab_size(meta, arch, shapes, path),
-        norm_eps=_float_key(meta, f"{arch}.attention.layer_norm_rms_epsilon", path),
-        rope_theta=_float_key(meta, f"{arch}.rope.freq_base", path, default=10000.0),
-        max_seq_len=_int_key(meta, f"{arch}.context_length", path),
+        norm_eps=_float_key(meta, key(Keys.Attention.LAYERNORM_RMS_EPS), path),
+        rope_theta=_float_key(meta, key(Keys.Rope.FREQ_BASE), path, default=10000.0),
+        max_seq_len=_int_key(meta, key(Keys.LLM.CONTEXT_LENGTH), path),
         tie_word_embeddings="output.weight" not in shapes,
     )
     try:
@@ -461,27 +250,31 @@ def _model_args(meta: dict[str, Any], arch: str, shapes: dict[str, tuple[int, ..
 
 def _check_supported(meta: dict[str, Any], arch: str, args: ModelArgs, path: str) -> None:
     """Reject features the model does not implement, rather than run them wrongly."""
-    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    scaling_type = Keys.Rope.SCALING_TYPE.format(arch=arch)
+    scaling = meta.get(scaling_type, "none")
     if scaling != "none":
-        raise Llama2Error(f"{path}: unsupported RoPE scaling type {scaling!r} ({arch}.rope.scaling.type)")
-    for key in (f"{arch}.rope.scaling.factor", f"{arch}.rope.scale_linear"):
+        raise Llama2Error(f"{path}: unsupported RoPE scaling type {scaling!r} ({scaling_type})")
+    # rope.scale_linear: the older files' name of the factor (gguf.constants has no key for it).
+    for key in (Keys.Rope.SCALING_FACTOR.format(arch=arch), f"{arch}.rope.scale_linear"):
         factor = meta.get(key, 1.0)
         if factor not in (0.0, 1.0):
             raise Llama2Error(f"{path}: unsupported RoPE scaling factor {factor!r} ({key})")
-    for key in (f"{arch}.rope.dimension_count", f"{arch}.attention.key_length", f"{arch}.attention.value_length"):
+    for template in (Keys.Rope.DIMENSION_COUNT, Keys.Attention.KEY_LENGTH, Keys.Attention.VALUE_LENGTH):
+        key = template.format(arch=arch)
         size = meta.get(key, args.head_dim)
         if size != args.head_dim:
             raise Llama2Error(f"{path}: unsupported {key} = {size!r}: only head_dim {args.head_dim} is supported")
-    experts = meta.get(f"{arch}.expert_count", 0)
+    expert_count = Keys.LLM.EXPERT_COUNT.format(arch=arch)
+    experts = meta.get(expert_count, 0)
     if experts:
-        raise Llama2Error(f"{path}: unsupported mixture-of-experts model ({arch}.expert_count = {experts!r})")
+        raise Llama2Error(f"{path}: unsupported mixture-of-experts model ({expert_count} = {experts!r})")
 
 
 # ---------------------------------------------------------------------------
 # Tensors
 
 
-def _tensor_shapes(infos: list[_TensorInfo], path: str) -> dict[str, tuple[int, ...]]:
+def _tensor_shapes(infos: list[TensorInfo], path: str) -> dict[str, tuple[int, ...]]:
     """GGUF tensor name -> torch shape, after checking every name is a Llama weight."""
     if any(t.name == "rope_freqs.weight" for t in infos):
         raise Llama2Error(f"{path}: unsupported RoPE frequency scaling (tensor rope_freqs.weight)")
@@ -517,7 +310,7 @@ def _layer_index(gguf_tensor: str) -> int:
     return int(match.group(1)) if match else -1
 
 
-def _load_tensor(tensor: _TensorInfo, shape: tuple[int, ...], device: torch.device, path: str) -> torch.Tensor:
+def _load_tensor(tensor: TensorInfo, shape: tuple[int, ...], device: torch.device, path: str) -> torch.Tensor:
     """Read one tensor's bytes from the file and decode them on `device` (plain types keep their dtype)."""
     raw = _read_bytes(path, tensor)
     plain = _PLAIN_TYPES.get(tensor.qtype)
@@ -529,7 +322,7 @@ def _load_tensor(tensor: _TensorInfo, shape: tuple[int, ...], device: torch.devi
         raise Llama2Error(f"{path}: tensor {tensor.name}: {exc}") from None
 
 
-def _read_bytes(path: str, tensor: _TensorInfo) -> torch.Tensor:
+def _read_bytes(path: str, tensor: TensorInfo) -> torch.Tensor:
     """The tensor's bytes, read into new memory (the header scan proved they lie inside the file)."""
     buffer = np.empty(int(tensor.n_bytes), dtype=np.uint8)
     with open(path, "rb") as file:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from gguf import GGUFWriter, LlamaFileType
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, Keys
 from gguf.quants import quantize
 
 from ..config import ModelArgs
@@ -31,6 +31,7 @@ from .checkpoint import LazyStateDict, TensorSpec, lazy
 from .common import atomic_output, check_state_dict
 from .dequant import tensor_nbytes
 from .gguf import gguf_name
+from .tokenizer_files import gguf_tokenizer_metadata
 
 T = GGMLQuantizationType
 
@@ -93,8 +94,6 @@ def write_gguf(
         Llama2Error: an unknown `tensor_type`, a state dict that does not match `args`, or
             a vocabulary whose size differs from the embeddings'.
     """
-    from .tokenizer_files import gguf_tokenizer_metadata
-
     path = Path(path)
     if tensor_type not in TENSOR_TYPES:
         raise Llama2Error(f"unknown GGUF tensor type {tensor_type!r} (choose from {', '.join(TENSOR_TYPES)})")
@@ -130,22 +129,25 @@ def encode(tensor: torch.Tensor, qtype: T) -> np.ndarray:
 
 def model_metadata(args: ModelArgs, file_type: LlamaFileType, name: str | None = None) -> dict[str, Any]:
     """The ``general.*`` and ``llama.*`` keys describing `args` (``general.architecture`` aside)."""
+    values = {
+        Keys.LLM.CONTEXT_LENGTH: args.max_seq_len,
+        Keys.LLM.EMBEDDING_LENGTH: args.dim,
+        Keys.LLM.BLOCK_COUNT: args.n_layers,
+        Keys.LLM.FEED_FORWARD_LENGTH: args.hidden_dim,
+        Keys.Rope.DIMENSION_COUNT: args.head_dim,
+        Keys.Attention.HEAD_COUNT: args.n_heads,
+        Keys.Attention.HEAD_COUNT_KV: args.n_kv_heads,
+        Keys.Attention.LAYERNORM_RMS_EPS: float(args.norm_eps),
+        Keys.Rope.FREQ_BASE: float(args.rope_theta),
+        Keys.LLM.VOCAB_SIZE: args.vocab_size,
+    }
     metadata: dict[str, Any] = {
-        "general.name": name or "llama",
-        "general.file_type": int(file_type),
-        f"{_ARCH}.context_length": args.max_seq_len,
-        f"{_ARCH}.embedding_length": args.dim,
-        f"{_ARCH}.block_count": args.n_layers,
-        f"{_ARCH}.feed_forward_length": args.hidden_dim,
-        f"{_ARCH}.rope.dimension_count": args.head_dim,
-        f"{_ARCH}.attention.head_count": args.n_heads,
-        f"{_ARCH}.attention.head_count_kv": args.n_kv_heads,
-        f"{_ARCH}.attention.layer_norm_rms_epsilon": float(args.norm_eps),
-        f"{_ARCH}.rope.freq_base": float(args.rope_theta),
-        f"{_ARCH}.vocab_size": args.vocab_size,
+        Keys.General.NAME: name or "llama",
+        Keys.General.FILE_TYPE: int(file_type),
+        **{template.format(arch=_ARCH): value for template, value in values.items()},
     }
     if file_type in {_FILE_TYPES[t] for t in _QUANTIZED}:
-        metadata["general.quantization_version"] = _QUANTIZATION_VERSION
+        metadata[Keys.General.QUANTIZATION_VERSION] = _QUANTIZATION_VERSION
     return metadata
 
 
@@ -162,7 +164,7 @@ def _checked_vocabulary(metadata: Mapping[str, Any] | None, args: ModelArgs, pat
     """`metadata` after checking its token list matches the embeddings (llama.cpp requires it)."""
     if not metadata:
         return {}
-    tokens = metadata.get("tokenizer.ggml.tokens") or []
+    tokens = metadata.get(Keys.Tokenizer.LIST) or []
     if len(tokens) != args.vocab_size:
         raise Llama2Error(
             f"{path}: the tokenizer has {len(tokens)} tokens but the model has {args.vocab_size} embeddings; "

@@ -33,6 +33,7 @@ from .common import (
     write_json,
 )
 from .safetensors_file import SafetensorsFile, SafetensorsWriter, data_size
+from .tokenizer_files import find_tokenizer_file, read_tokenizer_config, special_token_ids, write_hf_tokenizer
 
 CONFIG_FILE = "config.json"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -356,17 +357,13 @@ def _indexed_locations(index_path: Path) -> dict[str, _WeightFile]:
 
 
 def read_chat_template(folder: Path) -> str | None:
-    """The chat template the folder ships (see `llama2.tokenizer.read_tokenizer_config`)."""
-    from ..tokenizer import read_tokenizer_config
-
+    """The chat template the folder ships (see `tokenizer_files.read_tokenizer_config`)."""
     return read_tokenizer_config(folder)["chat_template"]
 
 
 def _tokenizer_path(folder: Path) -> str | None:
-    for name in ("tokenizer.model", "tokenizer.json"):
-        if (folder / name).is_file():
-            return str(folder / name)
-    return None
+    found = find_tokenizer_file(folder)
+    return None if found is None else str(found)
 
 
 # ---------------------------------------------------------------------------------------
@@ -412,8 +409,6 @@ def write_hf(
     Raises:
         Llama2Error: the state dict does not match `args`.
     """
-    from .tokenizer_files import special_token_ids, write_hf_tokenizer
-
     folder = Path(folder)
     tensors = lazy(state_dict)
     check_state_dict(tensors, args, "state dict")

@@ -7,20 +7,21 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from gguf.constants import Keys
 
+from ..chat import resolve_chat_format
 from ..config import describe_args
 from ..errors import Llama2Error
 from ..tokenizer import Tokenizer
 from . import detect_format, load_checkpoint
 from .checkpoint import Checkpoint
+from .tokenizer_files import find_tokenizer_file
 
 
 def _tokenizer_beside(folder: Path) -> Path | None:
     """The folder itself or its parent when it holds a tokenizer file (Meta puts it one level up)."""
-    for candidate in (folder, folder.parent):
-        if (candidate / "tokenizer.model").is_file() or (candidate / "tokenizer.json").is_file():
-            return candidate
-    return None
+    found = find_tokenizer_file(folder, folder.parent)
+    return None if found is None else found.parent
 
 
 def load_tokenizer(source: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None) -> Tokenizer:
@@ -70,8 +71,6 @@ def find_tokenizer(checkpoint: Checkpoint, tokenizer_path: str | os.PathLike | N
 
 def describe(source: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None) -> dict[str, str]:
     """Lines for `llama2 info`: format, architecture, tensor types, tokenizer and chat format."""
-    from ..chat import resolve_chat_format
-
     checkpoint = load_checkpoint(source, dtype=torch.bfloat16)
     tokenizer = checkpoint_tokenizer(checkpoint, tokenizer_path)
     types = Counter(checkpoint.tensor_types.values())
@@ -79,7 +78,7 @@ def describe(source: str | os.PathLike, tokenizer_path: str | os.PathLike | None
         chat_format = resolve_chat_format(tokenizer, checkpoint.chat_template or tokenizer.chat_template).name
     except Llama2Error:
         chat_format = "none (completion only; pass --chat-format)"
-    name = checkpoint.metadata.get("general.name")
+    name = checkpoint.metadata.get(Keys.General.NAME)
     return {
         "source": checkpoint.source,
         "format": checkpoint.format + (f" ({name})" if name else ""),

@@ -31,6 +31,7 @@ from .common import (
     read_folder_config,
     write_json,
 )
+from .tokenizer_files import SENTENCEPIECE_FILE, write_meta_tokenizer
 from .torch_zip import TorchSaveWriter
 
 PARAMS_FILE = "params.json"
@@ -216,7 +217,7 @@ def args_from_params(params: dict, shapes: Mapping[str, tuple[int, ...]], path: 
 
 def _tokenizer_path(folder: Path) -> str | None:
     """Meta ships tokenizer.model next to the weights or one folder up."""
-    for candidate in (folder / "tokenizer.model", folder.parent / "tokenizer.model"):
+    for candidate in (folder / SENTENCEPIECE_FILE, folder.parent / SENTENCEPIECE_FILE):
         if candidate.is_file():
             return str(candidate)
     return None
@@ -261,8 +262,6 @@ def write_meta(
         Llama2Error: the state dict does not match `args`, or the model cannot be split
             into `num_shards`.
     """
-    from .tokenizer_files import write_meta_tokenizer
-
     folder = Path(folder)
     if not isinstance(num_shards, int) or isinstance(num_shards, bool) or num_shards < 1:
         raise Llama2Error(f"{folder}: num_shards must be a positive integer, got {num_shards!r}")

@@ -96,7 +96,9 @@ MODELS: dict[str, ModelEntry] = {
         ),
     )
 }
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
+"""The model `llama2` commands and `Llama.build` use when none is named (the one definition)."""
 
 
 def models_home() -> Path:
