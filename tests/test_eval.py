@@ -217,3 +217,61 @@ def test_llamacpp_mode_matches_llama_cpp_on_the_default_model(default_model_path
     assert result.tokens_scored == reference["tokens_scored"] == sum(c["tokens_scored"] for c in reference["chunks"])
     assert abs(result.ppl / reference["ppl"] - 1) < tolerance, (result.ppl, reference["ppl"])
     assert abs(result.ppl_error / reference["ppl_error"] - 1) < 2 * tolerance
+
+
+def harness_requests(*args_list):
+    from types import SimpleNamespace
+
+    return [SimpleNamespace(args=args) for args in args_list]
+
+
+def test_harness_loglikelihood_against_transformers(tiny, llama):
+    """HFLM's encoding (empty context = BOS, context spaces moved to the continuation) scored by transformers."""
+    from llama2.eval.harness import Llama2LM
+
+    model, tok = tiny[1], llama.tokenizer
+    pairs = [("The old man", " mended a net"), ("The old man ", "mended a net"), ("", "Gulls circled"),
+             ("A girl carried two buckets", " of water.")]  # fmt: skip
+    expected = []
+    for context, continuation in pairs:
+        context_enc = tok.encode(context.rstrip(), bos=False, eos=False) if context else [tok.bos_id]
+        whole = tok.encode(context + continuation, bos=False, eos=False)
+        ids = context_enc + (whole[len(context_enc) :] if context else whole)
+        log_probs = torch.log_softmax(hf_logits(model, ids[:-1]), dim=-1)[len(context_enc) - 1 :]
+        targets = torch.tensor(ids[len(context_enc) :])
+        expected.append((log_probs.gather(1, targets[:, None]).sum().item(), bool((log_probs.argmax(-1) == targets).all())))
+    one = Llama2LM(llama, batch_size=1).loglikelihood(harness_requests(*pairs))
+    for (got, greedy), (want, want_greedy) in zip(one, expected):
+        assert abs(got - want) < 1e-4 * abs(want) and greedy == want_greedy
+    assert one[0] == one[1]  # the trailing space belongs to the continuation
+    batched = Llama2LM(llama, batch_size=4).loglikelihood(harness_requests(*reversed(pairs)))
+    assert batched[::-1] == one  # independent of batch size and order
+
+
+def test_harness_rolling_and_generation(tiny, llama):
+    from llama2.eval.harness import Llama2LM
+
+    lm = Llama2LM(llama, batch_size=2, max_length=16)
+    doc = TEXT[:150]
+    assert abs(lm.loglikelihood_rolling(harness_requests((doc,)))[0]
+               + evaluate_perplexity(llama, [("d", doc)], "rolling", 16).files[0]["nll_sum"]) < 1e-9  # fmt: skip
+    prompt = "The harbour was quiet"
+    ids = llama.tokenizer.encode(prompt, bos=False, eos=False)
+    with torch.no_grad():
+        reference = tiny[1].generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None)[0, len(ids) :]
+    text = llama.tokenizer.decode(reference.tolist())
+    assert lm.generate_until(harness_requests((prompt, {"until": ["\n\n"], "max_gen_toks": 6})))[0] == text
+    stop = text[len(text) // 2 :][:2]
+    if stop.strip():
+        assert lm.generate_until(harness_requests((prompt, {"until": [stop], "max_gen_toks": 6})))[0] == text[: text.find(stop)]
+
+
+def test_lm_eval_command_without_lm_eval_is_one_line(capsys):
+    try:
+        import lm_eval  # noqa: F401
+
+        pytest.skip("lm_eval is installed")
+    except ImportError:
+        pass
+    code, _, err = run_cli(capsys, "eval", "lm-eval", "--tasks", "wikitext")
+    assert code == 1 and err.strip() == "llama2: error: lm-evaluation-harness is not installed: pip install 'llama2[eval]'"

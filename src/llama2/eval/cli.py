@@ -40,6 +40,15 @@ def add_eval_parser(commands) -> None:
     kld.add_argument("--json", action="store_true", help="print one JSON object")
     kld.set_defaults(handler=cmd_eval_kld)
 
+    harness = evals.add_parser("lm-eval", help="run lm-evaluation-harness tasks on the model (needs llama2[eval])")
+    add_load_options(harness)
+    harness.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, e.g. wikitext,hellaswag")
+    harness.add_argument("--num-fewshot", type=int, help="few-shot examples per task (default: the task's)")
+    harness.add_argument("--limit", type=float, help="documents per task (a fraction if below 1)")
+    harness.add_argument("--batch-size", type=int, default=1, help="equal-length windows forwarded together")
+    harness.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    harness.set_defaults(handler=cmd_eval_lm_eval)
+
 
 def read_text(path: str) -> str:
     """A file's UTF-8 text; one-line errors for a missing, unreadable or empty file."""
@@ -113,4 +122,22 @@ def cmd_eval_kld(args: argparse.Namespace) -> int:
     print(f"RMS delta p               : {100 * r.rms_dp:6.3f} +/- {100 * r.rms_dp_error:5.3f} %")
     print(f"Same top p                : {100 * r.same_top:6.3f} +/- {100 * r.same_top_error:5.3f} %")
     print(f"time                      : {r.seconds:.2f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_eval_lm_eval(args: argparse.Namespace) -> int:
+    from .harness import register
+
+    check_positive("--batch-size", args.batch_size)
+    harness_class = register()  # a clear error when lm_eval is missing, before the model loads
+    import lm_eval
+    from lm_eval.utils import make_table
+
+    model = harness_class(load(args, args.model, args.max_seq_len), batch_size=args.batch_size)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    results = lm_eval.simple_evaluate(model=model, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit)
+    if args.json:
+        print(json.dumps({"model": args.model, "results": results["results"]}, default=str))
+    else:
+        print(make_table(results))
     return 0
