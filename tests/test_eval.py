@@ -95,13 +95,14 @@ def test_llamacpp_chunks_against_transformers(tiny, llama):
 
 
 def test_rolling_equals_harness_contexts(tiny, llama):
-    """lm-evaluation-harness rolling windows: every token scored once; the first max_length after BOS with
-    all tokens before them, each later token with the tokens since max_length + 1 before its window's end."""
+    """lm-evaluation-harness rolling windows: every token scored once (lm-eval 0.4.13 encodes documents with
+    the tokenizer's BOS, which is scored too); the first max_length after the BOS prefix with all tokens
+    before them, each later token with the tokens since max_length + 1 before its window's end."""
     model, max_length = tiny[1], 16
     docs = [TEXT[:150], "  Two short\tlines\n\nof text. "]
     total_nll = 0.0
     for doc in docs:
-        tokens = llama.tokenizer.encode(doc, bos=False, eos=False)
+        tokens = llama.tokenizer.encode(doc, bos=True, eos=False)
         for i, token in enumerate(tokens):
             if i < max_length:
                 context = [llama.tokenizer.bos_id] + tokens[:i]
@@ -109,7 +110,7 @@ def test_rolling_equals_harness_contexts(tiny, llama):
                 window_end = min(max_length + math.ceil((i + 1 - max_length) / max_length) * max_length, len(tokens))
                 context = tokens[window_end - max_length - 1 : i]
             total_nll -= torch.log_softmax(hf_logits(model, context)[-1], dim=-1)[token].item()
-    n_tokens = sum(len(llama.tokenizer.encode(d, bos=False, eos=False)) for d in docs)
+    n_tokens = sum(len(llama.tokenizer.encode(d, bos=True, eos=False)) for d in docs)
     words = sum(len(re.split(r"\s+", d)) for d in docs)
     n_bytes = sum(len(d.encode("utf-8")) for d in docs)
     result = evaluate_perplexity(llama, [(str(i), d) for i, d in enumerate(docs)], "rolling", max_length, batch_size=2)
@@ -226,7 +227,8 @@ def harness_requests(*args_list):
 
 
 def test_harness_loglikelihood_against_transformers(tiny, llama):
-    """HFLM's encoding (empty context = BOS, context spaces moved to the continuation) scored by transformers."""
+    """HFLM's encoding (BOS first as the tokenizer adds it; an empty context = BOS; context spaces moved to the
+    continuation) scored by transformers."""
     from llama2.eval.harness import Llama2LM
 
     model, tok = tiny[1], llama.tokenizer
@@ -234,9 +236,9 @@ def test_harness_loglikelihood_against_transformers(tiny, llama):
              ("A girl carried two buckets", " of water.")]  # fmt: skip
     expected = []
     for context, continuation in pairs:
-        context_enc = tok.encode(context.rstrip(), bos=False, eos=False) if context else [tok.bos_id]
-        whole = tok.encode(context + continuation, bos=False, eos=False)
-        ids = context_enc + (whole[len(context_enc) :] if context else whole)
+        context_enc = tok.encode(context.rstrip(), bos=True, eos=False) if context else [tok.bos_id]
+        whole = tok.encode(context + continuation, bos=True, eos=False)
+        ids = context_enc + whole[len(context_enc) :] if context else whole
         log_probs = torch.log_softmax(hf_logits(model, ids[:-1]), dim=-1)[len(context_enc) - 1 :]
         targets = torch.tensor(ids[len(context_enc) :])
         expected.append((log_probs.gather(1, targets[:, None]).sum().item(), bool((log_probs.argmax(-1) == targets).all())))
@@ -256,7 +258,7 @@ def test_harness_rolling_and_generation(tiny, llama):
     assert abs(lm.loglikelihood_rolling(harness_requests((doc,)))[0]
                + evaluate_perplexity(llama, [("d", doc)], "rolling", 16).files[0]["nll_sum"]) < 1e-9  # fmt: skip
     prompt = "The harbour was quiet"
-    ids = llama.tokenizer.encode(prompt, bos=False, eos=False)
+    ids = llama.tokenizer.encode(prompt, bos=True, eos=False)
     with torch.no_grad():
         reference = tiny[1].generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None)[0, len(ids) :]
     text = llama.tokenizer.decode(reference.tolist())

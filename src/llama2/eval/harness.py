@@ -1,14 +1,18 @@
 """An lm-evaluation-harness (0.4.x) model backed by a `Llama`, counting as the harness's HFLM counts.
 
-- `loglikelihood`: each (context, continuation) is encoded as HFLM's `_encode_pair` does
+Texts are encoded as HFLM's `tok_encode` does with `add_bos_token` unset (lm-eval 0.4.13):
+with the tokenizer's own special tokens, so BOS leads them when the model adds BOS.
+
+- `loglikelihood`: each (context, continuation) is encoded as `LM._encode_pair` does
   (trailing spaces of the context move to the continuation; the continuation's tokens are
-  those of context + continuation past the context's own tokens; an empty context becomes
-  the prefix token, BOS or else EOS) and scored with the window HFLM feeds
-  (`loglikelihood_window`), returning (sum of log-probs, whether every continuation token
-  was the greedy one).
+  those of context + continuation past the context's own tokens); an empty context is the
+  prefix token (BOS, else EOS) before the continuation's tokens (without special tokens),
+  or the continuation's first token when that is the prefix token. Each is scored with
+  the window HFLM feeds (`loglikelihood_window`): (sum of log-probs, whether every
+  continuation token was the greedy one).
 - `loglikelihood_rolling`: HFLM's rolling windows (`rolling_windows`), summed.
-- `generate_until`: greedy continuation of the context (no BOS, as HFLM by default) cut
-  at the first of `until` (plus the EOS text), at most `max_gen_toks` (default 256) tokens.
+- `generate_until`: greedy continuation of the context cut at the first of `until` (plus
+  the EOS text), at most `max_gen_toks` (default 256) tokens.
 
 Requests are scored independently, each window from position 0, so results do not
 depend on batch size or order. `register()` registers the model as ``llama2`` with
@@ -22,6 +26,7 @@ from collections.abc import Sequence
 from ..errors import Llama2Error
 from ..generation import truncate_at_stop
 from .scoring import target_nll, window_log_probs
+from .perplexity import harness_encode
 from .windows import Window, loglikelihood_window, rolling_windows
 
 DEFAULT_MAX_GEN_TOKS = 256
@@ -49,14 +54,17 @@ class Llama2LM:
         """The token an empty context stands for: BOS, else EOS (HFLM's prefix_token_id)."""
         return self.tokenizer.bos_id if self.tokenizer.bos_id >= 0 else self.tokenizer.eos_id
 
-    def tok_encode(self, text: str) -> list[int]:
-        """Token ids without special tokens (HFLM's default for causal models)."""
-        return self.tokenizer.encode(text, bos=False, eos=False)
+    def tok_encode(self, text: str, special: bool = True) -> list[int]:
+        """HFLM's `tok_encode`: BOS first when `special`, the model adds BOS and the text does not start with it."""
+        return harness_encode(self.tokenizer, text, special)
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """HFLM's `_encode_pair` (with its empty-context case from `loglikelihood`)."""
         if context == "":
-            return [self.prefix_token_id], self.tok_encode(continuation)
+            continuation_enc = self.tok_encode(continuation, special=False)
+            if continuation_enc and continuation_enc[0] == self.prefix_token_id:
+                return continuation_enc[:1], continuation_enc[1:]
+            return [self.prefix_token_id], continuation_enc
         n_spaces = len(context) - len(context.rstrip())
         if n_spaces > 0:
             context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
@@ -93,7 +101,7 @@ class Llama2LM:
 
     def generate_until(self, requests) -> list[str]:
         """Greedy continuations of ``args == (context, gen_kwargs)``, cut at gen_kwargs["until"]."""
-        eos_text = self.tokenizer.decode([self.tokenizer.eos_id]) if self.tokenizer.eos_id >= 0 else None
+        eos_text = self.tokenizer.eos_token  # HFLM adds tok_decode(eot, skip_special_tokens=False)
         outputs = []
         for request in requests:
             context, gen_kwargs = request.args[:2]

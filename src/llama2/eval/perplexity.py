@@ -21,8 +21,9 @@ METHODS = {
     "the tokenizer adds it), only the labels past the previous window's end kept; "
     "PPL = exp(sum(window mean NLL * (trg_len - 1)) / sum(trg_len - 1)) as the guide averages; "
     "+/- from the per-token NLL as llama.cpp",
-    "rolling": "lm-evaluation-harness loglikelihood_rolling: each document without BOS after a BOS (else EOS) "
-    "prefix, disjoint rolling windows of ctx tokens, every token scored once; token PPL = exp(sum NLL / tokens), "
+    "rolling": "lm-evaluation-harness 0.4.13 (HFLM) loglikelihood_rolling: each document tokenized as the tokenizer "
+    "does by default (BOS first when the model adds BOS) after a BOS (else EOS) prefix token, disjoint rolling "
+    "windows of ctx tokens, every token (a leading BOS included) scored once; token PPL = exp(sum NLL / tokens), "
     "word_perplexity = exp(sum NLL / len(re.split(r'\\s+', doc))), bits_per_byte = sum NLL / UTF-8 bytes / ln 2",
 }
 MODES = tuple(METHODS)
@@ -77,6 +78,14 @@ def count_words(text: str) -> int:
     return len(re.split(r"\s+", text))
 
 
+def harness_encode(tokenizer, text: str, special: bool = True) -> list[int]:
+    """lm-evaluation-harness 0.4.13 HFLM's `tok_encode` with `add_bos_token` unset: the tokenizer's default
+    special tokens (BOS when the model adds it, unless the text already starts with the BOS text)."""
+    bos_text = tokenizer.bos_token or ""
+    bos = special and tokenizer.add_bos and not (bos_text and text.startswith(bos_text))
+    return tokenizer.encode(text, bos=bos, eos=False)
+
+
 def text_windows(tokenizer, text: str, mode: str, ctx: int, stride: int) -> tuple[int, list[Window]]:
     """The text's token count in `mode` and its scored windows."""
     if mode == "llamacpp":
@@ -87,7 +96,7 @@ def text_windows(tokenizer, text: str, mode: str, ctx: int, stride: int) -> tupl
         tokens = tokenizer.encode(text, bos=tokenizer.add_bos, eos=False)
         return len(tokens), strided_windows(tokens, ctx, stride)
     if mode == "rolling":
-        tokens = tokenizer.encode(text, bos=False, eos=False)
+        tokens = harness_encode(tokenizer, text)
         prefix = tokenizer.bos_id if tokenizer.bos_id >= 0 else tokenizer.eos_id
         return len(tokens), rolling_windows(tokens, prefix, ctx)
     raise Llama2Error(f"unknown perplexity mode {mode!r}; choose one of {', '.join(MODES)}")

@@ -136,8 +136,8 @@ def loglikelihood_window(context: Sequence[int], continuation: Sequence[int], ma
 def rolling_windows(tokens: Sequence[int], prefix_token: int, max_length: int) -> list[Window]:
     """lm-evaluation-harness's `loglikelihood_rolling` on one document (HFLM, context_len 1).
 
-    `tokens` is the document without BOS; `prefix_token` is the model's BOS (EOS when it
-    has none). Every document token is scored exactly once.
+    `tokens` is the document as HFLM encodes it; `prefix_token` is the model's BOS (EOS when
+    it has none). Every document token is scored exactly once.
     """
     if not tokens:
         raise Llama2Error("the document has no tokens")
