@@ -128,13 +128,16 @@ def register():
         return MODEL_REGISTRY["llama2"]
 
     class HarnessLlama2(Llama2LM, LM):
-        def __init__(self, llama=None, pretrained: str | None = None, batch_size=1, max_length=None, **load):
+        """``--model llama2 --model_args pretrained=M[,max_length=N,device=D]`` or a loaded `Llama`."""
+
+        def __init__(self, llama=None, pretrained: str | None = None, batch_size=1, max_length=None, device=None, **_):
             LM.__init__(self)
+            batch_size = int(batch_size) if str(batch_size).isdigit() else 1  # "auto" -> 1
+            max_length = int(max_length) if max_length else None
             if llama is None:
                 from ..generation import Llama
 
-                llama = Llama.build(pretrained, max_seq_len=max_length and int(max_length),
-                                    max_batch_size=int(batch_size), **load)  # fmt: skip
-            Llama2LM.__init__(self, llama, int(batch_size), max_length and int(max_length))
+                llama = Llama.build(pretrained, max_seq_len=max_length, max_batch_size=batch_size, device=device)
+            Llama2LM.__init__(self, llama, min(batch_size, llama.max_batch_size), max_length)
 
     return register_model("llama2")(HarnessLlama2)
