@@ -185,7 +185,7 @@ def test_cli_json_and_text_output(capsys, tiny, tmp_path):
     [
         (("missing.txt",), "no such file"),
         (("empty.txt",), "the text is empty"),
-        (("--ctx", "128", "t.txt"), "exceeds the model's context of 64"),
+        (("--ctx", "128", "t.txt"), "--ctx 128: max_seq_len 128 exceeds the model's context of 64"),
         (("--ctx", "64", "t.txt"), "needs at least 2 x ctx = 128"),
         (("--mode", "strided", "--ctx", "16", "--stride", "17", "t.txt"), "--stride must be between 1 and ctx"),
     ],

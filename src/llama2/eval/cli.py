@@ -72,7 +72,12 @@ def load(args: argparse.Namespace, model: str, ctx: int | None):
     """Build a `Llama` for `model` with the command's load options, context `ctx` and batch size."""
     from ..cli import build_llama
 
-    return build_llama(argparse.Namespace(**{**vars(args), "model": model, "max_seq_len": ctx}), args.batch_size)
+    try:
+        return build_llama(argparse.Namespace(**{**vars(args), "model": model, "max_seq_len": ctx}), args.batch_size)
+    except Llama2Error as err:
+        if ctx is not None and "exceeds the model's context" in str(err):
+            raise Llama2Error(f"--ctx {ctx}: {err}") from None
+        raise
 
 
 def cmd_eval_perplexity(args: argparse.Namespace) -> int:
