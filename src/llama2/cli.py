@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     perplexity.add_argument("--window", type=int, default=512, help="tokens per independently scored window")
     perplexity.set_defaults(handler=cmd_perplexity)
 
+    from .eval.cli import add_eval_parser  # no torch import: the parser stays fast
+
+    add_eval_parser(commands)
+
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching) with a chat page")
     add_model_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
@@ -152,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------- helpers
 
 
-def build_llama(args: argparse.Namespace):
+def build_llama(args: argparse.Namespace, max_batch_size: int = 1):
     import torch
 
     from .generation import Llama
@@ -164,7 +168,7 @@ def build_llama(args: argparse.Namespace):
         args.model,
         tokenizer_path=args.tokenizer,
         max_seq_len=args.max_seq_len,
-        max_batch_size=1,
+        max_batch_size=max_batch_size,
         seed=args.seed,
         device=args.device,
         dtype=dtype,
