@@ -9,8 +9,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .errors import Llama2Error
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
+from .weights.registry import DEFAULT_MODEL
 
 
 # ---------------------------------------------------------------------------- arguments

@@ -40,8 +40,8 @@ from .sampling import SamplingParams, sample_next
 from .tokenizer import Tokenizer
 from .weights import Checkpoint, open_checkpoint
 from .weights.inspect import checkpoint_tokenizer
+from .weights.registry import DEFAULT_MODEL
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_MAX_SEQ_LEN = 4096
 PREFILL_CHUNK = 512  # prompt tokens per forward: bounds activation memory on long prompts
 
