@@ -266,39 +266,6 @@ class GuardFreeDecode:
 CUDA_GRAPH_KV_BUCKET = 256
 
 
-class FinishedCheck:
-    """Whether every row of a generation has finished, asked after each step.
-
-    On CUDA the answer is read one step late: the flag of step t is copied to the host
-    while step t + 1 is queued, so the host never waits for the step it just queued and
-    the GPU never waits for the host's bookkeeping between steps. A generation then
-    runs one step past its end; its tokens lie after the stop and are never returned.
-    Elsewhere (the CPU computes as it is asked) the flag of the current step is read.
-    """
-
-    def __init__(self, device: torch.device):
-        self.lagged = device.type == "cuda"
-        self.pending: tuple[torch.Tensor, torch.cuda.Event] | None = None
-
-    def __call__(self, finished: torch.Tensor) -> bool:
-        if not self.lagged:
-            return bool(finished.all())
-        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
-        flag.copy_(finished.all(), non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        previous, self.pending = self.pending, (flag, event)
-        if previous is None:
-            return False
-        previous[1].synchronize()
-        return bool(previous[0])
-
-    def wait(self) -> None:
-        """Wait for the device to finish what was queued (for timing)."""
-        if self.lagged:
-            torch.cuda.synchronize()
-
-
 def _record_logprobs(token_logprobs, logits, tokens, start: int, end: int, pad: int) -> None:
     """Log-probabilities of tokens[:, start+1:end+1] under the logits of positions start..end-1."""
     token_logprobs[:, start + 1 : end + 1] = -F.cross_entropy(
@@ -466,7 +433,6 @@ class Llama:
         stats = self.last_stats = GenerationStats(prompt_tokens=max_len)
 
         prev_pos = 0
-        all_finished = FinishedCheck(self.device)
         if min_len == total_len and want_logprobs:
             logits = self.model(tokens, torch.arange(total_len, device=self.device))
             token_logprobs[:, 1:] = -F.cross_entropy(
@@ -487,7 +453,8 @@ class Llama:
                 _record_logprobs(token_logprobs, logits, tokens, prev_pos, cur_pos, pad)
             finished |= ~in_prompt[:, cur_pos] & torch.isin(next_token, stop_tensor)
             if cur_pos == min_len:
-                all_finished.wait()  # the prompt's time, not only the time to queue it
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()  # the prompt's time, not only the time to queue it
                 stats.prefill_s = time.perf_counter() - start
                 start = time.perf_counter()
             else:
@@ -495,11 +462,8 @@ class Llama:
             stats.generated_tokens = cur_pos + 1 - max_len
             prev_pos = cur_pos
             yield cur_pos, tokens, finished, token_logprobs
-            if all_finished(finished):
+            if bool(finished.all()):
                 break
-        if stats.generated_tokens > 1:
-            all_finished.wait()
-            stats.decode_s = time.perf_counter() - start
 
     def _forward(self, tokens: torch.Tensor, start: int, end: int, all_logits: bool) -> torch.Tensor:
         """Feed tokens[:, start:end] at their positions; logits of every position or the last."""
