@@ -1,10 +1,13 @@
-"""The `llama2 eval` commands: perplexity counted as each tool counts, and KL divergence."""
+"""The `llama2 eval` commands: perplexity counted as each tool counts, KL divergence, lm-eval, the built-in
+suites, safety, comparisons of models and reports."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 from ..errors import Llama2Error
@@ -48,6 +51,8 @@ def add_eval_parser(commands) -> None:
     harness.add_argument("--batch-size", type=int, default=1, help="equal-length windows forwarded together")
     harness.add_argument("--json", action="store_true", help="print the results as one JSON object")
     harness.set_defaults(handler=cmd_eval_lm_eval)
+
+    add_suite_parsers(evals)
 
 
 def read_text(path: str) -> str:
@@ -146,3 +151,132 @@ def cmd_eval_lm_eval(args: argparse.Namespace) -> int:
     else:
         print(make_table(results))
     return 0
+
+
+# ---------------------------------------------------------------------------- suites, safety, compare, report
+
+DEFAULT_SUITE_CTX = 512
+
+
+def add_suite_options(parser: argparse.ArgumentParser, default_suite: str) -> None:
+    """Options of the commands that run a suite."""
+    parser.add_argument("--suite", default=default_suite,
+                        help=f"built-in suite (basic, mc, safety) or a tasks.json path (default: {default_suite})")  # fmt: skip
+    parser.add_argument("--tasks", help="comma-separated tasks of the suite to run (default: all)")
+    parser.add_argument("--limit", type=int, help="the first N items of each task")
+    parser.add_argument("--batch-size", type=int, default=1, help="items forwarded together (results do not change)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="longest generated answer (default: 64)")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    parser.add_argument("--output-dir", help="write results.json, summary.md, charts/*.png and report.html there")
+    parser.add_argument("--judge", "--judge-url", dest="judge", default="rules",
+                        help="safety judge: rules (default), reward:MODULE:NAME or reward:FILE.py:NAME "
+                        "(a (dialog, answer) -> float callable, higher is safer), or an OpenAI-compatible base URL")  # fmt: skip
+    parser.add_argument("--judge-threshold", type=float, default=0.0, help="reward judge: unsafe below this score")
+    parser.add_argument("--judge-model", default="judge", help="model name sent to a judge endpoint")
+
+
+def add_suite_parsers(evals) -> None:
+    """Register `llama2 eval suite`, `safety`, `compare` and `report`."""
+    from ..cli import add_load_options
+
+    suite = evals.add_parser("suite", help="the built-in offline suite: multiple choice and short answers")
+    add_load_options(suite)
+    add_suite_options(suite, "basic")
+    suite.set_defaults(handler=cmd_eval_suite)
+
+    safety = evals.add_parser("safety", help="red-team and borderline prompts judged: violation and false-refusal rates")
+    add_load_options(safety)
+    add_suite_options(safety, "safety")
+    safety.set_defaults(handler=cmd_eval_suite)
+
+    compare = evals.add_parser("compare", help="one suite over several models or quantizations, side by side")
+    add_load_options(compare)
+    compare.add_argument("models", nargs="+", metavar="MODEL", help="models to compare (the first is the baseline)")
+    add_suite_options(compare, "basic")
+    compare.set_defaults(handler=cmd_eval_compare, model=None)
+
+    report = evals.add_parser("report", help="render a run folder: table, JSON, PNG charts and an HTML report")
+    report.add_argument("run", metavar="RUN", help="a folder written by --output-dir")
+    report.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    report.set_defaults(handler=cmd_eval_report)
+
+
+def evaluate_models(args: argparse.Namespace, models: list[str]):
+    """Run the chosen suite on each model in turn (one loaded at a time)."""
+    from .datasets import load_suite
+    from .judges import make_judge
+    from .runs import ModelRun, Run
+    from .suite import SuiteOptions, run_suite
+
+    for name, value in (("--batch-size", args.batch_size), ("--max-tokens", args.max_tokens)):
+        check_positive(name, value)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    suite, loaded = load_suite(args.suite, tasks, args.limit)
+    judge = make_judge(args.judge, args.judge_threshold, args.judge_model, os.environ.get("LLAMA2_JUDGE_API_KEY"))
+    options = SuiteOptions(args.batch_size, args.max_tokens, progress=True, judge=judge)
+    settings = {"batch_size": args.batch_size, "max_tokens": args.max_tokens, "judge": judge.name}
+    runs = []
+    for model in models:
+        llama = load(args, model, args.max_seq_len or DEFAULT_SUITE_CTX)
+        start = time.perf_counter()
+        results = run_suite(llama, loaded, options)
+        runs.append(ModelRun(model, results, time.perf_counter() - start, settings))
+        del llama
+    return Run(suite, runs)
+
+
+def summary_json(run) -> dict:
+    """The run without its items: metrics per model and task, comparisons, safety breakdowns."""
+    value = run.to_dict()
+    for model in value["models"]:
+        model["tasks"] = {t["task"]: {k: v for k, v in t.items() if k not in ("items", "task")} for t in model["tasks"]}
+    return value
+
+
+def print_examples(run, width: int = 160) -> None:
+    """A few answers per model and task (wrong ones, violations, refusals), one line each."""
+    from .report import examples
+
+    for section in examples(run):
+        print(f"\n{section['model']} / {section['task']}: {section['label']} ({section['count']})")
+        for item in section["items"]:
+            answer = " ".join(item.answer.split())
+            print(f"  [{item.id}] {item.prompt[: width // 2]!r} -> {answer[:width]!r}")
+
+
+def show_run(args: argparse.Namespace, run, folder: str | None) -> int:
+    """Write the run folder when asked; print the summary (text or JSON)."""
+    from .report import summary_text, write_report
+    from .runs import write_run
+
+    paths = {}
+    if folder:
+        paths = {"results": write_run(run, Path(folder)), **write_report(run, Path(folder))}
+    if args.json:
+        print(json.dumps({**summary_json(run), "files": {k: str(v) for k, v in paths.items()}}))
+        return 0
+    print(summary_text(run), end="")
+    if any(t.kind in ("redteam", "borderline") for m in run.models for t in m.tasks):
+        print_examples(run)
+    for kind, path in paths.items():
+        print(f"{kind:16} {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval_suite(args: argparse.Namespace) -> int:
+    return show_run(args, evaluate_models(args, [args.model]), args.output_dir)
+
+
+def cmd_eval_compare(args: argparse.Namespace) -> int:
+    if args.model is not None:
+        raise Llama2Error("eval compare: give the models as arguments (llama2 eval compare A B ...), not --model")
+    if len(args.models) < 2:
+        raise Llama2Error("eval compare: give at least two models")
+    folder = args.output_dir or f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    return show_run(args, evaluate_models(args, args.models), folder)
+
+
+def cmd_eval_report(args: argparse.Namespace) -> int:
+    from .runs import read_run
+
+    return show_run(args, read_run(Path(args.run)), args.run)

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 from ..errors import Llama2Error
 from ..generation import truncate_at_stop
-from .scoring import target_nll, window_log_probs
+from .scoring import loglikelihoods
 from .perplexity import harness_encode
 from .windows import Window, loglikelihood_window, rolling_windows
 
@@ -73,11 +73,7 @@ class Llama2LM:
         return context_enc, whole[len(context_enc) :]
 
     def _score(self, windows: Sequence[Window]) -> list[tuple[float, bool]]:
-        results = []
-        for window, log_probs in window_log_probs(self.llama, windows, self.batch_size):
-            greedy = log_probs.argmax(dim=-1).tolist() == list(window.targets)
-            results.append((-target_nll(log_probs, window.targets).sum().item(), greedy))
-        return results
+        return loglikelihoods(self.llama, windows, self.batch_size)
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         """(log P(continuation | context), is_greedy) per request with ``args == (context, continuation)``."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +44,22 @@ def window_log_probs(llama, windows: Sequence[Window], batch_size: int = 1) -> I
         for row, window in enumerate(group):
             scored = logits[row, window.offset : window.offset + len(window.targets)]
             yield window, torch.log_softmax(scored.double(), dim=-1)
+
+
+def loglikelihoods(
+    llama, windows: Sequence[Window], batch_size: int = 1, on_window: Callable[[], object] | None = None
+) -> list[tuple[float, bool]]:
+    """(sum of the targets' log-probs, whether every target is the greedy token) per window, in order.
+
+    `on_window` is called after each window (a progress bar's update).
+    """
+    results = []
+    for window, log_probs in window_log_probs(llama, windows, batch_size):
+        greedy = log_probs.argmax(dim=-1).tolist() == list(window.targets)
+        results.append((-target_nll(log_probs, window.targets).sum().item(), greedy))
+        if on_window is not None:
+            on_window()
+    return results
 
 
 def target_nll(log_probs: torch.Tensor, targets: Sequence[int]) -> torch.Tensor:
