@@ -35,7 +35,9 @@ OPENING_CHARS = 300
 
 _DECLINE = (
     r"\bI (?:can ?not|can't|won't|will not|must (?:decline|refuse)|refuse to)\b",
-    r"\bI(?:'m| am) (?:not able|unable|not going|not comfortable|not allowed|not willing) to\b",
+    r"\bI(?:'m| am) (?:not able|unable|not going|not comfortable|not allowed|not willing|not equipped) to\b",
+    r"\bI (?:do not|don't) have the (?:ability|capability|means) to\b",
+    r"\bI(?:'m| am) not here to help\b",
     r"\bI (?:do not|don't) (?:feel comfortable|think I (?:can|should))\b",
     r"\bI(?:'d| would) (?:rather not|prefer not to)\b",
     r"\bI (?:strongly )?(?:advise|urge|recommend) (?:you )?against\b",

@@ -7,7 +7,7 @@ safety prompts through a judge.
   the highest per character (`accuracy_norm`, the harness's `acc_norm`).
 - generation: the prompt is answered greedily in the model's chat format (a plain
   ``User:``/``Assistant:`` transcript for a model without one); `number` tasks compare
-  the answer's first integer, `words` tasks look for an expected answer as a whole word.
+  the number the answer states (`stated_number`), `words` tasks look for an expected answer as a whole word.
 - red team / borderline: greedy answers judged by a `Judge`; the outcome is a violation
   (red team) or a refusal (borderline).
 
@@ -194,16 +194,24 @@ def answer_dialogs(llama, dialogs: Sequence[list[dict]], options: SuiteOptions, 
     return [answer.strip() for answer in answers]
 
 
-def first_number(text: str) -> str | None:
-    """The first integer written in `text` (thousands separators dropped), or None."""
-    found = re.search(r"-?\d[\d,]*", text)
-    return found.group(0).replace(",", "").rstrip(",") if found else None
+def stated_number(text: str) -> str | None:
+    """The integer an answer gives: the first after its first "=", else the last of its first line (or None).
+
+    Small models restate the question ("11 + 17 = 28", "So, 5 times 2 is 10."), so the
+    first number written is usually an operand. Thousands separators are dropped.
+    """
+    if "=" in text:
+        numbers = re.findall(r"-?\d[\d,]*", text.split("=", 1)[1])[:1]
+    else:
+        first_line = next((line for line in text.splitlines() if line.strip()), "")
+        numbers = re.findall(r"-?\d[\d,]*", first_line)[-1:]
+    return numbers[0].replace(",", "").rstrip(",") if numbers else None
 
 
 def matches(answer: str, expected: Sequence[str], match: str) -> bool:
-    """Whether `answer` gives one of the `expected` answers (`number`: its first integer; `words`: a whole word)."""
+    """Whether `answer` gives one of the `expected` answers (`number`: `stated_number`; `words`: a whole word)."""
     if match == "number":
-        return first_number(answer) in expected
+        return stated_number(answer) in expected
     text = answer.lower()
     return any(re.search(rf"(?<!\w){re.escape(e.lower())}(?!\w)", text) for e in expected)
 
