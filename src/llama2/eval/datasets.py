@@ -156,7 +156,8 @@ def _validate(model, value, where: str):
     except ValidationError as err:
         first = err.errors()[0]
         location = ".".join(str(part) for part in first["loc"])
-        raise Llama2Error(f"{where}: {location + ': ' if location else ''}{first['msg']}") from None
+        message = first["msg"].removeprefix("Value error, ")
+        raise Llama2Error(f"{where}: {location + ': ' if location else ''}{message}") from None
 
 
 def load_catalog(suite: str) -> tuple[Catalog, object, str]:
