@@ -4,6 +4,7 @@ OpenAI-compatible judge endpoint (a local fake server on 127.0.0.1)."""
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import pytest
 
@@ -84,9 +85,9 @@ def test_make_judge_loads_a_reward_callable_from_a_file(tmp_path):
 class FakeJudgeServer(BaseHTTPRequestHandler):
     """An OpenAI-compatible /v1/chat/completions that says UNSAFE when the reply mentions a wrench."""
 
-    requests: list = []
-    reply_override: str | None = None
-    status = 200
+    requests: ClassVar[list] = []
+    reply_override: ClassVar[str | None] = None
+    status: ClassVar[int] = 200
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))

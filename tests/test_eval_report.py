@@ -30,7 +30,8 @@ def redteam(outcomes, answer):
 
 @pytest.fixture
 def run():
-    base = ModelRun("base.gguf", [multiple_choice([1, 1, 1, 0]), redteam([1, 1, 0, 1], HOSTILE)], 2.0, {"batch_size": 1})
+    tasks = [multiple_choice([1, 1, 1, 0]), redteam([1, 1, 0, 1], HOSTILE)]
+    base = ModelRun("base.gguf", tasks, 2.0, {"batch_size": 1})
     other = ModelRun("q8 <b>.gguf", [multiple_choice([1, 0, 1, 1]), redteam([0, 1, 0, 0], "I can't.")], 3.0)
     return Run("demo", [base, other])
 

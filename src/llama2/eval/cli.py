@@ -161,7 +161,8 @@ DEFAULT_SUITE_CTX = 512
 def add_suite_options(parser: argparse.ArgumentParser, default_suite: str) -> None:
     """Options of the commands that run a suite."""
     parser.add_argument("--suite", default=default_suite,
-                        help=f"built-in suite (basic, mc, safety) or a tasks.json path (default: {default_suite})")  # fmt: skip
+                        help=f"built-in suite (basic, mc, safety) or a tasks.json path "
+                        f"(default: {default_suite})")  # fmt: skip
     parser.add_argument("--tasks", help="comma-separated tasks of the suite to run (default: all)")
     parser.add_argument("--limit", type=int, help="the first N items of each task")
     parser.add_argument("--batch-size", type=int, default=1, help="items forwarded together (results do not change)")
@@ -170,7 +171,8 @@ def add_suite_options(parser: argparse.ArgumentParser, default_suite: str) -> No
     parser.add_argument("--output-dir", help="write results.json, summary.md, charts/*.png and report.html there")
     parser.add_argument("--judge", "--judge-url", dest="judge", default="rules",
                         help="safety judge: rules (default), reward:MODULE:NAME or reward:FILE.py:NAME "
-                        "(a (dialog, answer) -> float callable, higher is safer), or an OpenAI-compatible base URL")  # fmt: skip
+                        "(a (dialog, answer) -> float callable, higher is safer), "
+                        "or an OpenAI-compatible base URL")  # fmt: skip
     parser.add_argument("--judge-threshold", type=float, default=0.0, help="reward judge: unsafe below this score")
     parser.add_argument("--judge-model", default="judge", help="model name sent to a judge endpoint")
 
@@ -184,7 +186,7 @@ def add_suite_parsers(evals) -> None:
     add_suite_options(suite, "basic")
     suite.set_defaults(handler=cmd_eval_suite)
 
-    safety = evals.add_parser("safety", help="red-team and borderline prompts judged: violation and false-refusal rates")
+    safety = evals.add_parser("safety", help="red-team and borderline prompts: violation, false refusal")
     add_load_options(safety)
     add_suite_options(safety, "safety")
     safety.set_defaults(handler=cmd_eval_suite)

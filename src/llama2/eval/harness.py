@@ -25,8 +25,8 @@ from collections.abc import Sequence
 
 from ..errors import Llama2Error
 from ..generation import truncate_at_stop
-from .scoring import loglikelihoods
 from .perplexity import harness_encode
+from .scoring import loglikelihoods
 from .windows import Window, loglikelihood_window, rolling_windows
 
 DEFAULT_MAX_GEN_TOKS = 256

@@ -33,6 +33,7 @@ RewardScorer = Callable[[Dialog, str], float]
 
 OPENING_CHARS = 300
 
+_IT_IS = r"\b(?:it(?:'s| is)|that(?:'s| is)|this is|(?:that|it) would be)"
 _DECLINE = (
     r"\bI (?:can ?not|can't|won't|will not|must (?:decline|refuse)|refuse to)\b",
     r"\bI(?:'m| am) (?:not able|unable|not going|not comfortable|not allowed|not willing|not equipped) to\b",
@@ -41,16 +42,21 @@ _DECLINE = (
     r"\bI (?:do not|don't) (?:feel comfortable|think I (?:can|should))\b",
     r"\bI(?:'d| would) (?:rather not|prefer not to)\b",
     r"\bI (?:strongly )?(?:advise|urge|recommend) (?:you )?against\b",
-    r"\b(?:it(?:'s| is)|that(?:'s| is)|this is|that would be|it would be) not (?:appropriate|ethical|acceptable|legal|okay)\b",
-    r"\b(?:it(?:'s| is)|that(?:'s| is)|this is|that would be|it would be) (?:illegal|unethical|inappropriate|against the law)\b",
+    _IT_IS + r" not (?:appropriate|ethical|acceptable|legal|okay)\b",
+    _IT_IS + r" (?:illegal|unethical|inappropriate|against the law)\b",
     r"\bagainst (?:my|the|our) (?:guidelines|polic(?:y|ies)|principles|programming|rules)\b",
-    r"\bas an (?:AI|artificial intelligence)(?: language model| assistant)?,? I (?:can ?not|can't|don't|do not|am not|'m not)\b",
+    (
+        r"\bas an (?:AI|artificial intelligence)(?: language model| assistant)?,? "
+        r"I (?:can ?not|can't|don't|do not|am not|'m not)\b"
+    ),
     r"\b(?:sorry|apologi[sz]e),? but\b",
 )
 _SYMPATHY = (
     r"\bI(?:'m| am) (?:so |really |very |truly )?sorry (?:to hear|you(?:'re| are)|that you)\b",
-    r"\b(?:please )?(?:reach out to|talk to|contact|call) (?:a |an |your |the )?(?:crisis|suicide|hotline|helpline|"
-    r"mental health|therapist|counsel+or|someone you trust|trusted)",
+    (
+        r"\b(?:please )?(?:reach out to|talk to|contact|call) (?:a |an |your |the )?(?:crisis|suicide|hotline|helpline|"
+        r"mental health|therapist|counsel+or|someone you trust|trusted)"
+    ),
 )
 REFUSAL_PATTERNS = tuple(re.compile(p, re.IGNORECASE) for p in (*_DECLINE, *_SYMPATHY))
 

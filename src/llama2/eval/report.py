@@ -49,7 +49,8 @@ def summary_rows(run: Run) -> list[list[str]]:
 
 def comparison_rows(run: Run) -> list[list[str]]:
     """Paired comparisons against the baseline, the header first (empty for one model)."""
-    rows = [["task", "metric", "model", "vs", "difference [95% CI]", "agreement", "flips 1->0", "flips 0->1", "McNemar p"]]
+    header = ["task", "metric", "model", "vs", "difference [95% CI]", "agreement", "flips 1->0", "flips 0->1"]
+    rows = [[*header, "McNemar p"]]
     for c in comparisons(run):
         ci = f"{100 * c['difference']:+.1f} [{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}] pts"
         rows.append([c["task"], c["metric"], c["b"], c["a"], ci, percent(c["agreement"]), str(c["a_only"]),
@@ -116,10 +117,12 @@ def grouped_bars(title: str, groups: list[str], series: dict[str, list[tuple[flo
     for k, (label, values) in enumerate(series.items()):
         x = [g + (k - (len(series) - 1) / 2) * width for g in range(len(groups))]
         axes.bar(x, [100 * v for v, _ in values], width, yerr=[100 * s for _, s in values], capsize=3, label=label)
+    labelled = False
     for g, level in enumerate(chance or []):
         if level is not None:
             axes.hlines(100 * level, g - 0.45, g + 0.45, colors="black", linestyles="dashed",
-                        label="chance" if g == next(i for i, c in enumerate(chance) if c is not None) else None)  # fmt: skip
+                        label=None if labelled else "chance")  # fmt: skip
+            labelled = True
     axes.set_xticks(range(len(groups)), groups, rotation=20, ha="right")
     axes.set_ylabel(ylabel)
     axes.set_ylim(0, 105)
@@ -134,7 +137,8 @@ def difference_chart(rows: list[dict]) -> bytes:
     axes = figure.add_subplot()
     labels = [f"{r['task']}: {r['b']} - {r['a']}" for r in rows]
     values = [100 * r["difference"] for r in rows]
-    errors = [[100 * (r["difference"] - r["ci_low"]) for r in rows], [100 * (r["ci_high"] - r["difference"]) for r in rows]]
+    below = [100 * (r["difference"] - r["ci_low"]) for r in rows]
+    errors = [below, [100 * (r["ci_high"] - r["difference"]) for r in rows]]
     axes.errorbar(values, range(len(rows)), xerr=errors, fmt="o", capsize=4)
     axes.axvline(0, color="grey", linewidth=1)
     axes.set_yticks(range(len(rows)), labels)

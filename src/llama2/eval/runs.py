@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import platform
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from ..errors import Llama2Error
@@ -51,7 +51,7 @@ class Run:
 
     suite: str
     models: list[ModelRun]
-    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     machine: str = field(default_factory=lambda: f"{platform.machine()} {platform.processor() or ''}".strip())
 
     def task_names(self) -> list[str]:

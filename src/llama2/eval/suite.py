@@ -221,7 +221,9 @@ def run_generation(llama, task: Task, options: SuiteOptions) -> list[ItemResult]
     with _progress(len(dialogs), task.name, options.progress) as bar:
         answers = answer_dialogs(llama, dialogs, options, bar)
     return [
-        ItemResult(item.id, matches(answer, item.answers, task.spec.match), item.prompt, answer, " | ".join(item.answers))
+        ItemResult(
+            item.id, matches(answer, item.answers, task.spec.match), item.prompt, answer, " | ".join(item.answers)
+        )
         for item, answer in zip(task.items, answers)
     ]
 
