@@ -2,13 +2,12 @@
 and `llama2 eval suite|safety|compare|report` end to end."""
 
 import json
-import shutil
 from collections import Counter
 from itertools import product
 
 import pytest
+import test_eval
 import torch
-from helpers import make_hf_llama
 
 from llama2.cli import main
 from llama2.errors import Llama2Error
@@ -16,7 +15,8 @@ from llama2.eval.datasets import ATTACK_STYLES, RISK_CATEGORIES, load_suite, sui
 from llama2.eval.harness import Llama2LM
 from llama2.eval.suite import SuiteOptions, matches, run_suite, stated_number
 from llama2.generation import Llama
-from llama2.tokenizer import llama2_tokenizer_path
+
+tiny = test_eval.tiny  # the random tiny HF Llama (64-token context) and its transformers model
 
 TASKS = {
     "tasks": {
@@ -54,15 +54,6 @@ def write_tasks(folder, tasks=TASKS, items=ITEMS):
     for name, rows in items.items():
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return str(folder / "tasks.json")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A random tiny HF Llama folder with Meta's tokenizer (64-token context), and its transformers model."""
-    folder = tmp_path_factory.mktemp("tiny-suite")
-    reference = make_hf_llama(folder, gqa=True, vocab_size=32000)
-    shutil.copy(llama2_tokenizer_path(), folder / "tokenizer.model")
-    return folder, reference
 
 
 @pytest.fixture(scope="module")
