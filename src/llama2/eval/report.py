@@ -93,6 +93,11 @@ def summary_text(run: Run) -> str:
 # ---------------------------------------------------------------------------- charts
 
 
+def short_name(model: str) -> str:
+    """A model's file or folder name, for chart labels."""
+    return Path(model).name or model
+
+
 def _figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -135,7 +140,7 @@ def difference_chart(rows: list[dict]) -> bytes:
     """Each comparison's difference (percentage points) with its bootstrap interval."""
     figure = _figure(7.0, 0.45 * len(rows) + 1.5)
     axes = figure.add_subplot()
-    labels = [f"{r['task']}: {r['b']} - {r['a']}" for r in rows]
+    labels = [f"{r['task']}: {short_name(r['b'])} - {short_name(r['a'])}" for r in rows]
     values = [100 * r["difference"] for r in rows]
     below = [100 * (r["difference"] - r["ci_low"]) for r in rows]
     errors = [below, [100 * (r["ci_high"] - r["difference"]) for r in rows]]
@@ -143,7 +148,7 @@ def difference_chart(rows: list[dict]) -> bytes:
     axes.axvline(0, color="grey", linewidth=1)
     axes.set_yticks(range(len(rows)), labels)
     axes.invert_yaxis()
-    axes.set_xlabel("difference in the metric (percentage points), 95% paired bootstrap interval")
+    axes.set_xlabel("model - baseline (percentage points), 95% paired bootstrap interval")
     return _png(figure)
 
 
@@ -152,7 +157,7 @@ def charts(run: Run) -> dict[str, bytes]:
     names = run.task_names()
     series = {}
     for model in run.models:
-        series[model.model] = [model.task(n).value_and_stderr if model.task(n) else (0.0, 0.0) for n in names]
+        series[short_name(model.model)] = [model.task(n).value_and_stderr if model.task(n) else (0.0, 0.0) for n in names]
     chance = [next((m.task(n).chance for m in run.models if m.task(n)), None) for n in names]
     labels = [f"{n}\n({next(m.task(n).metric for m in run.models if m.task(n))})" for n in names]
     result = {"metrics.png": grouped_bars(f"suite {run.suite}", labels, series, "percent", chance)}
@@ -163,7 +168,7 @@ def charts(run: Run) -> dict[str, bytes]:
         selected = [row for row in breakdowns(run) if row["by"] == by]
         if selected:
             groups = list(selected[0]["groups"])
-            per_model = {row["model"]: [(row["groups"].get(g, {}).get("value", 0.0), row["groups"].get(g, {})
+            per_model = {short_name(row["model"]): [(row["groups"].get(g, {}).get("value", 0.0), row["groups"].get(g, {})
                          .get("stderr", 0.0)) for g in groups] for row in selected}  # fmt: skip
             result[f"safety_{by}.png"] = grouped_bars(f"red-team violation rate by {by}", groups, per_model, "percent")
     return result
