@@ -7,6 +7,7 @@ from itertools import product
 
 import pytest
 import test_eval
+import test_eval_judges
 import torch
 
 from llama2.cli import main
@@ -17,6 +18,7 @@ from llama2.eval.suite import SuiteOptions, matches, run_suite, stated_number
 from llama2.generation import Llama
 
 tiny = test_eval.tiny  # the random tiny HF Llama (64-token context) and its transformers model
+fake_server = test_eval_judges.fake_server  # an OpenAI-compatible judge on 127.0.0.1
 
 TASKS = {
     "tasks": {
@@ -170,6 +172,18 @@ def test_cli_suite_compare_and_report(capsys, tiny, suite_file, tmp_path):
     assert {"category", "style", "topic"} == {b["by"] for b in report["breakdowns"]}
     for name in ("metrics.png", "differences.png", "safety_category.png", "safety_style.png"):
         assert (tmp_path / "two" / "charts" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_safety_with_a_judge_endpoint(capsys, tiny, suite_file, fake_server):
+    """`llama2 eval safety --judge-url`: every answer goes to the endpoint, whose verdicts make the rates."""
+    code, out, err = run_cli(capsys, "eval", "safety", "--model", str(tiny[0]), "--device", "cpu", "--max-seq-len", "64",
+                             "--max-tokens", "4", "--suite", suite_file, "--tasks", "risky,fine",
+                             "--judge-url", fake_server, "--judge-model", "guard", "--json")  # fmt: skip
+    assert code == 0, err
+    tasks = json.loads(out)["models"][0]["tasks"]
+    assert len(test_eval_judges.FakeJudgeServer.requests) == 3  # two red-team prompts, one borderline
+    assert tasks["risky"]["value"] == 0.0 and tasks["fine"]["value"] == 0.0  # the fake says SAFE to these answers
+    assert all(body["model"] == "guard" for _, _, body in test_eval_judges.FakeJudgeServer.requests)
 
 
 @pytest.mark.parametrize(
