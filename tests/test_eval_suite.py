@@ -176,8 +176,8 @@ def test_cli_suite_compare_and_report(capsys, tiny, suite_file, tmp_path):
 
 def test_cli_safety_with_a_judge_endpoint(capsys, tiny, suite_file, fake_server):
     """`llama2 eval safety --judge-url`: every answer goes to the endpoint, whose verdicts make the rates."""
-    code, out, err = run_cli(capsys, "eval", "safety", "--model", str(tiny[0]), "--device", "cpu", "--max-seq-len", "64",
-                             "--max-tokens", "4", "--suite", suite_file, "--tasks", "risky,fine",
+    code, out, err = run_cli(capsys, "eval", "safety", "--model", str(tiny[0]), "--device", "cpu",
+                             "--max-seq-len", "64", "--max-tokens", "4", "--suite", suite_file, "--tasks", "risky,fine",
                              "--judge-url", fake_server, "--judge-model", "guard", "--json")  # fmt: skip
     assert code == 0, err
     tasks = json.loads(out)["models"][0]["tasks"]

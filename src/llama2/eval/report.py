@@ -152,12 +152,19 @@ def difference_chart(rows: list[dict]) -> bytes:
     return _png(figure)
 
 
+def group_rate(breakdown: dict, group: str) -> tuple[float, float]:
+    """(value, stderr) of one group of a breakdown row; zeros when the model has no item in it."""
+    stats = breakdown["groups"].get(group, {})
+    return stats.get("value", 0.0), stats.get("stderr", 0.0)
+
+
 def charts(run: Run) -> dict[str, bytes]:
     """PNG charts by file name: the metrics of every task; differences; safety by category and style."""
     names = run.task_names()
     series = {}
     for model in run.models:
-        series[short_name(model.model)] = [model.task(n).value_and_stderr if model.task(n) else (0.0, 0.0) for n in names]
+        found = [model.task(n) for n in names]
+        series[short_name(model.model)] = [t.value_and_stderr if t else (0.0, 0.0) for t in found]
     chance = [next((m.task(n).chance for m in run.models if m.task(n)), None) for n in names]
     labels = [f"{n}\n({next(m.task(n).metric for m in run.models if m.task(n))})" for n in names]
     result = {"metrics.png": grouped_bars(f"suite {run.suite}", labels, series, "percent", chance)}
@@ -168,8 +175,7 @@ def charts(run: Run) -> dict[str, bytes]:
         selected = [row for row in breakdowns(run) if row["by"] == by]
         if selected:
             groups = list(selected[0]["groups"])
-            per_model = {short_name(row["model"]): [(row["groups"].get(g, {}).get("value", 0.0), row["groups"].get(g, {})
-                         .get("stderr", 0.0)) for g in groups] for row in selected}  # fmt: skip
+            per_model = {short_name(row["model"]): [group_rate(row, g) for g in groups] for row in selected}
             result[f"safety_{by}.png"] = grouped_bars(f"red-team violation rate by {by}", groups, per_model, "percent")
     return result
 
