@@ -138,7 +138,7 @@ def grouped_bars(title: str, groups: list[str], series: dict[str, list[tuple[flo
 
 def difference_chart(rows: list[dict]) -> bytes:
     """Each comparison's difference (percentage points) with its bootstrap interval."""
-    figure = _figure(7.0, 0.45 * len(rows) + 1.5)
+    figure = _figure(9.0, 0.45 * len(rows) + 1.5)
     axes = figure.add_subplot()
     labels = [f"{r['task']}: {short_name(r['b'])} - {short_name(r['a'])}" for r in rows]
     values = [100 * r["difference"] for r in rows]
@@ -148,7 +148,7 @@ def difference_chart(rows: list[dict]) -> bytes:
     axes.axvline(0, color="grey", linewidth=1)
     axes.set_yticks(range(len(rows)), labels)
     axes.invert_yaxis()
-    axes.set_xlabel("model - baseline (percentage points), 95% paired bootstrap interval")
+    axes.set_xlabel("model - baseline, points (95% paired bootstrap CI)", fontsize="small")
     return _png(figure)
 
 
