@@ -247,7 +247,10 @@ def test_harness_loglikelihood_against_transformers(tiny, llama):
         assert abs(got - want) < 1e-4 * abs(want) and greedy == want_greedy
     assert one[0] == one[1]  # the trailing space belongs to the continuation
     batched = Llama2LM(llama, batch_size=4).loglikelihood(harness_requests(*reversed(pairs)))
-    assert batched[::-1] == one  # independent of batch size and order
+    # independent of batch size and order (to float rounding: a batched matrix product on the modules path rounds
+    # differently with some thread counts; the native engine is bitwise, tests/test_eval_suite.py)
+    assert [g for _, g in batched[::-1]] == [g for _, g in one]
+    assert [x for x, _ in batched[::-1]] == pytest.approx([x for x, _ in one], rel=1e-6)
 
 
 def test_harness_rolling_and_generation(tiny, llama):
