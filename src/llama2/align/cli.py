@@ -1,0 +1,65 @@
+"""`llama2 align ...`: the alignment stages on the command line (imports no torch until a command runs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_align_parser(commands) -> None:
+    """Register `llama2 align` and its subcommands on the top-level subparsers."""
+    from .config import REWARD_FLAGS, add_stage_arguments
+
+    align = commands.add_parser("align", help="RLHF: reward models, rejection sampling, PPO, GAtt, DPO")
+    stages = align.add_subparsers(dest="stage", required=True, metavar="STAGE")
+
+    rm = stages.add_parser("rm", help="train a reward model on preference pairs (rerun to resume)")
+    add_stage_arguments(rm, REWARD_FLAGS)
+    rm.set_defaults(handler=cmd_rm)
+
+    score = stages.add_parser("score", help="accuracy of a reward model on preference pairs")
+    score.add_argument("--model", required=True, help="a reward model run folder (llama2 align rm --output-dir)")
+    score.add_argument("--data", required=True, nargs="+", help="preference JSONL files")
+    score.add_argument("--batch-size", type=int, default=8)
+    score.add_argument("--unsafe-threshold", type=float, default=0.5)
+    score.add_argument("--json", action="store_true", help="print one JSON object")
+    score.set_defaults(handler=cmd_score)
+
+    synthetic = stages.add_parser("synthetic", help="write the synthetic preference and prompt sets (miniature runs)")
+    synthetic.add_argument("output_dir")
+    synthetic.add_argument("--pairs", type=int, default=400)
+    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.set_defaults(handler=cmd_synthetic)
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from .config import RewardConfig, config_from_stage_args
+    from .rm import run_reward_training
+
+    last = run_reward_training(config_from_stage_args(args, RewardConfig))
+    if "val_accuracy" in last:
+        print(f"held-out accuracy {last['val_accuracy']:.3f} on {last['val_pairs']} pairs")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .rm import score_pairs
+
+    metrics = score_pairs(args.model, args.data, args.batch_size, args.unsafe_threshold)
+    if args.json:
+        print(json.dumps(metrics))
+        return 0
+    print(f"accuracy {metrics['accuracy']:.3f} on {metrics['pairs']} pairs")
+    for rating, accuracy in metrics["per_rating"].items():
+        print(f"  {rating:<20} {accuracy:.3f}")
+    if "unsafe_recall" in metrics:
+        print(f"unsafe precision {metrics['unsafe_precision']:.3f} recall {metrics['unsafe_recall']:.3f}")
+    return 0
+
+
+def cmd_synthetic(args: argparse.Namespace) -> int:
+    from .synthetic import write_synthetic
+
+    for path in write_synthetic(args.output_dir, args.pairs, args.seed):
+        print(path)
+    return 0

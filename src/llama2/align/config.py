@@ -1,0 +1,87 @@
+"""Settings of the alignment stages: `TrainConfig` plus each stage's own, with the Llama 2 paper's defaults.
+
+Every stage reads the same YAML keys and flags as `llama2 train` (model, data, output
+folder, steps, batch, LoRA, seed, checkpoints, device ...) and adds its own. This
+module imports no torch, so building the command line stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+
+from ..errors import Llama2Error
+from ..train.config import TrainConfig, _check_choice, add_override_flags, load_config, overrides_from_args
+
+MARGIN_CHOICES = ("small", "large", "none")
+RM_LR = 1e-5  # Llama 2, section 3.2.2 (7B/13B; 5e-6 for 70B)
+RM_LORA_LR = 1e-4  # adapters learn at a higher rate (no paper default for LoRA reward models)
+RM_WARMUP_FRACTION = 0.03
+PPO_LR = 1e-6  # Llama 2, section 3.2.3 (constant)
+PPO_LORA_LR = 1e-5
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    """A reward model run (Llama 2, section 3.2.2).
+
+    Attributes (besides `TrainConfig`'s; `batch_size` counts pairs, `data` holds preference JSONL):
+        max_steps: optimizer steps; default: `epochs` epochs of the training pairs.
+        epochs: passes over the training pairs when `max_steps` is not given (paper: 1).
+        margin: margin table of the ranking loss: "small" (1, 2/3, 1/3, 0), "large" (3, 2, 1, 0) or "none".
+        center_rewards: weight of the (r_c + r_r)^2 penalty that keeps scores centered (0: off).
+        val_fraction: share of the pairs held out for accuracy when no --val-data is given.
+        unsafe_threshold: a safety RM flags an answer "unsafe" when sigmoid(score) is below this.
+        padding_side: how batches are padded ("right" or "left"; scores do not depend on it).
+    """
+
+    mode: str = "sft"
+    max_steps: int | None = None
+    epochs: float = 1.0
+    margin: str = "small"
+    center_rewards: float = 0.0
+    val_fraction: float = 0.1
+    unsafe_threshold: float = 0.5
+    padding_side: str = "right"
+
+    def resolved(self) -> RewardConfig:
+        lr = self.lr or (RM_LORA_LR if self.lora_rank else RM_LR)
+        warmup = self.warmup_steps
+        c = TrainConfig.resolved(dataclasses.replace(self, mode="sft", lr=lr))
+        c.warmup_steps = warmup  # 3% of max_steps once the data sets it (`with_schedule`)
+        _check_choice("margin", c.margin, MARGIN_CHOICES)
+        _check_choice("padding side", c.padding_side, ("right", "left"))
+        if not 0 <= c.val_fraction < 1 or c.epochs <= 0 or c.center_rewards < 0:
+            raise Llama2Error("val_fraction must be in [0, 1), epochs positive and center_rewards not negative")
+        return c
+
+    def with_schedule(self, train_examples: int) -> None:
+        """Fill max_steps (whole epochs of `train_examples`) and warmup (3% of the steps) if unset."""
+        if self.max_steps is None:
+            self.max_steps = max(1, round(self.epochs * train_examples / self.batch_size))
+        if self.warmup_steps is None:
+            self.warmup_steps = round(RM_WARMUP_FRACTION * self.max_steps)
+
+
+# (flag, field, argparse options) of the stages' own settings.
+REWARD_FLAGS: tuple[tuple[str, str, dict], ...] = (
+    ("--epochs", "epochs", dict(type=float, help="passes over the pairs when --max-steps is not given (default 1)")),
+    ("--margin", "margin", dict(choices=MARGIN_CHOICES, help="margin table of the ranking loss (default small)")),
+    ("--center-rewards", "center_rewards", dict(type=float, help="weight of the (r_c + r_r)^2 centering term")),
+    ("--val-fraction", "val_fraction", dict(type=float, help="share of pairs held out when no --val-data")),
+    ("--unsafe-threshold", "unsafe_threshold", dict(type=float, help="sigmoid(score) below it flags unsafe")),
+    ("--padding-side", "padding_side", dict(choices=("right", "left"))),
+)
+
+
+def add_stage_arguments(parser: argparse.ArgumentParser, flags: tuple[tuple[str, str, dict], ...]) -> None:
+    """The YAML config positional, `llama2 train`'s override flags, and a stage's own flags."""
+    parser.add_argument("config", nargs="?", help="YAML file of settings (the flags override it)")
+    add_override_flags(parser)
+    add_override_flags(parser, flags)
+
+
+def config_from_stage_args(args: argparse.Namespace, cls: type):
+    """A stage's resolved config: the YAML file, then the flags given, then its defaults."""
+    return load_config(args.config, overrides_from_args(args), cls=cls).resolved()
