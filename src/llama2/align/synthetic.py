@@ -4,7 +4,7 @@ Helpfulness: each answer to a factual question has a level 0..3 built from parts
 model can see (0: "I am not sure."; 1: the fact; 2: the fact and its explanation; 3: a
 friendly opening, the fact, the explanation and an offer to say more). A pair's rating
 follows the level gap (3: significantly better, 2: better, 1: slightly better, 0:
-negligibly better, where the two answers are equally good and the label is a coin flip).
+negligibly better: two different "not sure" answers, labeled by a coin flip).
 Safety: harmful requests answered by a refusal with a safe alternative (chosen) or by
 compliance (rejected), tagged "safety": true. `llama2 align synthetic` writes these files.
 """
@@ -72,10 +72,11 @@ def compliance(request: str) -> str:
 def helpfulness_pair(rng: random.Random) -> dict:
     fact = rng.choice(FACTS)
     gap = rng.choices((3, 2, 1, 0), weights=(3, 3, 3, 1))[0]
-    low = rng.randint(0, 3 - gap)
-    chosen, rejected = helpful_answer(fact, low + gap, rng), helpful_answer(fact, low, rng)
-    if gap == 0 and rng.random() < 0.5:
-        chosen, rejected = rejected, chosen
+    if gap == 0:  # two different "not sure" answers, labeled by a coin flip
+        chosen, rejected = rng.sample(UNSURE, 2)
+    else:
+        low = rng.randint(0, 3 - gap)
+        chosen, rejected = helpful_answer(fact, low + gap, rng), helpful_answer(fact, low, rng)
     return {"prompt": [{"role": "user", "content": fact[0]}], "chosen": chosen, "rejected": rejected,
             "rating": LEVEL_GAP_RATING[gap], "safety": False}
 
