@@ -8,7 +8,7 @@ import json
 
 def add_align_parser(commands) -> None:
     """Register `llama2 align` and its subcommands on the top-level subparsers."""
-    from .config import REWARD_FLAGS, add_stage_arguments
+    from .config import REJECTION_FLAGS, REWARD_FLAGS, add_stage_arguments
 
     align = commands.add_parser("align", help="RLHF: reward models, rejection sampling, PPO, GAtt, DPO")
     stages = align.add_subparsers(dest="stage", required=True, metavar="STAGE")
@@ -16,6 +16,12 @@ def add_align_parser(commands) -> None:
     rm = stages.add_parser("rm", help="train a reward model on preference pairs (rerun to resume)")
     add_stage_arguments(rm, REWARD_FLAGS)
     rm.set_defaults(handler=cmd_rm)
+
+    rejection = stages.add_parser(
+        "rejection-sampling", help="best-of-K answers by a reward model, then SFT on them (rerun to resume)"
+    )
+    add_stage_arguments(rejection, REJECTION_FLAGS)
+    rejection.set_defaults(handler=cmd_rejection_sampling)
 
     score = stages.add_parser("score", help="accuracy of a reward model on preference pairs")
     score.add_argument("--model", required=True, help="a reward model run folder (llama2 align rm --output-dir)")
@@ -39,6 +45,14 @@ def cmd_rm(args: argparse.Namespace) -> int:
     last = run_reward_training(config_from_stage_args(args, RewardConfig))
     if "val_accuracy" in last:
         print(f"held-out accuracy {last['val_accuracy']:.3f} on {last['val_pairs']} pairs")
+    return 0
+
+
+def cmd_rejection_sampling(args: argparse.Namespace) -> int:
+    from .config import RejectionConfig, config_from_stage_args
+    from .rejection import run_rejection_sampling
+
+    run_rejection_sampling(config_from_stage_args(args, RejectionConfig))
     return 0
 
 

@@ -64,6 +64,75 @@ class RewardConfig(TrainConfig):
             self.warmup_steps = round(RM_WARMUP_FRACTION * self.max_steps)
 
 
+@dataclass
+class SamplingSettings:
+    """How answers are sampled from a policy and judged (rejection sampling and PPO).
+
+    Attributes:
+        reward_model: helpfulness reward model run folder (`llama2 align rm`).
+        safety_reward_model: safety reward model run folder; with it the reward is Llama 2's R_c.
+        safety_threshold: safety probabilities strictly below it take precedence (paper: 0.15).
+        samples: answers sampled per prompt.
+        temperature, top_p: sampling settings.
+        max_gen_len: most answer tokens.
+        sample_batch_size: rows generated together.
+    """
+
+    reward_model: str | None = None
+    safety_reward_model: str | None = None
+    safety_threshold: float = 0.15
+    samples: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_gen_len: int = 64
+    sample_batch_size: int = 16
+
+    def check_sampling(self) -> None:
+        if not self.reward_model:
+            raise Llama2Error("no reward model: give --reward-model (a `llama2 align rm` output folder)")
+        for name in ("samples", "max_gen_len", "sample_batch_size"):
+            if getattr(self, name) <= 0:
+                raise Llama2Error(f"{name} must be positive, got {getattr(self, name)}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise Llama2Error("temperature must not be negative and top_p must be in (0, 1]")
+
+
+@dataclass
+class RejectionConfig(TrainConfig, SamplingSettings):
+    """Rejection sampling fine-tuning (Llama 2, section 3.2.3): `data` holds prompt JSONL; the best of
+    `samples` answers per prompt (pooled with the best answers in `pool`, earlier iterations'
+    samples/best.jsonl) is fine-tuned on with the trainer's SFT.
+    """
+
+    mode: str = "sft"
+    pool: list[str] = dataclasses.field(default_factory=list)
+
+    def resolved(self) -> RejectionConfig:
+        c = TrainConfig.resolved(dataclasses.replace(self, mode="sft"))
+        c.check_sampling()
+        return c
+
+    def sft_config(self, data: list[str]) -> TrainConfig:
+        """The trainer's SFT config on `data` (the kept answers), in the same run folder."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)}
+        return TrainConfig(**{**values, "data": data}).resolved()
+
+
+SAMPLING_FLAGS: tuple[tuple[str, str, dict], ...] = (
+    ("--reward-model", "reward_model", dict(help="helpfulness reward model (llama2 align rm output folder)")),
+    ("--safety-reward-model", "safety_reward_model", dict(help="safety reward model: reward is Llama 2's R_c")),
+    ("--safety-threshold", "safety_threshold", dict(type=float, help="R_c takes the safety RM below it (0.15)")),
+    ("--samples", "samples", dict(type=int, help="answers sampled per prompt")),
+    ("--temperature", "temperature", dict(type=float)),
+    ("--top-p", "top_p", dict(type=float)),
+    ("--max-gen-len", "max_gen_len", dict(type=int, help="most answer tokens")),
+    ("--sample-batch-size", "sample_batch_size", dict(type=int, help="rows generated together")),
+)
+REJECTION_FLAGS = SAMPLING_FLAGS + (
+    ("--pool", "pool", dict(nargs="+", help="earlier iterations' samples/best.jsonl to pool with")),
+)
+
+
 # (flag, field, argparse options) of the stages' own settings.
 REWARD_FLAGS: tuple[tuple[str, str, dict], ...] = (
     ("--epochs", "epochs", dict(type=float, help="passes over the pairs when --max-steps is not given (default 1)")),
