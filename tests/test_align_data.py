@@ -6,10 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
-
 from helpers import expect_error
+
 from llama2.align.batching import pad_sequences
-from llama2.align.preferences import encode_answer, encode_pairs, read_preferences, read_prompts
+from llama2.align.preferences import (
+    encode_answer,
+    encode_pairs,
+    read_preferences,
+    read_prompts,
+)
 from llama2.chat import Llama2ChatFormat
 from llama2.tokenizer import Tokenizer, llama2_tokenizer_path
 

@@ -8,17 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import losses, one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 from llama2.align.batching import pad_sequences
 from llama2.align.config import RewardConfig
+from llama2.align.heads import forward_with_hidden
 from llama2.align.preferences import encode_pairs, read_preferences
-from llama2.align.reward_model import RewardModel, forward_with_hidden
+from llama2.align.reward_model import RewardModel
 from llama2.align.rm import RewardTrainer, pair_scores
 from llama2.cli import main
 from llama2.config import model_args_from_preset
 from llama2.model import meta_transformer
 from llama2.train.model_setup import init_weights
-from train_helpers import losses, one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "align"
 PAIRS = FIXTURES / "pairs.jsonl"
@@ -66,7 +67,7 @@ def trained_run(tmp_path_factory):
 
 
 def test_reward_model_learns_the_synthetic_preferences(trained_run):
-    run, trainer, last = trained_run
+    run, _, last = trained_run
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     first_eval = next(r for r in records if "val_accuracy" in r)
     assert last["val_pairs"] == 16

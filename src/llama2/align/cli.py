@@ -8,7 +8,7 @@ import json
 
 def add_align_parser(commands) -> None:
     """Register `llama2 align` and its subcommands on the top-level subparsers."""
-    from .config import REJECTION_FLAGS, REWARD_FLAGS, add_stage_arguments
+    from .config import PPO_FLAGS, REJECTION_FLAGS, REWARD_FLAGS, add_stage_arguments
 
     align = commands.add_parser("align", help="RLHF: reward models, rejection sampling, PPO, GAtt, DPO")
     stages = align.add_subparsers(dest="stage", required=True, metavar="STAGE")
@@ -22,6 +22,10 @@ def add_align_parser(commands) -> None:
     )
     add_stage_arguments(rejection, REJECTION_FLAGS)
     rejection.set_defaults(handler=cmd_rejection_sampling)
+
+    ppo = stages.add_parser("ppo", help="PPO on Llama 2's reward (R_c, KL penalty); rerun to resume")
+    add_stage_arguments(ppo, PPO_FLAGS)
+    ppo.set_defaults(handler=cmd_ppo)
 
     score = stages.add_parser("score", help="accuracy of a reward model on preference pairs")
     score.add_argument("--model", required=True, help="a reward model run folder (llama2 align rm --output-dir)")
@@ -53,6 +57,14 @@ def cmd_rejection_sampling(args: argparse.Namespace) -> int:
     from .rejection import run_rejection_sampling
 
     run_rejection_sampling(config_from_stage_args(args, RejectionConfig))
+    return 0
+
+
+def cmd_ppo(args: argparse.Namespace) -> int:
+    from .config import PPOConfig, config_from_stage_args
+    from .ppo import run_ppo
+
+    run_ppo(config_from_stage_args(args, PPOConfig))
     return 0
 
 

@@ -12,7 +12,13 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..errors import Llama2Error
-from ..train.config import TrainConfig, _check_choice, add_override_flags, load_config, overrides_from_args
+from ..train.config import (
+    TrainConfig,
+    _check_choice,
+    add_override_flags,
+    load_config,
+    overrides_from_args,
+)
 
 MARGIN_CHOICES = ("small", "large", "none")
 RM_LR = 1e-5  # Llama 2, section 3.2.2 (7B/13B; 5e-6 for 70B)
@@ -118,6 +124,45 @@ class RejectionConfig(TrainConfig, SamplingSettings):
         return TrainConfig(**{**values, "data": data}).resolved()
 
 
+@dataclass
+class PPOConfig(TrainConfig, SamplingSettings):
+    """PPO on the reward of Llama 2 (section 3.2.3): `data` holds prompt JSONL, `batch_size` prompts
+    are answered per iteration (one answer each), and `max_steps` counts iterations.
+
+    Attributes (besides `TrainConfig`'s and `SamplingSettings`'s):
+        beta: weight of the KL penalty in the reward (paper: 0.01; 0.005 for 34B/70B).
+        clip: PPO clipping of the probability ratio (paper: 0.2), also used for the value.
+        ppo_epochs: optimizer steps on each batch of rollouts.
+        gamma, lam: discount and GAE parameter.
+        value_coef: weight of the value loss.
+        missing_eos_penalty: subtracted from the score of answers cut at max_gen_len.
+        whiten_scores: whiten logit(R_c) over the batch (paper: yes).
+    """
+
+    mode: str = "sft"
+    batch_size: int | None = 16
+    min_lr_ratio: float = 1.0  # the paper's constant learning rate
+    samples: int = 1
+    beta: float = 0.01
+    clip: float = 0.2
+    ppo_epochs: int = 1
+    gamma: float = 1.0
+    lam: float = 0.95
+    value_coef: float = 0.1
+    missing_eos_penalty: float = 1.0
+    whiten_scores: bool = True
+
+    def resolved(self) -> PPOConfig:
+        lr = self.lr or (PPO_LORA_LR if self.lora_rank else PPO_LR)
+        c = TrainConfig.resolved(dataclasses.replace(self, mode="sft", lr=lr))
+        c.check_sampling()
+        if c.beta < 0 or not 0 < c.clip < 1 or c.ppo_epochs <= 0 or not 0 <= c.lam <= 1 or not 0 < c.gamma <= 1:
+            raise Llama2Error("need beta >= 0, clip in (0, 1), ppo_epochs > 0, lam in [0, 1] and gamma in (0, 1]")
+        if c.batch_size < 2 and c.whiten_scores:
+            raise Llama2Error("whitening the scores needs a batch of at least 2 prompts")
+        return c
+
+
 SAMPLING_FLAGS: tuple[tuple[str, str, dict], ...] = (
     ("--reward-model", "reward_model", dict(help="helpfulness reward model (llama2 align rm output folder)")),
     ("--safety-reward-model", "safety_reward_model", dict(help="safety reward model: reward is Llama 2's R_c")),
@@ -154,3 +199,13 @@ def add_stage_arguments(parser: argparse.ArgumentParser, flags: tuple[tuple[str,
 def config_from_stage_args(args: argparse.Namespace, cls: type):
     """A stage's resolved config: the YAML file, then the flags given, then its defaults."""
     return load_config(args.config, overrides_from_args(args), cls=cls).resolved()
+PPO_FLAGS = SAMPLING_FLAGS + (
+    ("--beta", "beta", dict(type=float, help="KL penalty weight in the reward (0.01)")),
+    ("--clip", "clip", dict(type=float, help="PPO ratio clipping (0.2)")),
+    ("--ppo-epochs", "ppo_epochs", dict(type=int, help="optimizer steps per batch of rollouts")),
+    ("--gamma", "gamma", dict(type=float)),
+    ("--lam", "lam", dict(type=float, help="GAE lambda")),
+    ("--value-coef", "value_coef", dict(type=float)),
+    ("--missing-eos-penalty", "missing_eos_penalty", dict(type=float, help="score penalty for answers without EOS")),
+    ("--whiten-scores", "whiten_scores", dict(action=argparse.BooleanOptionalAction)),
+)

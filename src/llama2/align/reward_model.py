@@ -25,38 +25,11 @@ from torch import nn
 from ..chat import ChatFormat, resolve_chat_format
 from ..errors import Llama2Error
 from .batching import PaddedBatch, gather_rows, pad_sequences
+from .heads import ScalarHead, forward_with_hidden
 from .preferences import encode_answer
 
 REWARD_CONFIG = "reward_model.json"
 REWARD_HEAD = "reward_head.safetensors"
-HEAD_INIT_STD = 0.02
-
-
-def forward_with_hidden(model: nn.Module, batch: PaddedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's logits [B, T, V] and final normalized hidden states [B, T, dim] in one forward.
-
-    The hidden states are caught by a hook on the final norm, so a sharded (FSDP) model
-    runs its own forward unchanged.
-    """
-    captured: list[torch.Tensor] = []
-    handle = model.norm.register_forward_hook(lambda module, args, output: captured.append(output))
-    try:
-        logits = model(batch.tokens, batch.positions, document_ids=batch.document_ids)
-    finally:
-        handle.remove()
-    return logits, captured[0]
-
-
-class ScalarHead(nn.Linear):
-    """dim -> 1, initialized normal(0, 0.02) with a zero bias."""
-
-    def __init__(self, dim: int, device: torch.device | None = None):
-        super().__init__(dim, 1, device=device)
-        nn.init.normal_(self.weight, std=HEAD_INIT_STD)
-        nn.init.zeros_(self.bias)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return super().forward(hidden.float()).squeeze(-1)  # [..., dim] -> [...]
 
 
 class RewardModel(nn.Module):

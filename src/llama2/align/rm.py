@@ -19,14 +19,15 @@ from torch import nn
 
 from ..chat import resolve_chat_format
 from ..errors import Llama2Error
-from ..train.distributed import barrier, init_distributed, shutdown
+from ..train.distributed import init_distributed, shutdown
 from ..train.model_setup import prepare_model
 from ..train.trainer import Trainer
 from .batching import PaddedBatch, pad_sequences
 from .config import RewardConfig
+from .heads import ScalarHead, export_backbone, shard_wrapper
 from .losses import centering_penalty, margin, ranking_loss
 from .preferences import RATINGS, EncodedPair, encode_pairs, read_preference_files
-from .reward_model import RewardModel, ScalarHead, save_reward_head
+from .reward_model import RewardModel, save_reward_head
 
 ACCURACY_PLOTS = {"rm_accuracy": ("val_accuracy", *(f"val_accuracy_{r.replace(' ', '_')}" for r in RATINGS))}
 
@@ -126,11 +127,7 @@ class RewardTrainer(Trainer):
     def prepare_model(self) -> nn.Module:
         backbone = prepare_model(self.loaded.model, self.config, self.env, self.bf16)
         model = RewardModel(backbone, ScalarHead(self.loaded.args.dim, self.env.device), self.chat_format)
-        if self.env.world_size > 1:
-            from torch.distributed.fsdp import fully_shard
-
-            fully_shard(model, mesh=self.env.mesh)  # the head (the backbone's blocks are sharded already)
-        return model
+        return shard_wrapper(model, self.env)
 
     def _batch(self, samples: range) -> PairBatch:
         pairs = [self.train_rows[self.sampler.row(k)] for k in samples]
@@ -156,25 +153,15 @@ class RewardTrainer(Trainer):
 
     def export(self) -> Path | None:
         """Write final/ (and adapter/ with LoRA) like any run, plus the head and reward_model.json."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        from ..train.export import replica_from_state_dict, write_replica
-
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        written = None
+        written, rest = export_backbone(self, self.output_dir / "final")
         if self.env.is_main:
-            backbone = {k.removeprefix("backbone."): v for k, v in full.items() if k.startswith("backbone.")}
-            head = {k.removeprefix("head."): v for k, v in full.items() if k.startswith("head.")}
-            replica = replica_from_state_dict(backbone, self.loaded.args, self.lora)
-            written = write_replica(replica, self.loaded, self.lora, self.config, self.output_dir / "final")
             description = {
                 "base_model": self.loaded.source,
                 "lora": self.lora is not None,
                 "chat_format": self.config.chat_format,
                 "dim": self.loaded.args.dim,
             }
-            save_reward_head(self.output_dir, head, description)
-        barrier(self.env)
+            save_reward_head(self.output_dir, {k.removeprefix("head."): v for k, v in rest.items()}, description)
         return written
 
 
