@@ -8,7 +8,7 @@ import json
 
 def add_align_parser(commands) -> None:
     """Register `llama2 align` and its subcommands on the top-level subparsers."""
-    from .config import PPO_FLAGS, REJECTION_FLAGS, REWARD_FLAGS, add_stage_arguments
+    from .config import GATT_FLAGS, PPO_FLAGS, REJECTION_FLAGS, REWARD_FLAGS, add_stage_arguments
 
     align = commands.add_parser("align", help="RLHF: reward models, rejection sampling, PPO, GAtt, DPO")
     stages = align.add_subparsers(dest="stage", required=True, metavar="STAGE")
@@ -26,6 +26,10 @@ def add_align_parser(commands) -> None:
     ppo = stages.add_parser("ppo", help="PPO on Llama 2's reward (R_c, KL penalty); rerun to resume")
     add_stage_arguments(ppo, PPO_FLAGS)
     ppo.set_defaults(handler=cmd_ppo)
+
+    gatt = stages.add_parser("gatt", help="Ghost Attention: multi-turn instruction data, SFT, adherence per turn")
+    add_stage_arguments(gatt, GATT_FLAGS)
+    gatt.set_defaults(handler=cmd_gatt)
 
     score = stages.add_parser("score", help="accuracy of a reward model on preference pairs")
     score.add_argument("--model", required=True, help="a reward model run folder (llama2 align rm --output-dir)")
@@ -65,6 +69,16 @@ def cmd_ppo(args: argparse.Namespace) -> int:
     from .ppo import run_ppo
 
     run_ppo(config_from_stage_args(args, PPOConfig))
+    return 0
+
+
+def cmd_gatt(args: argparse.Namespace) -> int:
+    from .config import GattConfig, config_from_stage_args
+    from .gatt import run_gatt
+
+    result = run_gatt(config_from_stage_args(args, GattConfig))
+    for name in ("before", "after"):
+        print(f"adherence {name}: " + " ".join(f"{rate:.2f}" for rate in result[name]))
     return 0
 
 

@@ -70,6 +70,15 @@ class RewardConfig(TrainConfig):
             self.warmup_steps = round(RM_WARMUP_FRACTION * self.max_steps)
 
 
+class SFTStage:
+    """A stage that ends with the trainer's SFT on data it made (rejection sampling, GAtt, distillation)."""
+
+    def sft_config(self, data: list[str]) -> TrainConfig:
+        """The trainer's SFT config on `data`, in the same run folder."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)}
+        return TrainConfig(**{**values, "data": data}).resolved()
+
+
 @dataclass
 class SamplingSettings:
     """How answers are sampled from a policy and judged (rejection sampling and PPO).
@@ -104,7 +113,7 @@ class SamplingSettings:
 
 
 @dataclass
-class RejectionConfig(TrainConfig, SamplingSettings):
+class RejectionConfig(TrainConfig, SamplingSettings, SFTStage):
     """Rejection sampling fine-tuning (Llama 2, section 3.2.3): `data` holds prompt JSONL; the best of
     `samples` answers per prompt (pooled with the best answers in `pool`, earlier iterations'
     samples/best.jsonl) is fine-tuned on with the trainer's SFT.
@@ -117,11 +126,6 @@ class RejectionConfig(TrainConfig, SamplingSettings):
         c = TrainConfig.resolved(dataclasses.replace(self, mode="sft"))
         c.check_sampling()
         return c
-
-    def sft_config(self, data: list[str]) -> TrainConfig:
-        """The trainer's SFT config on `data` (the kept answers), in the same run folder."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)}
-        return TrainConfig(**{**values, "data": data}).resolved()
 
 
 @dataclass
@@ -160,6 +164,32 @@ class PPOConfig(TrainConfig, SamplingSettings):
             raise Llama2Error("need beta >= 0, clip in (0, 1), ppo_epochs > 0, lam in [0, 1] and gamma in (0, 1]")
         if c.batch_size < 2 and c.whiten_scores:
             raise Llama2Error("whitening the scores needs a batch of at least 2 prompts")
+        return c
+
+
+@dataclass
+class GattConfig(TrainConfig, SFTStage):
+    """Ghost Attention (Llama 2, section 3.3): `llama2 align gatt` samples `dialogs` synthetic dialogs of
+    `turns` user turns with instruction number `instruction` (of `gatt.INSTRUCTIONS`) on every
+    turn, fine-tunes on them with the instruction in turn 1 only and the loss on the last answer,
+    and measures adherence per turn (up to `adherence_turns`) before and after. `data` is unused.
+    """
+
+    mode: str = "sft"
+    data: list[str] = dataclasses.field(default_factory=lambda: ["synthetic"])
+    instruction: int = 0
+    dialogs: int = 16
+    turns: int = 4
+    max_gen_len: int = 32
+    temperature: float = 0.7
+    adherence_turns: int = 20
+    adherence_dialogs: int = 4
+    adherence_seq_len: int = 2048
+
+    def resolved(self) -> GattConfig:
+        c = TrainConfig.resolved(dataclasses.replace(self, mode="sft"))
+        if c.export == "none":
+            raise Llama2Error("gatt measures the trained model: give an --export format (meta, hf, gguf)")
         return c
 
 
@@ -208,4 +238,13 @@ PPO_FLAGS = SAMPLING_FLAGS + (
     ("--value-coef", "value_coef", dict(type=float)),
     ("--missing-eos-penalty", "missing_eos_penalty", dict(type=float, help="score penalty for answers without EOS")),
     ("--whiten-scores", "whiten_scores", dict(action=argparse.BooleanOptionalAction)),
+)
+GATT_FLAGS: tuple[tuple[str, str, dict], ...] = (
+    ("--instruction", "instruction", dict(type=int, help="which built-in instruction (0: Ahoy, 1: Over and out, 2: caps)")),
+    ("--dialogs", "dialogs", dict(type=int, help="synthetic dialogs to sample")),
+    ("--turns", "turns", dict(type=int, help="user turns per sampled dialog")),
+    ("--max-gen-len", "max_gen_len", dict(type=int)),
+    ("--temperature", "temperature", dict(type=float)),
+    ("--adherence-turns", "adherence_turns", dict(type=int, help="turns of the adherence measure (20)")),
+    ("--adherence-dialogs", "adherence_dialogs", dict(type=int)),
 )
