@@ -8,7 +8,7 @@ import json
 
 def add_align_parser(commands) -> None:
     """Register `llama2 align` and its subcommands on the top-level subparsers."""
-    from .config import GATT_FLAGS, PPO_FLAGS, REJECTION_FLAGS, REWARD_FLAGS, add_stage_arguments
+    from .config import DPO_FLAGS, GATT_FLAGS, PPO_FLAGS, REJECTION_FLAGS, REWARD_FLAGS, add_stage_arguments
 
     align = commands.add_parser("align", help="RLHF: reward models, rejection sampling, PPO, GAtt, DPO")
     stages = align.add_subparsers(dest="stage", required=True, metavar="STAGE")
@@ -30,6 +30,10 @@ def add_align_parser(commands) -> None:
     gatt = stages.add_parser("gatt", help="Ghost Attention: multi-turn instruction data, SFT, adherence per turn")
     add_stage_arguments(gatt, GATT_FLAGS)
     gatt.set_defaults(handler=cmd_gatt)
+
+    dpo = stages.add_parser("dpo", help="direct preference optimization on preference pairs (rerun to resume)")
+    add_stage_arguments(dpo, DPO_FLAGS)
+    dpo.set_defaults(handler=cmd_dpo)
 
     score = stages.add_parser("score", help="accuracy of a reward model on preference pairs")
     score.add_argument("--model", required=True, help="a reward model run folder (llama2 align rm --output-dir)")
@@ -79,6 +83,16 @@ def cmd_gatt(args: argparse.Namespace) -> int:
     result = run_gatt(config_from_stage_args(args, GattConfig))
     for name in ("before", "after"):
         print(f"adherence {name}: " + " ".join(f"{rate:.2f}" for rate in result[name]))
+    return 0
+
+
+def cmd_dpo(args: argparse.Namespace) -> int:
+    from .config import DPOConfig, config_from_stage_args
+    from .dpo import run_dpo
+
+    last = run_dpo(config_from_stage_args(args, DPOConfig))
+    if "val_accuracy" in last:
+        print(f"held-out preference accuracy {last['val_accuracy']:.3f} on {last['val_pairs']} pairs")
     return 0
 
 

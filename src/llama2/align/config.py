@@ -26,6 +26,8 @@ RM_LORA_LR = 1e-4  # adapters learn at a higher rate (no paper default for LoRA 
 RM_WARMUP_FRACTION = 0.03
 PPO_LR = 1e-6  # Llama 2, section 3.2.3 (constant)
 PPO_LORA_LR = 1e-5
+DPO_LR = 1e-6  # Rafailov et al. 2023 (full fine-tuning)
+DPO_LORA_LR = 5e-5
 
 
 @dataclass
@@ -68,6 +70,24 @@ class RewardConfig(TrainConfig):
             self.max_steps = max(1, round(self.epochs * train_examples / self.batch_size))
         if self.warmup_steps is None:
             self.warmup_steps = round(RM_WARMUP_FRACTION * self.max_steps)
+
+
+@dataclass
+class DPOConfig(RewardConfig):
+    """DPO on preference pairs (Rafailov et al. 2023): `RewardConfig`'s data, split and schedule.
+
+    Attributes:
+        beta: strength of the implicit KL constraint (paper: 0.1).
+    """
+
+    beta: float = 0.1
+
+    def resolved(self) -> DPOConfig:
+        lr = self.lr or (DPO_LORA_LR if self.lora_rank else DPO_LR)
+        c = RewardConfig.resolved(dataclasses.replace(self, lr=lr))
+        if c.beta <= 0:
+            raise Llama2Error(f"beta must be positive, got {c.beta}")
+        return c
 
 
 class SFTStage:
@@ -247,4 +267,7 @@ GATT_FLAGS: tuple[tuple[str, str, dict], ...] = (
     ("--temperature", "temperature", dict(type=float)),
     ("--adherence-turns", "adherence_turns", dict(type=int, help="turns of the adherence measure (20)")),
     ("--adherence-dialogs", "adherence_dialogs", dict(type=int)),
+)
+DPO_FLAGS = REWARD_FLAGS[:1] + REWARD_FLAGS[3:] + (
+    ("--beta", "beta", dict(type=float, help="DPO beta (0.1)")),
 )

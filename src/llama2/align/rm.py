@@ -38,17 +38,21 @@ class PairBatch:
 
     padded: PaddedBatch
     margins: torch.Tensor  # [n]
+    answer_starts: torch.Tensor  # [2n] where each row's answer starts (in its own sequence)
     num_tokens: int
     num_targets: int  # pairs
 
     def to(self, device: torch.device) -> PairBatch:
-        return PairBatch(self.padded.to(device), self.margins.to(device), self.num_tokens, self.num_targets)
+        return PairBatch(self.padded.to(device), self.margins.to(device), self.answer_starts.to(device),
+                         self.num_tokens, self.num_targets)
 
 
 def collate_pairs(pairs: Sequence[EncodedPair], margin_table: str, side: str = "right") -> PairBatch:
-    sequences = [p.chosen.ids for p in pairs] + [p.rejected.ids for p in pairs]
+    answers = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    sequences = [a.ids for a in answers]
     margins = torch.tensor([margin(p.rating, margin_table) for p in pairs], dtype=torch.float32)
-    return PairBatch(pad_sequences(sequences, side=side), margins, sum(map(len, sequences)), len(pairs))
+    starts = torch.tensor([a.answer_start for a in answers])
+    return PairBatch(pad_sequences(sequences, side=side), margins, starts, sum(map(len, sequences)), len(pairs))
 
 
 def split_pairs(pairs: list, fraction: float, seed: int) -> tuple[list, list]:
