@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from llama2.align.gatt import INSTRUCTIONS, gatt_example, synthetic_user_turns, with_instruction
+from llama2.align.gatt import (
+    INSTRUCTIONS,
+    gatt_example,
+    synthetic_user_turns,
+    with_instruction,
+)
 from llama2.chat import Llama2ChatFormat
 from llama2.tokenizer import Tokenizer, llama2_tokenizer_path
 from llama2.train.data import encode_chat_example, encode_finished_dialog

@@ -8,7 +8,15 @@ import json
 
 def add_align_parser(commands) -> None:
     """Register `llama2 align` and its subcommands on the top-level subparsers."""
-    from .config import DPO_FLAGS, GATT_FLAGS, PPO_FLAGS, REJECTION_FLAGS, REWARD_FLAGS, add_stage_arguments
+    from .config import (
+        DISTILL_FLAGS,
+        DPO_FLAGS,
+        GATT_FLAGS,
+        PPO_FLAGS,
+        REJECTION_FLAGS,
+        REWARD_FLAGS,
+        add_stage_arguments,
+    )
 
     align = commands.add_parser("align", help="RLHF: reward models, rejection sampling, PPO, GAtt, DPO")
     stages = align.add_subparsers(dest="stage", required=True, metavar="STAGE")
@@ -30,6 +38,10 @@ def add_align_parser(commands) -> None:
     gatt = stages.add_parser("gatt", help="Ghost Attention: multi-turn instruction data, SFT, adherence per turn")
     add_stage_arguments(gatt, GATT_FLAGS)
     gatt.set_defaults(handler=cmd_gatt)
+
+    distill = stages.add_parser("distill", help="safety context distillation (preprompted answers the safety RM prefers)")
+    add_stage_arguments(distill, DISTILL_FLAGS)
+    distill.set_defaults(handler=cmd_distill)
 
     dpo = stages.add_parser("dpo", help="direct preference optimization on preference pairs (rerun to resume)")
     add_stage_arguments(dpo, DPO_FLAGS)
@@ -83,6 +95,14 @@ def cmd_gatt(args: argparse.Namespace) -> int:
     result = run_gatt(config_from_stage_args(args, GattConfig))
     for name in ("before", "after"):
         print(f"adherence {name}: " + " ".join(f"{rate:.2f}" for rate in result[name]))
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .config import DistillConfig, config_from_stage_args
+    from .distill import run_distillation
+
+    run_distillation(config_from_stage_args(args, DistillConfig))
     return 0
 
 

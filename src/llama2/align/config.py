@@ -188,6 +188,31 @@ class PPOConfig(TrainConfig, SamplingSettings):
 
 
 @dataclass
+class DistillConfig(TrainConfig, SFTStage):
+    """Safety context distillation (Llama 2, section 4.2.4): `data` holds adversarial prompt JSONL
+    (optionally with a "category" for its answer template).
+
+    Attributes:
+        safety_reward_model: the safety RM that decides which preprompted answers are kept.
+        preprompt: the safety preprompt (a system message).
+        max_gen_len, temperature, sample_batch_size: answer sampling.
+    """
+
+    mode: str = "sft"
+    safety_reward_model: str | None = None
+    preprompt: str = "You are a safe and responsible assistant."
+    max_gen_len: int = 64
+    temperature: float = 0.0
+    sample_batch_size: int = 16
+
+    def resolved(self) -> DistillConfig:
+        c = TrainConfig.resolved(dataclasses.replace(self, mode="sft"))
+        if not c.safety_reward_model:
+            raise Llama2Error("no safety reward model: give --safety-reward-model (a `llama2 align rm` folder)")
+        return c
+
+
+@dataclass
 class GattConfig(TrainConfig, SFTStage):
     """Ghost Attention (Llama 2, section 3.3): `llama2 align gatt` samples `dialogs` synthetic dialogs of
     `turns` user turns with instruction number `instruction` (of `gatt.INSTRUCTIONS`) on every
@@ -270,4 +295,11 @@ GATT_FLAGS: tuple[tuple[str, str, dict], ...] = (
 )
 DPO_FLAGS = REWARD_FLAGS[:1] + REWARD_FLAGS[3:] + (
     ("--beta", "beta", dict(type=float, help="DPO beta (0.1)")),
+)
+DISTILL_FLAGS: tuple[tuple[str, str, dict], ...] = (
+    ("--safety-reward-model", "safety_reward_model", dict(help="safety RM (llama2 align rm output folder)")),
+    ("--preprompt", "preprompt", dict(help="safety preprompt (a system message)")),
+    ("--max-gen-len", "max_gen_len", dict(type=int)),
+    ("--temperature", "temperature", dict(type=float, help="0: greedy (default)")),
+    ("--sample-batch-size", "sample_batch_size", dict(type=int)),
 )

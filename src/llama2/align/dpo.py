@@ -21,7 +21,13 @@ from .batching import PaddedBatch
 from .config import DPOConfig
 from .losses import dpo_loss, token_logprobs
 from .ppo import adapters_disabled, answer_mask
-from .rm import ACCURACY_PLOTS, PairBatch, RewardTrainer, flat_metrics, preference_metrics
+from .rm import (
+    ACCURACY_PLOTS,
+    PairBatch,
+    RewardTrainer,
+    flat_metrics,
+    preference_metrics,
+)
 
 
 def answer_logprobs(model: nn.Module, batch: PaddedBatch, answer_starts: torch.Tensor) -> torch.Tensor:

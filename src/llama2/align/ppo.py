@@ -38,7 +38,18 @@ from ..train.trainer import Trainer
 from .batching import PaddedBatch, pad_sequences
 from .config import PPOConfig
 from .heads import ScalarHead, export_backbone, forward_with_hidden, shard_wrapper
-from .losses import entropy, gae, kl_k1, kl_k3, logit, masked_mean, ppo_policy_loss, token_logprobs, value_loss, whiten
+from .losses import (
+    entropy,
+    gae,
+    kl_k1,
+    kl_k3,
+    logit,
+    masked_mean,
+    ppo_policy_loss,
+    token_logprobs,
+    value_loss,
+    whiten,
+)
 from .preferences import Prompt, read_prompts
 from .rewards import CombinedReward, load_reward
 from .sampling import Answer, closing_id, policy_sampler, sample_answers

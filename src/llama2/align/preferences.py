@@ -6,7 +6,8 @@ A preference line is::
      "rating": "significantly better" | "better" | "slightly better" | "negligibly better",  (optional)
      "safety": true | false}                                                                (optional)
 
-and a prompt line (rejection sampling, PPO) is ``{"prompt": [messages], "safety": bool?}``.
+and a prompt line (rejection sampling, PPO, context distillation) is
+``{"prompt": [messages], "safety": bool?, "category": "..."?}`` (a risk category).
 The prompt is a dialog that ends with a user turn; each answer is encoded as the
 assistant's turn after it, exactly as the model would produce it (`encode_answer`).
 """
@@ -29,10 +30,11 @@ ROLES = ("system", "user", "assistant")
 
 @dataclass(frozen=True)
 class Prompt:
-    """A dialog to answer (ending with a user turn), and whether it is safety-tagged."""
+    """A dialog to answer (ending with a user turn), whether it is safety-tagged, and its risk category."""
 
     dialog: list[dict]
     safety: bool = False
+    category: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,8 @@ def _prompt(row: dict, where: str) -> Prompt:
                               "\"content\": \"...\"}")
     if not dialog or dialog[-1]["role"] != "user":
         raise Llama2Error(f"{where}: field 'prompt' must end with a user message")
-    return Prompt([{"role": m["role"], "content": m["content"]} for m in dialog], bool(_field(row, "safety", where, bool, False)))
+    messages = [{"role": m["role"], "content": m["content"]} for m in dialog]
+    return Prompt(messages, bool(_field(row, "safety", where, bool, False)), _field(row, "category", where, str, False))
 
 
 def read_preferences(path: str | os.PathLike) -> list[PreferencePair]:
