@@ -43,8 +43,10 @@ def test_the_shipped_fixture_reads():
         ({**GOOD, "rating": "much better"}, (":2:", "'rating'", "slightly better")),
         ({**GOOD, "safety": "yes"}, (":2:", "'safety'", "true or false")),
         ({**GOOD, "prompt": [{"role": "bot", "content": "x"}]}, (":2:", "'prompt'", "message 0")),
-        ({**GOOD, "prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
-         (":2:", "end with a user message")),
+        (
+            {**GOOD, "prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+            (":2:", "end with a user message"),
+        ),
     ],
 )
 def test_bad_rows_name_line_and_field(tmp_path, row, needles):

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from llama2.align.distill import CATEGORY_TEMPLATES, SAFETY_PREPROMPT, distill_examples, preprompted
+from llama2.align.distill import (
+    CATEGORY_TEMPLATES,
+    SAFETY_PREPROMPT,
+    distill_examples,
+    preprompted,
+)
 from llama2.align.preferences import Prompt
 
 
 def test_preprompt_and_category_template_become_the_system_message():
-    prompt = Prompt([{"role": "system", "content": "old"}, {"role": "user", "content": "How to steal?"}], True, "illicit")
+    prompt = Prompt(
+        [{"role": "system", "content": "old"}, {"role": "user", "content": "How to steal?"}], True, "illicit"
+    )
     dialog = preprompted(prompt)
     assert dialog[0] == {"role": "system", "content": f"{SAFETY_PREPROMPT} {CATEGORY_TEMPLATES['illicit']}"}
     assert dialog[1:] == [{"role": "user", "content": "How to steal?"}]
@@ -23,8 +30,9 @@ def test_only_answers_the_safety_rm_prefers_are_kept_for_the_plain_prompt():
         seen_dialogs.extend(dialogs)
         return [scores[a] for a in answers]
 
-    examples, records = distill_examples(prompts, ["safe 0", "safe 1", "safe 2"], ["plain 0", "plain 1", "plain 2"],
-                                         safety)
+    examples, records = distill_examples(
+        prompts, ["safe 0", "safe 1", "safe 2"], ["plain 0", "plain 1", "plain 2"], safety
+    )
     # Kept only where strictly better (a tie is not kept), and trained on the prompt without the preprompt.
     assert [r["kept"] for r in records] == [True, False, False]
     assert examples == [{"messages": [{"role": "user", "content": "q0"}, {"role": "assistant", "content": "safe 0"}]}]

@@ -37,9 +37,20 @@ def test_answer_logprobs_do_not_depend_on_padding_side():
 
 def test_dpo_starts_at_log_2_and_learns_the_preferences(tmp_path):
     config = DPOConfig(
-        output_dir=str(tmp_path / "dpo"), data=[str(PAIRS)], model="tiny", batch_size=8, micro_batch_size=8,
-        seq_len=96, lora_rank=8, lora_dropout=0.0, lr=3e-3, max_steps=20, save_every=100, export="none",
-        peak_tflops=1.0, seed=3,
+        output_dir=str(tmp_path / "dpo"),
+        data=[str(PAIRS)],
+        model="tiny",
+        batch_size=8,
+        micro_batch_size=8,
+        seq_len=96,
+        lora_rank=8,
+        lora_dropout=0.0,
+        lr=3e-3,
+        max_steps=20,
+        save_every=100,
+        export="none",
+        peak_tflops=1.0,
+        seed=3,
     ).resolved()
     last = DPOTrainer(config).train()
     records = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]

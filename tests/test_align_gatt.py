@@ -20,8 +20,10 @@ def sampled_dialog() -> list[dict]:
     turns = [("What is 2 plus 2?", "Ahoy, it is 4."), ("And 3 plus 3?", "Ahoy, 6."), ("And 4 plus 4?", "Ahoy! 8.")]
     dialog = []
     for question, answer in turns:
-        dialog += [{"role": "user", "content": with_instruction(INSTRUCTION, question)},
-                   {"role": "assistant", "content": answer}]
+        dialog += [
+            {"role": "user", "content": with_instruction(INSTRUCTION, question)},
+            {"role": "assistant", "content": answer},
+        ]
     return dialog
 
 

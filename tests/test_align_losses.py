@@ -78,12 +78,16 @@ def direct_gae(rewards: list[float], values: list[float], gamma: float, lam: flo
 
 def test_gae_against_the_direct_sum():
     rewards, values = [0.0, 0.0, 1.0], [0.5, 0.6, 0.7]
-    advantages, returns = gae(torch.tensor([rewards]), torch.tensor([values]), torch.ones(1, 3, dtype=torch.bool), 1.0, 0.95)
+    advantages, returns = gae(
+        torch.tensor([rewards]), torch.tensor([values]), torch.ones(1, 3, dtype=torch.bool), 1.0, 0.95
+    )
     assert advantages[0].tolist() == pytest.approx([0.46575, 0.385, 0.3])
     assert advantages[0].tolist() == pytest.approx(direct_gae(rewards, values, 1.0, 0.95))
     assert returns[0].tolist() == pytest.approx([a + v for a, v in zip(advantages[0].tolist(), values)])
     # A row whose answer is two tokens long: the episode ends after its second token.
-    short, _ = gae(torch.tensor([[0.0, 1.0, 5.0]]), torch.tensor([values]), torch.tensor([[True, True, False]]), 0.9, 0.8)
+    short, _ = gae(
+        torch.tensor([[0.0, 1.0, 5.0]]), torch.tensor([values]), torch.tensor([[True, True, False]]), 0.9, 0.8
+    )
     assert short[0].tolist() == pytest.approx(direct_gae([0.0, 1.0], values[:2], 0.9, 0.8) + [0.0])
 
 

@@ -68,9 +68,23 @@ def low_half_reward():
 
 def ppo_config(tmp_path: Path, name: str, **overrides) -> PPOConfig:
     values = dict(
-        output_dir=str(tmp_path / name), data=[str(PROMPTS)], model="tiny", batch_size=24, micro_batch_size=24,
-        seq_len=96, max_gen_len=4, lora_rank=8, lora_targets=["wq", "wv", "w2", "output"], lora_dropout=0.0,
-        lr=3e-3, max_steps=6, ppo_epochs=2, save_every=100, export="none", peak_tflops=1.0, reward_model="synthetic",
+        output_dir=str(tmp_path / name),
+        data=[str(PROMPTS)],
+        model="tiny",
+        batch_size=24,
+        micro_batch_size=24,
+        seq_len=96,
+        max_gen_len=4,
+        lora_rank=8,
+        lora_targets=["wq", "wv", "w2", "output"],
+        lora_dropout=0.0,
+        lr=3e-3,
+        max_steps=6,
+        ppo_epochs=2,
+        save_every=100,
+        export="none",
+        peak_tflops=1.0,
+        reward_model="synthetic",
     )
     values.update(overrides)
     return PPOConfig(**values).resolved()

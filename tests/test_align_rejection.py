@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 from llama2.align.config import RejectionConfig
 from llama2.align.preferences import Prompt
@@ -19,7 +20,6 @@ from llama2.config import model_args_from_preset
 from llama2.model import meta_transformer
 from llama2.tokenizer import Tokenizer, llama2_tokenizer_path
 from llama2.train.model_setup import init_weights
-from train_helpers import one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 PROMPTS = Path(__file__).parent / "fixtures" / "align" / "prompts.jsonl"
 
@@ -49,8 +49,16 @@ def test_sampling_resumes_after_a_kill_and_pools(tmp_path):
     model.to_empty(device="cpu")
     init_weights(model)
     tokenizer = Tokenizer.from_file(llama2_tokenizer_path())
-    config = RejectionConfig(output_dir=str(tmp_path / "rs"), data=[str(PROMPTS)], model="tiny", reward_model="x",
-                             samples=2, max_gen_len=4, sample_batch_size=8, seed=1).resolved()
+    config = RejectionConfig(
+        output_dir=str(tmp_path / "rs"),
+        data=[str(PROMPTS)],
+        model="tiny",
+        reward_model="x",
+        samples=2,
+        max_gen_len=4,
+        sample_batch_size=8,
+        seed=1,
+    ).resolved()
     calls = []
 
     def reward_then_crash(dialogs, answers):

@@ -50,8 +50,18 @@ def test_score_is_read_at_the_last_real_token_on_either_padding_side():
 
 def rm_config(tmp_path: Path, name: str, **overrides) -> RewardConfig:
     values = dict(
-        output_dir=str(tmp_path / name), data=[str(PAIRS)], model="tiny", batch_size=8, micro_batch_size=8,
-        seq_len=96, lr=1e-3, max_steps=30, save_every=10, export="meta", peak_tflops=1.0, seed=3,
+        output_dir=str(tmp_path / name),
+        data=[str(PAIRS)],
+        model="tiny",
+        batch_size=8,
+        micro_batch_size=8,
+        seq_len=96,
+        lr=1e-3,
+        max_steps=30,
+        save_every=10,
+        export="meta",
+        peak_tflops=1.0,
+        seed=3,
     )
     values.update(overrides)
     return RewardConfig(**values).resolved()

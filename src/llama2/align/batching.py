@@ -42,8 +42,12 @@ class PaddedBatch:
         return self.offsets + self.lengths - 1
 
     def to(self, device: torch.device) -> PaddedBatch:
-        return PaddedBatch(*(t.to(device) for t in (self.tokens, self.positions, self.document_ids, self.real,
-                                                    self.offsets, self.lengths)))
+        return PaddedBatch(
+            *(
+                t.to(device)
+                for t in (self.tokens, self.positions, self.document_ids, self.real, self.offsets, self.lengths)
+            )
+        )
 
 
 def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int = 0, side: str = "right") -> PaddedBatch:

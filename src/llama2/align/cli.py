@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 
 
@@ -23,29 +24,31 @@ def add_align_parser(commands) -> None:
 
     rm = stages.add_parser("rm", help="train a reward model on preference pairs (rerun to resume)")
     add_stage_arguments(rm, REWARD_FLAGS)
-    rm.set_defaults(handler=cmd_rm)
+    rm.set_defaults(handler=stage_handler("RewardConfig", "rm", "run_reward_training", report_accuracy))
 
     rejection = stages.add_parser(
         "rejection-sampling", help="best-of-K answers by a reward model, then SFT on them (rerun to resume)"
     )
     add_stage_arguments(rejection, REJECTION_FLAGS)
-    rejection.set_defaults(handler=cmd_rejection_sampling)
+    rejection.set_defaults(handler=stage_handler("RejectionConfig", "rejection", "run_rejection_sampling"))
 
     ppo = stages.add_parser("ppo", help="PPO on Llama 2's reward (R_c, KL penalty); rerun to resume")
     add_stage_arguments(ppo, PPO_FLAGS)
-    ppo.set_defaults(handler=cmd_ppo)
+    ppo.set_defaults(handler=stage_handler("PPOConfig", "ppo", "run_ppo"))
 
     gatt = stages.add_parser("gatt", help="Ghost Attention: multi-turn instruction data, SFT, adherence per turn")
     add_stage_arguments(gatt, GATT_FLAGS)
-    gatt.set_defaults(handler=cmd_gatt)
+    gatt.set_defaults(handler=stage_handler("GattConfig", "gatt", "run_gatt", report_adherence))
 
-    distill = stages.add_parser("distill", help="safety context distillation (preprompted answers the safety RM prefers)")
+    distill = stages.add_parser(
+        "distill", help="safety context distillation (preprompted answers the safety RM prefers)"
+    )
     add_stage_arguments(distill, DISTILL_FLAGS)
-    distill.set_defaults(handler=cmd_distill)
+    distill.set_defaults(handler=stage_handler("DistillConfig", "distill", "run_distillation"))
 
     dpo = stages.add_parser("dpo", help="direct preference optimization on preference pairs (rerun to resume)")
     add_stage_arguments(dpo, DPO_FLAGS)
-    dpo.set_defaults(handler=cmd_dpo)
+    dpo.set_defaults(handler=stage_handler("DPOConfig", "dpo", "run_dpo", report_accuracy))
 
     score = stages.add_parser("score", help="accuracy of a reward model on preference pairs")
     score.add_argument("--model", required=True, help="a reward model run folder (llama2 align rm --output-dir)")
@@ -62,58 +65,30 @@ def add_align_parser(commands) -> None:
     synthetic.set_defaults(handler=cmd_synthetic)
 
 
-def cmd_rm(args: argparse.Namespace) -> int:
-    from .config import RewardConfig, config_from_stage_args
-    from .rm import run_reward_training
+def stage_handler(config_name: str, module: str, runner: str, report=None):
+    """A handler that resolves the stage's config (`.config.CONFIG_NAME`), runs `.MODULE.RUNNER` on it,
+    and prints `report(result)` when given."""
 
-    last = run_reward_training(config_from_stage_args(args, RewardConfig))
+    def handler(args: argparse.Namespace) -> int:
+        from . import config
+
+        stage_config = config.config_from_stage_args(args, getattr(config, config_name))
+        result = getattr(importlib.import_module(f".{module}", __package__), runner)(stage_config)
+        if report is not None:
+            report(result)
+        return 0
+
+    return handler
+
+
+def report_accuracy(last: dict) -> None:
     if "val_accuracy" in last:
         print(f"held-out accuracy {last['val_accuracy']:.3f} on {last['val_pairs']} pairs")
-    return 0
 
 
-def cmd_rejection_sampling(args: argparse.Namespace) -> int:
-    from .config import RejectionConfig, config_from_stage_args
-    from .rejection import run_rejection_sampling
-
-    run_rejection_sampling(config_from_stage_args(args, RejectionConfig))
-    return 0
-
-
-def cmd_ppo(args: argparse.Namespace) -> int:
-    from .config import PPOConfig, config_from_stage_args
-    from .ppo import run_ppo
-
-    run_ppo(config_from_stage_args(args, PPOConfig))
-    return 0
-
-
-def cmd_gatt(args: argparse.Namespace) -> int:
-    from .config import GattConfig, config_from_stage_args
-    from .gatt import run_gatt
-
-    result = run_gatt(config_from_stage_args(args, GattConfig))
+def report_adherence(result: dict) -> None:
     for name in ("before", "after"):
         print(f"adherence {name}: " + " ".join(f"{rate:.2f}" for rate in result[name]))
-    return 0
-
-
-def cmd_distill(args: argparse.Namespace) -> int:
-    from .config import DistillConfig, config_from_stage_args
-    from .distill import run_distillation
-
-    run_distillation(config_from_stage_args(args, DistillConfig))
-    return 0
-
-
-def cmd_dpo(args: argparse.Namespace) -> int:
-    from .config import DPOConfig, config_from_stage_args
-    from .dpo import run_dpo
-
-    last = run_dpo(config_from_stage_args(args, DPOConfig))
-    if "val_accuracy" in last:
-        print(f"held-out preference accuracy {last['val_accuracy']:.3f} on {last['val_pairs']} pairs")
-    return 0
 
 
 def cmd_score(args: argparse.Namespace) -> int:

@@ -274,6 +274,8 @@ def add_stage_arguments(parser: argparse.ArgumentParser, flags: tuple[tuple[str,
 def config_from_stage_args(args: argparse.Namespace, cls: type):
     """A stage's resolved config: the YAML file, then the flags given, then its defaults."""
     return load_config(args.config, overrides_from_args(args), cls=cls).resolved()
+
+
 PPO_FLAGS = SAMPLING_FLAGS + (
     ("--beta", "beta", dict(type=float, help="KL penalty weight in the reward (0.01)")),
     ("--clip", "clip", dict(type=float, help="PPO ratio clipping (0.2)")),
@@ -285,7 +287,11 @@ PPO_FLAGS = SAMPLING_FLAGS + (
     ("--whiten-scores", "whiten_scores", dict(action=argparse.BooleanOptionalAction)),
 )
 GATT_FLAGS: tuple[tuple[str, str, dict], ...] = (
-    ("--instruction", "instruction", dict(type=int, help="which built-in instruction (0: Ahoy, 1: Over and out, 2: caps)")),
+    (
+        "--instruction",
+        "instruction",
+        dict(type=int, help="which built-in instruction (0: Ahoy, 1: Over and out, 2: caps)"),
+    ),
     ("--dialogs", "dialogs", dict(type=int, help="synthetic dialogs to sample")),
     ("--turns", "turns", dict(type=int, help="user turns per sampled dialog")),
     ("--max-gen-len", "max_gen_len", dict(type=int)),
@@ -293,9 +299,7 @@ GATT_FLAGS: tuple[tuple[str, str, dict], ...] = (
     ("--adherence-turns", "adherence_turns", dict(type=int, help="turns of the adherence measure (20)")),
     ("--adherence-dialogs", "adherence_dialogs", dict(type=int)),
 )
-DPO_FLAGS = REWARD_FLAGS[:1] + REWARD_FLAGS[3:] + (
-    ("--beta", "beta", dict(type=float, help="DPO beta (0.1)")),
-)
+DPO_FLAGS = REWARD_FLAGS[:1] + REWARD_FLAGS[3:] + (("--beta", "beta", dict(type=float, help="DPO beta (0.1)")),)
 DISTILL_FLAGS: tuple[tuple[str, str, dict], ...] = (
     ("--safety-reward-model", "safety_reward_model", dict(help="safety RM (llama2 align rm output folder)")),
     ("--preprompt", "preprompt", dict(help="safety preprompt (a system message)")),

@@ -49,11 +49,20 @@ def distill_examples(
     scores_with = safety(dialogs, list(with_context))
     scores_without = safety(dialogs, list(without_context))
     examples, records = [], []
-    for dialog, answer, plain, s_with, s_without in zip(dialogs, with_context, without_context, scores_with,
-                                                       scores_without):
+    for dialog, answer, plain, s_with, s_without in zip(
+        dialogs, with_context, without_context, scores_with, scores_without
+    ):
         kept = s_with > s_without
-        records.append({"prompt": dialog, "with_context": answer, "without_context": plain, "score_with": s_with,
-                        "score_without": s_without, "kept": kept})
+        records.append(
+            {
+                "prompt": dialog,
+                "with_context": answer,
+                "without_context": plain,
+                "score_with": s_with,
+                "score_without": s_without,
+                "kept": kept,
+            }
+        )
         if kept:
             examples.append({"messages": [*dialog, {"role": "assistant", "content": answer}]})
     return examples, records
@@ -70,8 +79,15 @@ def run_distillation(config: DistillConfig) -> dict:
     examples_path, summary_path = folder / "examples.jsonl", folder / "summary.json"
     if not examples_path.is_file():
         prompts = [p for path in config.data for p in read_prompts(path)]
-        llama = Llama.build(config.model, config.tokenizer, config.seq_len, config.sample_batch_size, config.seed,
-                            device=config.device, chat_format=config.chat_format)
+        llama = Llama.build(
+            config.model,
+            config.tokenizer,
+            config.seq_len,
+            config.sample_batch_size,
+            config.seed,
+            device=config.device,
+            chat_format=config.chat_format,
+        )
 
         def answers(dialogs):
             groups = sample_answers(llama, dialogs, 1, config.max_gen_len, config.temperature, seed=config.seed)

@@ -40,8 +40,9 @@ def with_instruction(instruction: str, message: str) -> str:
     return f"{instruction} {message}"
 
 
-def sample_gatt_dialogs(llama, instruction: str, user_turns: Sequence[Sequence[str]], max_gen_len: int,
-                        temperature: float, seed: int) -> list[list[dict]]:
+def sample_gatt_dialogs(
+    llama, instruction: str, user_turns: Sequence[Sequence[str]], max_gen_len: int, temperature: float, seed: int
+) -> list[list[dict]]:
     """Dialogs answered turn by turn with `instruction` attached to every user message (all dialogs
     advance together, one batched generation per turn)."""
     dialogs: list[list[dict]] = [[] for _ in user_turns]
@@ -81,8 +82,9 @@ def synthetic_user_turns(dialogs: int, turns: int, seed: int) -> list[list[str]]
     return [[rng.choice(FACTS)[0] for _ in range(turns)] for _ in range(dialogs)]
 
 
-def adherence(llama, instruction: Instruction, user_turns: Sequence[Sequence[str]], max_gen_len: int,
-              seed: int = 0) -> list[float]:
+def adherence(
+    llama, instruction: Instruction, user_turns: Sequence[Sequence[str]], max_gen_len: int, seed: int = 0
+) -> list[float]:
     """Per turn, the share of dialogs whose greedy answer follows `instruction`, given in turn 1 only."""
     dialogs: list[list[dict]] = [[] for _ in user_turns]
     turns = len(user_turns[0])
@@ -123,15 +125,24 @@ def run_gatt(config) -> dict:
     result = json.loads(result_path.read_text()) if result_path.is_file() else {}
 
     def build(source: str):
-        return Llama.build(source, config.tokenizer, config.adherence_seq_len, max(config.dialogs, config.adherence_dialogs),
-                           config.seed, device=config.device, chat_format=config.chat_format)
+        return Llama.build(
+            source,
+            config.tokenizer,
+            config.adherence_seq_len,
+            max(config.dialogs, config.adherence_dialogs),
+            config.seed,
+            device=config.device,
+            chat_format=config.chat_format,
+        )
 
     examples_path = out / "gatt" / "examples.jsonl"
     if "before" not in result or not examples_path.is_file():
         llama = build(config.model)
         result["before"] = adherence(llama, instruction, eval_turns, config.max_gen_len, config.seed)
         turns = synthetic_user_turns(config.dialogs, config.turns, config.seed)
-        sampled = sample_gatt_dialogs(llama, instruction.text, turns, config.max_gen_len, config.temperature, config.seed)
+        sampled = sample_gatt_dialogs(
+            llama, instruction.text, turns, config.max_gen_len, config.temperature, config.seed
+        )
         write_examples(examples_path, [gatt_example(instruction.text, d) for d in sampled])
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(result_path, result)

@@ -31,7 +31,9 @@ def plot_stage(run_dir: str | os.PathLike, groups: Mapping[str, Sequence[str]]) 
             continue
         figure, axes = plt.subplots(figsize=(7, 4))
         for key, points in series.items():
-            axes.plot([s for s, _ in points], [v for _, v in points], marker="o" if len(points) < 30 else None, label=key)
+            axes.plot(
+                [s for s, _ in points], [v for _, v in points], marker="o" if len(points) < 30 else None, label=key
+            )
         axes.set_xlabel("step")
         axes.set_title(f"{Path(run_dir).name}: {name}")
         axes.grid(alpha=0.3)

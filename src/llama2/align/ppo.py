@@ -142,8 +142,9 @@ class PPOTrainer(Trainer):
         self.chat_format = resolve_chat_format(self.loaded.tokenizer, self.loaded.chat_template, config.chat_format)
         self.closing_id = closing_id(self.chat_format)
         if self.reward is None:
-            self.reward = load_reward(config.reward_model, config.safety_reward_model, config.safety_threshold,
-                                      self.env.device)
+            self.reward = load_reward(
+                config.reward_model, config.safety_reward_model, config.safety_threshold, self.env.device
+            )
         prompts = [p for path in config.data for p in read_prompts(path)]
         val = [p for path in config.val_data for p in read_prompts(path)]
         return prompts, val or None
@@ -163,10 +164,15 @@ class PPOTrainer(Trainer):
     def _answers(self, prompts: Sequence[Prompt], temperature: float, seed: int) -> list[Answer]:
         config = self.config
         batch_rows = min(len(prompts), config.sample_batch_size)
-        with torch.no_grad(), policy_sampler(self.model.backbone, self.loaded.tokenizer, self.chat_format,
-                                             self.seq_len, batch_rows, seed) as llama:
-            groups = sample_answers(llama, [p.dialog for p in prompts], 1, config.max_gen_len, temperature,
-                                    config.top_p, seed)
+        with (
+            torch.no_grad(),
+            policy_sampler(
+                self.model.backbone, self.loaded.tokenizer, self.chat_format, self.seq_len, batch_rows, seed
+            ) as llama,
+        ):
+            groups = sample_answers(
+                llama, [p.dialog for p in prompts], 1, config.max_gen_len, temperature, config.top_p, seed
+            )
         return [group[0] for group in groups]
 
     def _sequences(self, prompts: Sequence[Prompt], answers: Sequence[Answer]) -> tuple[list[list[int]], list[int]]:
@@ -231,17 +237,29 @@ class PPOTrainer(Trainer):
         chunks = [slice(first, first + micro) for first in range(0, rollout.mask.shape[0], micro)]
         for i, rows in enumerate(chunks):
             self._sync_gradients(last=i == len(chunks) - 1)
-            batch = PaddedBatch(*(t[rows] for t in (rollout.batch.tokens, rollout.batch.positions,
-                                                   rollout.batch.document_ids, rollout.batch.real,
-                                                   rollout.batch.offsets, rollout.batch.lengths)))
+            batch = PaddedBatch(
+                *(
+                    t[rows]
+                    for t in (
+                        rollout.batch.tokens,
+                        rollout.batch.positions,
+                        rollout.batch.document_ids,
+                        rollout.batch.real,
+                        rollout.batch.offsets,
+                        rollout.batch.lengths,
+                    )
+                )
+            )
             mask = rollout.mask[rows]
             with self._autocast():
                 logits, values = self.model(batch)
                 logprobs = token_logprobs(logits[:, :-1], batch.tokens[:, 1:])
-                policy_loss, clipped = ppo_policy_loss(logprobs, rollout.old_logprobs[rows], rollout.advantages[rows],
-                                                       mask, config.clip)
-                v_loss = value_loss(values[:, :-1].float(), rollout.old_values[rows], rollout.returns[rows], mask,
-                                    config.clip)
+                policy_loss, clipped = ppo_policy_loss(
+                    logprobs, rollout.old_logprobs[rows], rollout.advantages[rows], mask, config.clip
+                )
+                v_loss = value_loss(
+                    values[:, :-1].float(), rollout.old_values[rows], rollout.returns[rows], mask, config.clip
+                )
             weight = mask.sum() / total
             ((policy_loss + config.value_coef * v_loss) * weight).backward()
             sums["policy_loss"] += (policy_loss * weight).item()

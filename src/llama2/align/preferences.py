@@ -106,8 +106,9 @@ def _prompt(row: dict, where: str) -> Prompt:
     for k, message in enumerate(dialog):
         valid = isinstance(message, dict) and message.get("role") in ROLES and isinstance(message.get("content"), str)
         if not valid:
-            raise Llama2Error(f"{where}: field 'prompt' message {k} must be {{\"role\": system|user|assistant, "
-                              "\"content\": \"...\"}")
+            raise Llama2Error(
+                f'{where}: field \'prompt\' message {k} must be {{"role": system|user|assistant, "content": "..."}}'
+            )
     if not dialog or dialog[-1]["role"] != "user":
         raise Llama2Error(f"{where}: field 'prompt' must end with a user message")
     messages = [{"role": m["role"], "content": m["content"]} for m in dialog]

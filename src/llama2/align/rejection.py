@@ -98,12 +98,24 @@ def collect_best(config: RejectionConfig, reward: CombinedReward | None = None, 
     per_round = max(1, config.sample_batch_size // config.samples)
     from tqdm import tqdm
 
-    with partial.open("a", encoding="utf-8") as log, tqdm(total=len(prompts), initial=len(records), desc="sampling") as bar:
+    with (
+        partial.open("a", encoding="utf-8") as log,
+        tqdm(total=len(prompts), initial=len(records), desc="sampling") as bar,
+    ):
         for first in range(len(records), len(prompts), per_round):
             chunk = prompts[first : first + per_round]
-            sampled = sample_answers(llama, [p.dialog for p in chunk], config.samples, config.max_gen_len,
-                                     config.temperature, config.top_p, seed=config.seed + first)
-            candidates = [[a.text for a in group] + pooled.get(dialog_key(p.dialog), []) for p, group in zip(chunk, sampled)]
+            sampled = sample_answers(
+                llama,
+                [p.dialog for p in chunk],
+                config.samples,
+                config.max_gen_len,
+                config.temperature,
+                config.top_p,
+                seed=config.seed + first,
+            )
+            candidates = [
+                [a.text for a in group] + pooled.get(dialog_key(p.dialog), []) for p, group in zip(chunk, sampled)
+            ]
             for record in choose_best(chunk, candidates, reward):
                 log.write(json.dumps(record) + "\n")
                 records.append(record)
@@ -121,8 +133,14 @@ def _write_best(folder: Path, records: list[dict]) -> None:
     lines = []
     for r in records:
         answer = r["answers"][r["best"]]
-        lines.append(json.dumps({"messages": [*r["prompt"], {"role": "assistant", "content": answer}],
-                                 "reward": r["rewards"][r["best"]]}))
+        lines.append(
+            json.dumps(
+                {
+                    "messages": [*r["prompt"], {"role": "assistant", "content": answer}],
+                    "reward": r["rewards"][r["best"]],
+                }
+            )
+        )
     all_rewards = [x for r in records for x in r["rewards"]]
     summary = {
         "prompts": len(records),
@@ -139,8 +157,15 @@ def build_sampler(config: RejectionConfig):
     from ..generation import Llama
 
     seq_len = config.seq_len
-    return Llama.build(config.model, config.tokenizer, seq_len, config.sample_batch_size, config.seed,
-                       device=config.device, chat_format=config.chat_format)
+    return Llama.build(
+        config.model,
+        config.tokenizer,
+        seq_len,
+        config.sample_batch_size,
+        config.seed,
+        device=config.device,
+        chat_format=config.chat_format,
+    )
 
 
 def run_rejection_sampling(config: RejectionConfig) -> dict:
@@ -154,8 +179,10 @@ def run_rejection_sampling(config: RejectionConfig) -> dict:
         barrier(env)
         summary = json.loads((best.parent / SUMMARY_FILE).read_text(encoding="utf-8"))
         if env.is_main:
-            print(f"kept {summary['prompts']} answers: mean reward {summary['mean_best_reward']:.3f} "
-                  f"(all samples {summary['mean_reward']:.3f})")
+            print(
+                f"kept {summary['prompts']} answers: mean reward {summary['mean_best_reward']:.3f} "
+                f"(all samples {summary['mean_reward']:.3f})"
+            )
         return Trainer(config.sft_config([str(best)]), env).train()
     finally:
         shutdown(env)

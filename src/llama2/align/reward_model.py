@@ -109,7 +109,9 @@ def read_reward_config(folder: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise Llama2Error(f"{folder}: not a reward model (no {REWARD_CONFIG}; train one with `llama2 align rm`)") from None
+        raise Llama2Error(
+            f"{folder}: not a reward model (no {REWARD_CONFIG}; train one with `llama2 align rm`)"
+        ) from None
     except (OSError, json.JSONDecodeError) as error:
         raise Llama2Error(f"{path}: unreadable ({error})") from None
 

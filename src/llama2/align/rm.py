@@ -43,8 +43,13 @@ class PairBatch:
     num_targets: int  # pairs
 
     def to(self, device: torch.device) -> PairBatch:
-        return PairBatch(self.padded.to(device), self.margins.to(device), self.answer_starts.to(device),
-                         self.num_tokens, self.num_targets)
+        return PairBatch(
+            self.padded.to(device),
+            self.margins.to(device),
+            self.answer_starts.to(device),
+            self.num_tokens,
+            self.num_targets,
+        )
 
 
 def collate_pairs(pairs: Sequence[EncodedPair], margin_table: str, side: str = "right") -> PairBatch:
@@ -64,7 +69,9 @@ def split_pairs(pairs: list, fraction: float, seed: int) -> tuple[list, list]:
 
 
 @torch.no_grad()
-def pair_scores(model: RewardModel, pairs: Sequence[EncodedPair], batch_size: int = 8) -> tuple[list[float], list[float]]:
+def pair_scores(
+    model: RewardModel, pairs: Sequence[EncodedPair], batch_size: int = 8
+) -> tuple[list[float], list[float]]:
     """(chosen scores, rejected scores) of tokenized pairs."""
     chosen = model.score_ids([p.chosen.ids for p in pairs], batch_size)
     rejected = model.score_ids([p.rejected.ids for p in pairs], batch_size)
@@ -87,8 +94,11 @@ def preference_metrics(
     metrics["per_rating"] = per_rating
     safety = [k for k, p in enumerate(pairs) if p.safety]
     if safety:
-        flagged = [(1 / (1 + math.exp(-s)) < unsafe_threshold, unsafe) for k in safety
-                   for s, unsafe in ((chosen[k], False), (rejected[k], True))]
+        flagged = [
+            (1 / (1 + math.exp(-s)) < unsafe_threshold, unsafe)
+            for k in safety
+            for s, unsafe in ((chosen[k], False), (rejected[k], True))
+        ]
         true_positives = sum(f and u for f, u in flagged)
         metrics["unsafe_precision"] = true_positives / max(1, sum(f for f, _ in flagged))
         metrics["unsafe_recall"] = true_positives / max(1, sum(u for _, u in flagged))

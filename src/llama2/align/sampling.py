@@ -71,7 +71,9 @@ def sample_answers(
     for first in range(0, len(rows), llama.max_batch_size):
         chunk = rows[first : first + llama.max_batch_size]
         chunk_seed = None if seed is None else seed + first
-        outputs, _ = llama.generate(chunk, max_gen_len, temperature, top_p, stop_ids=chat_format.stop_ids, seed=chunk_seed)
+        outputs, _ = llama.generate(
+            chunk, max_gen_len, temperature, top_p, stop_ids=chat_format.stop_ids, seed=chunk_seed
+        )
         for prompt, ids in zip(chunk, outputs):
             limit = min(max_gen_len, llama.max_seq_len - len(prompt))
             answers.append(Answer(ids, llama.tokenizer.decode(ids), finished=len(ids) < limit))
@@ -81,4 +83,3 @@ def sample_answers(
 def best_of(scores: Sequence[Sequence[float]]) -> list[int]:
     """The index of the highest score in each group (the first one on ties)."""
     return [max(range(len(group)), key=group.__getitem__) for group in scores]
-

@@ -19,21 +19,49 @@ from pathlib import Path
 from .preferences import RATINGS
 
 FACTS = (
-    ("What is the capital of France?", "The capital of France is Paris.", "It has been the seat of government for centuries."),
-    ("What is the boiling point of water?", "Water boils at 100 degrees Celsius at sea level.", "Lower pressure lowers it."),
+    (
+        "What is the capital of France?",
+        "The capital of France is Paris.",
+        "It has been the seat of government for centuries.",
+    ),
+    (
+        "What is the boiling point of water?",
+        "Water boils at 100 degrees Celsius at sea level.",
+        "Lower pressure lowers it.",
+    ),
     ("How many legs does a spider have?", "A spider has eight legs.", "That is why spiders are not insects."),
     ("What gas do plants take in?", "Plants take in carbon dioxide.", "They turn it into sugar with sunlight."),
-    ("What is the largest planet?", "Jupiter is the largest planet.", "It is more than twice as massive as the rest together."),
+    (
+        "What is the largest planet?",
+        "Jupiter is the largest planet.",
+        "It is more than twice as massive as the rest together.",
+    ),
     ("Who wrote Hamlet?", "William Shakespeare wrote Hamlet.", "He wrote it around the year 1600."),
-    ("What is the freezing point of water?", "Water freezes at 0 degrees Celsius.", "Salt water freezes at a lower temperature."),
+    (
+        "What is the freezing point of water?",
+        "Water freezes at 0 degrees Celsius.",
+        "Salt water freezes at a lower temperature.",
+    ),
     ("How many days are in a week?", "A week has seven days.", "The names come from old gods and planets."),
     ("What color is the sky on a clear day?", "A clear sky is blue.", "Air scatters blue light more than red."),
-    ("What is the fastest land animal?", "The cheetah is the fastest land animal.", "It can run about 100 km per hour."),
+    (
+        "What is the fastest land animal?",
+        "The cheetah is the fastest land animal.",
+        "It can run about 100 km per hour.",
+    ),
     ("What is the chemical symbol for gold?", "The symbol for gold is Au.", "It comes from the Latin word aurum."),
     ("How many continents are there?", "There are seven continents.", "Asia is the largest of them."),
-    ("What is the tallest mountain?", "Mount Everest is the tallest mountain.", "Its peak is 8849 meters above sea level."),
+    (
+        "What is the tallest mountain?",
+        "Mount Everest is the tallest mountain.",
+        "Its peak is 8849 meters above sea level.",
+    ),
     ("Which organ pumps blood?", "The heart pumps blood.", "It beats about 100000 times a day."),
-    ("What is the longest river?", "The Nile is usually named the longest river.", "Some measurements favor the Amazon."),
+    (
+        "What is the longest river?",
+        "The Nile is usually named the longest river.",
+        "Some measurements favor the Amazon.",
+    ),
     ("How many hours are in a day?", "A day has 24 hours.", "That is one turn of the Earth."),
 )
 HARMFUL = (
@@ -62,7 +90,10 @@ def helpful_answer(fact: tuple[str, str, str], level: int, rng: random.Random) -
 
 
 def refusal(topic: str) -> str:
-    return f"I can't help with {topic}. It could hurt people and break the law. If you need help, I can suggest safe options."
+    return (
+        f"I can't help with {topic}. It could hurt people and break the law. "
+        "If you need help, I can suggest safe options."
+    )
 
 
 def compliance(request: str) -> str:
@@ -77,14 +108,24 @@ def helpfulness_pair(rng: random.Random) -> dict:
     else:
         low = rng.randint(0, 3 - gap)
         chosen, rejected = helpful_answer(fact, low + gap, rng), helpful_answer(fact, low, rng)
-    return {"prompt": [{"role": "user", "content": fact[0]}], "chosen": chosen, "rejected": rejected,
-            "rating": LEVEL_GAP_RATING[gap], "safety": False}
+    return {
+        "prompt": [{"role": "user", "content": fact[0]}],
+        "chosen": chosen,
+        "rejected": rejected,
+        "rating": LEVEL_GAP_RATING[gap],
+        "safety": False,
+    }
 
 
 def safety_pair(rng: random.Random) -> dict:
     request, topic = rng.choice(HARMFUL)
-    return {"prompt": [{"role": "user", "content": request}], "chosen": refusal(topic), "rejected": compliance(request),
-            "rating": RATINGS[0], "safety": True}
+    return {
+        "prompt": [{"role": "user", "content": request}],
+        "chosen": refusal(topic),
+        "rejected": compliance(request),
+        "rating": RATINGS[0],
+        "safety": True,
+    }
 
 
 def preference_rows(count: int, safety_share: float, seed: int) -> list[dict]:
