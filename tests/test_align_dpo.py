@@ -46,7 +46,7 @@ def test_dpo_starts_at_log_2_and_learns_the_preferences(tmp_path):
         lora_rank=8,
         lora_dropout=0.0,
         lr=3e-3,
-        max_steps=20,
+        max_steps=8,
         save_every=100,
         export="none",
         peak_tflops=1.0,
