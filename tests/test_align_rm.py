@@ -126,3 +126,13 @@ def test_killed_lora_run_resumes_exactly(tmp_path):
     assert losses(tmp_path / "killed") == pytest.approx(losses(tmp_path / "straight"), rel=1e-6)
     assert (tmp_path / "killed" / "adapter" / "adapter.safetensors").is_file()
     assert (tmp_path / "killed" / "reward_head.safetensors").is_file()
+
+
+def test_plots_of_the_accuracy_per_rating(trained_run):
+    from llama2.align.plots import SFT_PLOTS, plot_stage
+    from llama2.align.rm import ACCURACY_PLOTS
+
+    run, _, _ = trained_run
+    written = plot_stage(run, {**SFT_PLOTS, **ACCURACY_PLOTS, "absent": ("no_such_metric",)})
+    assert sorted(p.name for p in written) == ["loss.png", "lr.png", "rm_accuracy.png"]
+    assert all(p.stat().st_size > 1000 for p in written)

@@ -73,6 +73,7 @@ def run_distillation(config: DistillConfig) -> dict:
     from ..generation import Llama
     from ..train.trainer import run_training
     from ..weights.common import atomic_output
+    from .plots import SFT_PLOTS, plot_stage
     from .reward_model import RewardModel
 
     folder = Path(config.output_dir) / "distill"
@@ -105,4 +106,6 @@ def run_distillation(config: DistillConfig) -> dict:
     print(f"kept {summary['kept']} of {summary['prompts']} preprompted answers")
     if summary["kept"] == 0:
         return summary
-    return {**summary, **run_training(config.sft_config([str(examples_path)]))}
+    last = run_training(config.sft_config([str(examples_path)]))
+    plot_stage(config.output_dir, SFT_PLOTS)
+    return {**summary, **last}

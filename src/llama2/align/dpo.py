@@ -93,13 +93,13 @@ class DPOTrainer(RewardTrainer):
 
 def run_dpo(config: DPOConfig) -> dict:
     """Train with DPO (`config` resolved); returns the last metrics. Plots go to the run folder."""
-    from .plots import plot_stage
+    from .plots import SFT_PLOTS, plot_stage
 
     env = init_distributed(config.device)
     try:
         last = DPOTrainer(config, env).train()
         if env.is_main:
-            plot_stage(config.output_dir, {"loss": ("loss", "val_loss"), **ACCURACY_PLOTS, "lr": ("lr",)})
+            plot_stage(config.output_dir, {**SFT_PLOTS, **ACCURACY_PLOTS})
         return last
     finally:
         shutdown(env)

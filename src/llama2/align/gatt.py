@@ -117,6 +117,7 @@ def run_gatt(config) -> dict:
     from ..generation import Llama
     from ..train.data import write_json_atomic
     from ..train.trainer import run_training
+    from .plots import SFT_PLOTS, plot_stage
 
     out = Path(config.output_dir)
     instruction = INSTRUCTIONS[config.instruction]
@@ -148,6 +149,7 @@ def run_gatt(config) -> dict:
         write_json_atomic(result_path, result)
         del llama
     run_training(config.sft_config([str(examples_path)]))
+    plot_stage(out, SFT_PLOTS)
     result["after"] = adherence(build(str(out / "final")), instruction, eval_turns, config.max_gen_len, config.seed)
     write_json_atomic(result_path, result)
     return result

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from ..train.metrics import METRICS_FILE, read_metrics
 
+SFT_PLOTS = {"loss": ("loss", "val_loss"), "lr": ("lr",)}
+
 
 def plot_stage(run_dir: str | os.PathLike, groups: Mapping[str, Sequence[str]]) -> list[Path]:
     """Write RUN_DIR/NAME.png for each group NAME -> metric keys that has data; returns the paths.

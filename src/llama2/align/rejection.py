@@ -172,6 +172,7 @@ def run_rejection_sampling(config: RejectionConfig) -> dict:
     """Sample and keep the best answers (rank 0), then fine-tune on them (every process); returns the
     last training metrics."""
     from ..train.trainer import Trainer
+    from .plots import SFT_PLOTS, plot_stage
 
     env = init_distributed(config.device)
     try:
@@ -183,6 +184,9 @@ def run_rejection_sampling(config: RejectionConfig) -> dict:
                 f"kept {summary['prompts']} answers: mean reward {summary['mean_best_reward']:.3f} "
                 f"(all samples {summary['mean_reward']:.3f})"
             )
-        return Trainer(config.sft_config([str(best)]), env).train()
+        last = Trainer(config.sft_config([str(best)]), env).train()
+        if env.is_main:
+            plot_stage(config.output_dir, SFT_PLOTS)
+        return last
     finally:
         shutdown(env)

@@ -181,13 +181,13 @@ class RewardTrainer(Trainer):
 
 def run_reward_training(config: RewardConfig) -> dict:
     """Train a reward model with `config` (resolved); returns the last metrics. Plots go to the run folder."""
-    from .plots import plot_stage
+    from .plots import SFT_PLOTS, plot_stage
 
     env = init_distributed(config.device)
     try:
         last = RewardTrainer(config, env).train()
         if env.is_main:
-            plot_stage(config.output_dir, {"loss": ("loss", "val_loss"), **ACCURACY_PLOTS, "lr": ("lr",)})
+            plot_stage(config.output_dir, {**SFT_PLOTS, **ACCURACY_PLOTS})
         return last
     finally:
         shutdown(env)
