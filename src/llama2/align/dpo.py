@@ -14,7 +14,6 @@ import copy
 import torch
 from torch import nn
 
-from ..train.distributed import init_distributed, shutdown
 from ..train.model_setup import prepare_model
 from ..train.trainer import Trainer
 from .batching import PaddedBatch
@@ -93,13 +92,6 @@ class DPOTrainer(RewardTrainer):
 
 def run_dpo(config: DPOConfig) -> dict:
     """Train with DPO (`config` resolved); returns the last metrics. Plots go to the run folder."""
-    from .plots import SFT_PLOTS, plot_stage
+    from .plots import SFT_PLOTS, run_stage
 
-    env = init_distributed(config.device)
-    try:
-        last = DPOTrainer(config, env).train()
-        if env.is_main:
-            plot_stage(config.output_dir, {**SFT_PLOTS, **ACCURACY_PLOTS})
-        return last
-    finally:
-        shutdown(env)
+    return run_stage(DPOTrainer, config, {**SFT_PLOTS, **ACCURACY_PLOTS})

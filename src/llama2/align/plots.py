@@ -46,3 +46,18 @@ def plot_stage(run_dir: str | os.PathLike, groups: Mapping[str, Sequence[str]]) 
         plt.close(figure)
         written.append(target)
     return written
+
+
+def run_stage(trainer_class, config, plots: Mapping[str, Sequence[str]], **options) -> dict:
+    """Train `trainer_class(config, env, **options)` on this process (joining torchrun's group if any),
+    then plot `plots` on rank 0; returns the last metrics."""
+    from ..train.distributed import init_distributed, shutdown
+
+    env = init_distributed(config.device)
+    try:
+        last = trainer_class(config, env, **options).train()
+        if env.is_main:
+            plot_stage(config.output_dir, plots)
+        return last
+    finally:
+        shutdown(env)

@@ -31,7 +31,6 @@ import torch
 from torch import nn
 
 from ..chat import resolve_chat_format
-from ..train.distributed import init_distributed, shutdown
 from ..train.lora import LoRALinear
 from ..train.model_setup import prepare_model
 from ..train.trainer import Trainer
@@ -312,13 +311,6 @@ class PPOTrainer(Trainer):
 
 def run_ppo(config: PPOConfig, reward: CombinedReward | None = None) -> dict:
     """Run PPO with `config` (resolved); returns the last metrics. Plots go to the run folder."""
-    from .plots import plot_stage
+    from .plots import run_stage
 
-    env = init_distributed(config.device)
-    try:
-        last = PPOTrainer(config, env, reward=reward).train()
-        if env.is_main:
-            plot_stage(config.output_dir, PPO_PLOTS)
-        return last
-    finally:
-        shutdown(env)
+    return run_stage(PPOTrainer, config, PPO_PLOTS, reward=reward)

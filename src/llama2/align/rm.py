@@ -19,7 +19,6 @@ from torch import nn
 
 from ..chat import resolve_chat_format
 from ..errors import Llama2Error
-from ..train.distributed import init_distributed, shutdown
 from ..train.model_setup import prepare_model
 from ..train.trainer import Trainer
 from .batching import PaddedBatch, pad_sequences
@@ -181,16 +180,9 @@ class RewardTrainer(Trainer):
 
 def run_reward_training(config: RewardConfig) -> dict:
     """Train a reward model with `config` (resolved); returns the last metrics. Plots go to the run folder."""
-    from .plots import SFT_PLOTS, plot_stage
+    from .plots import SFT_PLOTS, run_stage
 
-    env = init_distributed(config.device)
-    try:
-        last = RewardTrainer(config, env).train()
-        if env.is_main:
-            plot_stage(config.output_dir, {**SFT_PLOTS, **ACCURACY_PLOTS})
-        return last
-    finally:
-        shutdown(env)
+    return run_stage(RewardTrainer, config, {**SFT_PLOTS, **ACCURACY_PLOTS})
 
 
 def score_pairs(model_path: str, data: Sequence[str], batch_size: int = 8, unsafe_threshold: float = 0.5) -> dict:
