@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir", help="the run's --output-dir")
     plot.add_argument("--output", "-o", help="folder for the PNG files (default: RUN_DIR)")
     plot.set_defaults(handler=cmd_plot)
+    from .align.cli import add_align_parser  # no torch import: the parser stays fast
+
+    add_align_parser(commands)
     return parser
 
 

@@ -183,19 +183,20 @@ def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
 # ---------------------------------------------------------------------------- YAML
 
 
-def load_config(path: str | Path | None, overrides: dict | None = None) -> TrainConfig:
+def load_config(path: str | Path | None, overrides: dict | None = None, cls: type = TrainConfig) -> TrainConfig:
     """A `TrainConfig` from a YAML file (optional) with `overrides` applied on top.
 
     Args:
         path: YAML mapping of field names (hyphens or underscores) to values, or None.
         overrides: field name -> value, e.g. from command-line flags.
+        cls: `TrainConfig` or a subclass of it with more settings (e.g. an alignment stage's).
 
     Raises:
         Llama2Error: an unreadable file, an unknown key or a value of the wrong type.
     """
     values = _read_yaml(Path(path)) if path is not None else {}
     values.update(overrides or {})
-    return config_from_dict(values, source=str(path) if path else "flags")
+    return config_from_dict(values, source=str(path) if path else "flags", cls=cls)
 
 
 def save_config(config: TrainConfig, path: Path) -> None:
@@ -224,16 +225,16 @@ def _read_yaml(path: Path) -> dict:
     return values
 
 
-def config_from_dict(values: dict, source: str = "config") -> TrainConfig:
-    """Build a `TrainConfig`, checking every key and the type of every value."""
-    hints = typing.get_type_hints(TrainConfig)
+def config_from_dict(values: dict, source: str = "config", cls: type = TrainConfig) -> TrainConfig:
+    """Build a `TrainConfig` (or `cls`, a subclass), checking every key and the type of every value."""
+    hints = typing.get_type_hints(cls)
     fields = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
         if name not in hints:
             raise Llama2Error(f"{source}: unknown setting {key!r}")
         fields[name] = _coerce(name, value, hints[name], source)
-    return TrainConfig(**fields)
+    return cls(**fields)
 
 
 def _coerce(name: str, value, hint, source: str):
@@ -303,16 +304,26 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Add `llama2 train`'s positional arguments and override flags to `parser`."""
     parser.add_argument("mode", choices=MODES, help="pretrain (text) or sft (chat dialogs)")
     parser.add_argument("config", nargs="?", help="YAML file of TrainConfig settings")
-    for flag, name, options in _FLAGS:
+    add_override_flags(parser, _FLAGS)
+
+
+def add_override_flags(parser: argparse.ArgumentParser, flags: tuple[tuple[str, str, dict], ...] = _FLAGS) -> None:
+    """Add (flag, field, argparse options) override flags; `overrides_from_args` reads them back."""
+    for flag, name, options in flags:
         if "action" not in options and "choices" not in options:
             options = {"metavar": name.upper(), **options}
         parser.add_argument(flag, dest=f"set_{name}", default=None, **options)
 
 
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    """Field name -> value of every override flag given on the command line."""
+    return {
+        key[len("set_") :]: value for key, value in vars(args).items() if key.startswith("set_") and value is not None
+    }
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The run's config: the YAML file, then the flags given, then the mode's defaults."""
-    overrides = {
-        name: getattr(args, f"set_{name}") for _, name, _ in _FLAGS if getattr(args, f"set_{name}") is not None
-    }
+    overrides = overrides_from_args(args)
     overrides["mode"] = args.mode
     return load_config(args.config, overrides).resolved()

@@ -102,7 +102,8 @@ def encode_chat_example(chat_format: ChatFormat, dialog: list[dict]) -> tuple[li
 
     The ids are the format's encoding of the dialog up to its last assistant message.
     Targets are each assistant answer's tokens up to and including the end-of-turn (or
-    EOS) token that closes it; system and user turns and the format's own markup are not.
+    EOS) token that closes it; system and user turns and the format's own markup are not,
+    nor answers marked ``"train": false`` (Ghost Attention trains on the last turn only).
     An answer starts where `chat_format.encode_dialog_prompt` of the dialog before it
     ends, so training sees exactly the prompt the model gets when asked to answer.
 
@@ -121,7 +122,7 @@ def encode_chat_example(chat_format: ChatFormat, dialog: list[dict]) -> tuple[li
         raise Llama2Error("the dialog has no assistant message to train on")
     ids = encode_finished_dialog(chat_format, dialog[: answers[-1] + 1])
     mask = [False] * len(ids)
-    for i in answers:
+    for i in (i for i in answers if dialog[i].get("train", True) is not False):
         start = _common_prefix_len(chat_format.encode_dialog_prompt(dialog[:i]), ids)
         end = _common_prefix_len(encode_finished_dialog(chat_format, dialog[: i + 1]), ids)
         end = _end_after_stop(ids, start, end, chat_format.stop_ids)

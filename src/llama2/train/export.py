@@ -51,9 +51,29 @@ def gather_replica(model: nn.Module, args, lora: LoRAConfig | None, env: Distrib
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not env.is_main:
         return None
+    return replica_from_state_dict(full, args, lora)
+
+
+def replica_from_state_dict(state_dict: dict[str, torch.Tensor], args, lora: LoRAConfig | None) -> nn.Module:
+    """A `Transformer` (with adapters when `lora` is given) holding a full state dict's tensors."""
     replica = meta_transformer(args, None if lora is None else lambda model: apply_lora(model, lora))
-    replica.load_state_dict(full, strict=True, assign=True)
+    replica.load_state_dict(state_dict, strict=True, assign=True)
     return replica
+
+
+def write_replica(replica: nn.Module, loaded: TrainingModel, lora: LoRAConfig | None, config: TrainConfig, folder: Path):
+    """Save LoRA adapters to OUTPUT_DIR/adapter, merge them, and write the model to `folder` in `config.export`.
+
+    Returns:
+        The written model path (None when `config.export` is "none").
+    """
+    if lora is not None:
+        save_adapters(replica, lora, folder.parent / ADAPTER_FOLDER, base_model=loaded.source)
+        merge_lora(replica)
+    if config.export == "none":
+        return None
+    state_dict = {name: t.detach().float().contiguous() for name, t in replica.state_dict().items()}
+    return WRITERS[config.export](loaded.args, state_dict, folder, loaded.tokenizer, loaded.chat_template)
 
 
 def export_model(
@@ -67,13 +87,6 @@ def export_model(
     if config.export == "none" and lora is None:
         return None
     replica = gather_replica(model, loaded.args, lora, env)
-    written = None
-    if replica is not None:
-        if lora is not None:
-            save_adapters(replica, lora, folder.parent / ADAPTER_FOLDER, base_model=loaded.source)
-            merge_lora(replica)
-        if config.export != "none":
-            state_dict = {name: t.detach().float().contiguous() for name, t in replica.state_dict().items()}
-            written = WRITERS[config.export](loaded.args, state_dict, folder, loaded.tokenizer, loaded.chat_template)
+    written = write_replica(replica, loaded, lora, config, folder) if replica is not None else None
     barrier(env)
     return written

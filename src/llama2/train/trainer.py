@@ -80,7 +80,7 @@ class Trainer:
         self.train_rows, self.val_rows = self._load_data()
         self.bf16 = bf16_enabled(config, self.env.device)
         self.lora = lora_config(config)
-        self.model = prepare_model(self.loaded.model, config, self.env, self.bf16)
+        self.model = self.prepare_model()
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = build_scheduler(self.optimizer, config)
         self.sampler = EpochSampler(len(self.train_rows), config.seed)
@@ -124,6 +124,14 @@ class Trainer:
         split_documents = self.config.mode == "pretrain"
         return make_rows(dataset, self.seq_len, self.config.layout, split_documents, self.config.document_mask)
 
+    def prepare_model(self) -> nn.Module:
+        """The module to train, ready for its device (a hook: alignment stages wrap the model)."""
+        return prepare_model(self.loaded.model, self.config, self.env, self.bf16)
+
+    def compute_loss(self, batch) -> torch.Tensor:
+        """The summed loss of one micro-batch (a hook: alignment stages train other objectives)."""
+        return causal_lm_loss(self.model, batch)
+
     def _resume(self) -> None:
         """Continue from the latest checkpoint, or seed this process's training randomness."""
         folder = latest_checkpoint(self.output_dir)
@@ -158,7 +166,7 @@ class Trainer:
         for i, batch in enumerate(batches):
             self._sync_gradients(last=i == len(batches) - 1)
             with self._autocast():
-                loss = causal_lm_loss(self.model, batch.to(self.env.device))
+                loss = self.compute_loss(batch.to(self.env.device))
             (loss * scale).backward()
             loss_sum += loss.detach()
         grad_norm = self._clip_gradients()
@@ -212,7 +220,7 @@ class Trainer:
             # Every process runs the same number of forward passes (FSDP gathers weights in them).
             batch = collate([rows[i] for i in indices or [0]]).to(env.device)
             with self._autocast():
-                loss = causal_lm_loss(self.model, batch)
+                loss = self.compute_loss(batch)
             if indices:
                 loss_sum, targets = loss_sum + loss.item(), targets + batch.num_targets
         self.model.train()
