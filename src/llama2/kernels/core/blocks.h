@@ -64,6 +64,16 @@ inline uint16_t load_u16(const uint8_t* p) {
   return v;
 }
 
+// The fp16 fields of `cnt` (1..16) consecutive blocks from blk: d[i] (and Q4_1's m[i]) of
+// block i, 0 from cnt on (the portable way to gather a group's scales).
+template <int64_t QT>
+inline void fp16_fields(const uint8_t* blk, int cnt, uint16_t* d, uint16_t* m) {
+  for (int i = 0; i < 16; ++i) {
+    d[i] = i < cnt ? load_u16(blk + i * block_bytes(QT)) : 0;
+    m[i] = QT == Q4_1 && i < cnt ? load_u16(blk + i * block_bytes(QT) + 2) : 0;
+  }
+}
+
 inline float bits_to_float(uint32_t bits) {
   float f;
   std::memcpy(&f, &bits, 4);
