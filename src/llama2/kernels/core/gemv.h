@@ -53,9 +53,6 @@ constexpr int ROWS = 4;    // weight rows per tile: each activation block serves
 // prefill kernels; below, M = 1 and 2 read the GGUF bytes directly.
 constexpr int64_t TRANSPOSED_MIN_M = 3;
 constexpr int MB = 2;  // activation rows per pass in the AVX-512 prefill path
-// AVX-512: up to this many rows (decode batches), the unpacked weights stay in registers
-// for all rows in turn (dot_tile_batched).
-constexpr int64_t BATCHED_MAX_M = 32;
 // Generic kernel: from this many activation rows each decoded weight group serves them all
 // (dot_tile_batched); below, two activation rows per pass with the sums in registers.
 constexpr int64_t BATCHED_MIN_M = 3;

@@ -151,16 +151,6 @@ GGUF_INLINE void store_sums(const __m512* acc, float* out) {
   for (int r = 0; r < R; ++r) out[r] = sums[r];
 }
 
-// Sums of `rows` (<= ROWS) accumulators into out[0..rows).
-GGUF_INLINE void store_sums_strided(const __m512* acc, int rows, float* out) {
-  switch (rows) {
-    case 4: store_sums<4>(acc, out); break;
-    case 3: store_sums<3>(acc, out); break;
-    case 2: store_sums<2>(acc, out); break;
-    default: store_sums<1>(acc, out); break;
-  }
-}
-
 // ---- Decode path (M <= 2): dot products straight from the GGUF blocks ----
 //
 // Blocks are taken 4 at a time (a quad). Two zmm hold the quad's weights in the
@@ -475,51 +465,6 @@ void dot_tile_unpacked_all(const __m512i* wt, const float* dw, const float* mw, 
   }
 }
 
-// Batched rows (TRANSPOSED_MIN_M <= M <= BATCHED_MAX_M, a decode step of several
-// sequences): per weight row and full group, the 8 unpacked columns stay in registers and
-// serve every activation row in turn (8 vpdpbusd each, nothing else per block); each
-// row's float partial sums wait in acc [m_rows][ROWS] (scratch memory). A last partial
-// group goes through direct_group, row by row. Per row the same terms in the same order
-// as dot_tile_unpacked.
-template <int64_t QT>
-void dot_tile_batched(const __m512i* wt, const float* dw, const float* mw, const float* tail, const uint8_t* w,
-                      int64_t row_bytes, int rows, const QuantActs& acts, int64_t m_rows, __m512* acc,
-                      float (*out)[ROWS]) {
-  const int64_t nb = acts.nb, ngroups = nb / GROUP;
-  for (int64_t i = 0; i < m_rows * ROWS; ++i) acc[i] = _mm512_setzero_ps();
-  for (int r = 0; r < rows; ++r) {
-    for (int64_t g = 0; g < ngroups; ++g) {
-      const int64_t b0 = g * GROUP, sc = (r * ngroups + g) * GROUP;
-      __m512i wv[8];
-      for (int c = 0; c < 8; ++c) wv[c] = _mm512_load_si512(wt + (r * ngroups + g) * 8 + c);
-      const __m512 d = _mm512_load_ps(dw + sc);
-      const __m512 mn = QT == Q4_1 ? _mm512_load_ps(mw + sc) : _mm512_setzero_ps();
-      for (int64_t m = 0; m < m_rows; ++m) {
-        const int8_t* q = acts.qT(m) + b0 * QK;  // [8 columns][16 blocks][4 bytes]
-        __m512i even = _mm512_load_si512(acts.noffT(m) + b0), odd = _mm512_setzero_si512();
-        for (int c = 0; c < 8; c += 2) {  // two dependency chains; integer sums are exact in any order
-          even = _mm512_dpbusd_epi32(even, wv[c], _mm512_load_si512(q + c * 64));
-          odd = _mm512_dpbusd_epi32(odd, wv[c + 1], _mm512_load_si512(q + (c + 1) * 64));
-        }
-        __m512& sum = acc[m * ROWS + r];
-        if (QT == Q4_1) sum = _mm512_fmadd_ps(mn, _mm512_load_ps(acts.xs(m) + b0), sum);
-        const __m512 s = _mm512_mul_ps(d, _mm512_load_ps(acts.d(m) + b0));
-        sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(even, odd)), s, sum);
-      }
-    }
-    if (ngroups * GROUP < nb) {
-      for (int64_t m = 0; m < m_rows; ++m) {
-        const ActRow a[1] = {acts.row(m)};
-        __m512 one[1][1] = {{acc[m * ROWS + r]}};
-        direct_group<QT, 1, 1, false, false>(w + r * row_bytes, row_bytes, nb, ngroups * GROUP, 0, a, one,
-                                             tail + r * GROUP);
-        acc[m * ROWS + r] = one[0][0];
-      }
-    }
-  }
-  for (int64_t m = 0; m < m_rows; ++m) store_sums_strided(acc + m * ROWS, rows, out[m]);
-}
-
 template <int64_t QT, class ParallelFor>
 void run_tiles(const uint8_t* w, const QuantActs& acts, int64_t m_rows, int64_t n, float* y, int64_t grain,
                const ParallelFor& parallel_for) {
@@ -547,9 +492,8 @@ void run_tiles(const uint8_t* w, const QuantActs& acts, int64_t m_rows, int64_t 
     return;
   }
   const int64_t ngroups = nb / GROUP;
-  const bool batched = m_rows <= BATCHED_MAX_M;
   parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    static thread_local Scratch tile_scratch, out_scratch, acc_scratch;
+    static thread_local Scratch tile_scratch, out_scratch;
     const int64_t nfull = ngroups * GROUP;  // blocks in the unpacked tile, per row
     __m512i* wt = reinterpret_cast<__m512i*>(tile_scratch.get(ROWS * nfull * (QK + 8) + 2 * ROWS * GROUP * 4));
     float* dw = reinterpret_cast<float*>(wt + ROWS * nfull / 2);
@@ -561,10 +505,7 @@ void run_tiles(const uint8_t* w, const QuantActs& acts, int64_t m_rows, int64_t 
       const int rows = static_cast<int>(std::min<int64_t>(ROWS, n - r0));
       const uint8_t* wr = w + r0 * row_bytes;
       unpack_tile<QT>(wr, row_bytes, rows, nb, wt, dw, mw, tail);
-      if (batched) {
-        auto* acc = reinterpret_cast<__m512*>(acc_scratch.get(m_rows * ROWS * sizeof(__m512)));
-        dot_tile_batched<QT>(wt, dw, mw, tail, wr, row_bytes, rows, acts, m_rows, acc, out);
-      } else switch (rows) {
+      switch (rows) {
         case 4: dot_tile_unpacked_all<QT, 4>(wt, dw, mw, tail, wr, row_bytes, acts, m_rows, out); break;
         case 3: dot_tile_unpacked_all<QT, 3>(wt, dw, mw, tail, wr, row_bytes, acts, m_rows, out); break;
         case 2: dot_tile_unpacked_all<QT, 2>(wt, dw, mw, tail, wr, row_bytes, acts, m_rows, out); break;
