@@ -329,7 +329,8 @@ void dot_tile_batched(const uint8_t* w, int64_t row_bytes, int rows, const Quant
       V::F16 dw, mw;
       V::group_scales<QT>(blk, cnt, dw, mw);
       for (int64_t m = 0; m < m_rows; ++m) {
-        const V::I16 isum = V::group_isums_prepared<QT>(gw, acts.q(m) + g * QK, acts.sumq(m) + g);
+        const int8_t* qT = V::kTransposedActs ? acts.qT(m) + g * QK : nullptr;
+        const V::I16 isum = V::group_isums_prepared<QT>(gw, acts.q(m) + g * QK, qT, acts.sumq(m) + g);
         V::F16& sum = acc[m * ROWS + r];
         if (QT == Q4_1) sum = V::fmadd(mw, V::load(acts.xs(m) + g), sum);
         sum = V::fmadd(V::to_float(isum), V::mul(dw, V::load(acts.d(m) + g)), sum);
@@ -371,7 +372,11 @@ QuantActs quantize_acts(const T* xp, int64_t m_rows, int64_t k, int32_t offset, 
   static thread_local Scratch act_scratch;
   const int64_t nb = k / QK;
   const int64_t nbp = (nb + GROUP - 1) / GROUP * GROUP;
-  const bool transposed = LLAMA2_GEMV_AVX512 && m_rows >= TRANSPOSED_MIN_M;
+#if LLAMA2_GEMV_AVX512
+  const bool transposed = m_rows >= TRANSPOSED_MIN_M;
+#else
+  const bool transposed = V::kTransposedActs && m_rows >= BATCHED_MIN_M;
+#endif
   QuantActs acts(nb, transposed, act_scratch.get(m_rows * QuantActs::bytes_per_row(nbp)));
   parallel_for(0, m_rows, std::max<int64_t>(1, 65536 / k), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) quantize_row(xp + m * k, acts, m, offset);

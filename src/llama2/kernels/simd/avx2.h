@@ -189,22 +189,52 @@ inline __m256i block_sums8(const __m256i* w, const __m256i* sign, const int8_t* 
   return sum8x8(p);
 }
 
-// A group's weights decoded once for several activation rows (group_isums_prepared).
+// Batched rows take the activations transposed (QuantActs::qT: per group of 16 blocks, for
+// each 4-byte column c, the 16 blocks' column c), so that the weights, transposed the same
+// way once per group, give each block's sum in its own lane without horizontal adds.
+constexpr bool kTransposedActs = true;
+
+// 8 rows of 8 dwords -> 8 columns: c[j] lane i = r[i] lane j.
+inline void transpose8x8(const __m256i* r, __m256i* c) {
+  __m256i t[8], u[8];
+  for (int k = 0; k < 4; ++k) {
+    t[2 * k] = _mm256_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm256_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+  }
+  for (int k = 0; k < 2; ++k) {  // rows 4k..4k+3: u[4k + j] = dwords j, j + 4 of the 4 rows
+    u[4 * k] = _mm256_unpacklo_epi64(t[4 * k], t[4 * k + 2]);
+    u[4 * k + 1] = _mm256_unpackhi_epi64(t[4 * k], t[4 * k + 2]);
+    u[4 * k + 2] = _mm256_unpacklo_epi64(t[4 * k + 1], t[4 * k + 3]);
+    u[4 * k + 3] = _mm256_unpackhi_epi64(t[4 * k + 1], t[4 * k + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    c[j] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x20);
+    c[j + 4] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x31);
+  }
+}
+
+// A group's weights decoded and transposed once for several activation rows:
+// col[h][c] lane i = column c (4 bytes) of block 8h + i as dot_u8s8's unsigned operand,
+// sign[h][c] the signs it goes with (Q8_0).
 template <int64_t QT>
 struct GroupWeights {
-  __m256i w[16];
-  __m256i sign[QT == Q8_0 ? 16 : 1];
+  __m256i col[2][8];
+  __m256i sign[QT == Q8_0 ? 2 : 1][8];
 };
 
-// See scalar.h. Blocks past cnt re-read block cnt - 1 (never past the row); their
-// activation blocks are zero padding, so their lanes come out 0.
+// Blocks past cnt re-read block cnt - 1 (never past the row); their activation blocks are
+// zero padding, so their lanes come out 0.
 template <int64_t QT>
 inline void prepare_group(const uint8_t* blk, int cnt, GroupWeights<QT>& gw) {
   constexpr int64_t BS = block_bytes(QT), OFF = qs_offset(QT);
-  for (int i = 0; i < 16; ++i) {
-    __m256i sign;
-    gw.w[i] = block_weights<QT>(blk + (i < cnt ? i : cnt - 1) * BS + OFF, sign);
-    if (QT == Q8_0) gw.sign[i] = sign;
+  for (int h = 0; h < 2; ++h) {
+    __m256i w[8], sign[8];
+    for (int i = 0; i < 8; ++i) {
+      const int b = 8 * h + i;
+      w[i] = block_weights<QT>(blk + (b < cnt ? b : cnt - 1) * BS + OFF, sign[i]);
+    }
+    transpose8x8(w, gw.col[h]);
+    if (QT == Q8_0) transpose8x8(sign, gw.sign[QT == Q8_0 ? h : 0]);
   }
 }
 
@@ -216,11 +246,32 @@ inline __m256i take_offset(__m256i sums, const int32_t* sumq) {
   return _mm256_sub_epi32(sums, _mm256_slli_epi32(s, 3));
 }
 
+// group_isums<QT, 1> of a prepared group for one activation row, from its transposed
+// blocks qT (the group's 8 x 64 bytes). Q4 with vpmaddubsw: each int16 holds 2 products
+// of a nibble (<= 15) and an int8 (|x| <= 127), so the 8 columns add up within int16
+// (16 * 15 * 127 <= 32767) before one vpmaddwd; Q8_0's products (up to 2 * 128 * 127 a
+// pair) and AVX-VNNI's vpdpbusd add as int32.
 template <int64_t QT>
-inline I16 group_isums_prepared(const GroupWeights<QT>& gw, const int8_t* q, const int32_t* sumq) {
-  const __m256i* sign = QT == Q8_0 ? gw.sign : nullptr;
-  return {take_offset<QT>(block_sums8<QT>(gw.w, sign, q), sumq),
-          take_offset<QT>(block_sums8<QT>(gw.w + 8, QT == Q8_0 ? sign + 8 : nullptr, q + 8 * QK), sumq + 8)};
+inline I16 group_isums_prepared(const GroupWeights<QT>& gw, const int8_t*, const int8_t* qT, const int32_t* sumq) {
+  __m256i sums[2];
+  for (int h = 0; h < 2; ++h) {
+    auto x = [&](int c) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(qT + c * 64 + h * 32)); };
+#if !defined(LLAMA2_AVX_VNNI)
+    if (QT != Q8_0) {
+      __m256i acc = _mm256_maddubs_epi16(gw.col[h][0], x(0));
+      for (int c = 1; c < 8; ++c) acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(gw.col[h][c], x(c)));
+      sums[h] = take_offset<QT>(_mm256_madd_epi16(acc, _mm256_set1_epi16(1)), sumq + 8 * h);
+      continue;
+    }
+#endif
+    __m256i acc = _mm256_setzero_si256();
+    for (int c = 0; c < 8; ++c) {
+      const __m256i xc = QT == Q8_0 ? _mm256_sign_epi8(x(c), gw.sign[QT == Q8_0 ? h : 0][c]) : x(c);
+      acc = _mm256_add_epi32(acc, dot_u8s8(gw.col[h][c], xc));
+    }
+    sums[h] = take_offset<QT>(acc, sumq + 8 * h);
+  }
+  return {sums[0], sums[1]};
 }
 
 // See scalar.h.

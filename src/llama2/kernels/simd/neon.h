@@ -159,6 +159,8 @@ inline void block_weights(const uint8_t* qs, int8x16_t& lo, int8x16_t& hi) {
   }
 }
 
+constexpr bool kTransposedActs = false;  // see scalar.h
+
 // A group's weights decoded once for several activation rows (see scalar.h).
 template <int64_t QT>
 struct GroupWeights {
@@ -173,7 +175,7 @@ inline void prepare_group(const uint8_t* blk, int cnt, GroupWeights<QT>& gw) {
 }
 // The weights are used as signed bytes, so sumq is not needed.
 template <int64_t QT>
-inline I16 group_isums_prepared(const GroupWeights<QT>& gw, const int8_t* q, const int32_t*) {
+inline I16 group_isums_prepared(const GroupWeights<QT>& gw, const int8_t* q, const int8_t*, const int32_t*) {
   int32_t sums[16] = {};
   for (int i = 0; i < gw.cnt; ++i) {
     const int8_t* x = q + i * QK;
@@ -187,7 +189,7 @@ template <int64_t QT, int MD>
 inline void group_isums(const uint8_t* blk, const int8_t* const* q, const int32_t* const* sumq, int cnt, I16* out) {
   GroupWeights<QT> gw;
   prepare_group<QT>(blk, cnt, gw);
-  for (int md = 0; md < MD; ++md) out[md] = group_isums_prepared<QT>(gw, q[md], sumq[md]);
+  for (int md = 0; md < MD; ++md) out[md] = group_isums_prepared<QT>(gw, q[md], nullptr, sumq[md]);
 }
 
 // See scalar.h.
