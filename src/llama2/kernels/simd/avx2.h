@@ -222,17 +222,23 @@ struct GroupWeights {
   __m256i sign[QT == Q8_0 ? 2 : 1][8];
 };
 
-// Blocks past cnt re-read block cnt - 1 (never past the row); their activation blocks are
-// zero padding, so their lanes come out 0.
+// block_weights of blocks 8h .. 8h + 7 of a group of cnt blocks. Blocks past cnt re-read
+// block cnt - 1 (never past the row); their activation blocks are zero padding, so their
+// lanes come out 0.
+template <int64_t QT>
+inline void half_group_weights(const uint8_t* blk, int cnt, int h, __m256i* w, __m256i* sign) {
+  constexpr int64_t BS = block_bytes(QT), OFF = qs_offset(QT);
+  for (int i = 0; i < 8; ++i) {
+    const int b = 8 * h + i;
+    w[i] = block_weights<QT>(blk + (b < cnt ? b : cnt - 1) * BS + OFF, sign[i]);
+  }
+}
+
 template <int64_t QT>
 inline void prepare_group(const uint8_t* blk, int cnt, GroupWeights<QT>& gw) {
-  constexpr int64_t BS = block_bytes(QT), OFF = qs_offset(QT);
   for (int h = 0; h < 2; ++h) {
     __m256i w[8], sign[8];
-    for (int i = 0; i < 8; ++i) {
-      const int b = 8 * h + i;
-      w[i] = block_weights<QT>(blk + (b < cnt ? b : cnt - 1) * BS + OFF, sign[i]);
-    }
+    half_group_weights<QT>(blk, cnt, h, w, sign);
     transpose8x8(w, gw.col[h]);
     if (QT == Q8_0) transpose8x8(sign, gw.sign[QT == Q8_0 ? h : 0]);
   }
@@ -277,13 +283,9 @@ inline I16 group_isums_prepared(const GroupWeights<QT>& gw, const int8_t*, const
 // See scalar.h.
 template <int64_t QT, int MD>
 inline void group_isums(const uint8_t* blk, const int8_t* const* q, const int32_t* const* sumq, int cnt, I16* out) {
-  constexpr int64_t BS = block_bytes(QT), OFF = qs_offset(QT);
   for (int h = 0; h < 2; ++h) {
     __m256i w[8], sign[8];
-    for (int i = 0; i < 8; ++i) {
-      const int b = 8 * h + i;
-      w[i] = block_weights<QT>(blk + (b < cnt ? b : cnt - 1) * BS + OFF, sign[i]);
-    }
+    half_group_weights<QT>(blk, cnt, h, w, sign);
     for (int md = 0; md < MD; ++md) {
       const __m256i sums = take_offset<QT>(block_sums8<QT>(w, sign, q[md] + 8 * h * QK), sumq[md] + 8 * h);
       (h == 0 ? out[md].lo : out[md].hi) = sums;

@@ -195,10 +195,7 @@ inline void group_isums(const uint8_t* blk, const int8_t* const* q, const int32_
 // See scalar.h.
 template <int64_t QT>
 inline void group_scales(const uint8_t* blk, int cnt, F16& dw, F16& mw) {
-  uint16_t d[16], m[16];
-  fp16_fields<QT>(blk, cnt, d, m);
-  dw = load_fp16(d);
-  mw = QT == Q4_1 ? load_fp16(m) : zero();
+  gather_scales<QT>(blk, cnt, dw, mw, [](const uint16_t* h) { return load_fp16(h); });
 }
 
 }  // namespace simd_neon / simd_neon_dot

@@ -157,10 +157,7 @@ inline I16 group_isums_prepared(const GroupWeights<QT>& gw, const int8_t* q, con
 // mw lane i = its m (Q4_1; otherwise 0); lanes >= cnt are 0.
 template <int64_t QT>
 inline void group_scales(const uint8_t* blk, int cnt, F16& dw, F16& mw) {
-  uint16_t d[16], m[16];
-  fp16_fields<QT>(blk, cnt, d, m);
-  dw = load_fp16(d);
-  mw = QT == Q4_1 ? load_fp16(m) : zero();
+  gather_scales<QT>(blk, cnt, dw, mw, [](const uint16_t* h) { return load_fp16(h); });
 }
 
 }  // namespace simd_scalar
