@@ -21,8 +21,12 @@
 // Rows do not depend on the batch M they are computed in.
 //
 // The generic kernel below gets each group of 16 blocks' exact sums from the ISA's
-// group_isums; AVX-512 VNNI has its own kernels (simd/avx512_vnni_gemv.h) with the same
-// arithmetic. Included inside namespace llama2::LLAMA2_ISA_NS (see core/isa.h).
+// group_isums (M <= 2: the sums in registers, each decoded group serving both rows) or,
+// for a batch of rows (M >= BATCHED_MIN_M: a decode step of several sequences), decodes
+// each group once (prepare_group; AVX2 also transposes it against transposed activations)
+// and computes every row from it (group_isums_prepared). AVX-512 VNNI has its own kernels
+// (simd/avx512_vnni_gemv.h) with the same arithmetic. Included inside namespace
+// llama2::LLAMA2_ISA_NS (see core/isa.h).
 #pragma once
 
 #include <algorithm>
