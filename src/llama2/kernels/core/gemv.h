@@ -120,7 +120,7 @@ class Scratch {
 //   qT    [nbp/16][8][16][4] int8  the prefill path's layout: per group of 16 blocks,
 //                           for each 4-byte column c of a block, the 16 blocks' column c
 //   noffT [nbp]      int32  -offset * sumq: the prefill path's initial accumulator
-// (qT and noffT only when `transposed`.)
+// (qT and noffT only when `transposed`; qT is also the AVX2 batched rows' layout.)
 // ---------------------------------------------------------------------------------------
 struct ActRow {
   const int8_t* q;
