@@ -94,7 +94,7 @@ def test_half_precision_activations_and_prefill_rows(isa, qtype, m, dtype):
     check(isa, qtype, 61, 1056, m, dtype)
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 17, 64])
+@pytest.mark.parametrize("m", [1, 2, 3, 16, 17, 64])
 @pytest.mark.parametrize("n,k", [(192, 576), (61, 1056), (7, 96), (33, 544), (5, 32), (64, 4096)], ids=str)
 @pytest.mark.parametrize("qtype", QTYPES, ids=NAMES.get)
 def test_every_variant_equals_scalar_bitwise(qtype, n, k, m):
@@ -132,12 +132,16 @@ def test_dequantize_equals_gguf_rounded_to_bf16(isa, qtype):
 
 
 @by_isa
-def test_rows_do_not_depend_on_the_batch(isa):
-    _, raw, _ = weight(Q4_0, 576, 1536)
-    x = torch.randn(9, 1536)
-    full = gguf_matmul(x, raw, Q4_0, 576, 1536, isa)
-    for m in range(9):
-        assert torch.equal(gguf_matmul(x[m : m + 1], raw, Q4_0, 576, 1536, isa)[0], full[m])
+@pytest.mark.parametrize("qtype", QTYPES, ids=NAMES.get)
+def test_rows_do_not_depend_on_the_batch(isa, qtype):
+    """Every batch size a decode step of 1..16 sequences uses gives each row bitwise its result alone
+    (k = 576: a full group of 16 blocks and a partial one; 1056: 33 blocks)."""
+    for n, k in ((61, 576), (33, 1056)):
+        _, raw, _ = weight(qtype, n, k)
+        x = torch.randn(16, k, generator=torch.Generator().manual_seed(k))
+        alone = torch.cat([gguf_matmul(x[m : m + 1], raw, qtype, n, k, isa) for m in range(16)])
+        for rows in range(2, 17):
+            assert torch.equal(gguf_matmul(x[:rows], raw, qtype, n, k, isa), alone[:rows]), rows
 
 
 def test_leading_dims_non_contiguous_and_empty_inputs():

@@ -1,6 +1,6 @@
 // Self-test of the kernel variants against the scalar reference, torch-free: every
 // variant named on the command line must give bitwise the same results as `scalar` on the
-// GGUF matmul (Q4_0, Q4_1, Q8_0; M = 1, 2, 3, 17; k from 1 to 128 blocks), the bf16
+// GGUF matmul (Q4_0, Q4_1, Q8_0; M = 1, 2, 3, 5, 16, 17; k from 1 to 128 blocks), the bf16
 // dequantizer and the engine's row math. Built by tests/test_kernel_variants.py with the
 // variants' objects (variant.cpp) linked in (-DHAVE_<NAME> for each), natively on x86 and
 // as a static aarch64 binary run under qemu. Exit status 0 and one "ok" line per variant,
@@ -100,7 +100,7 @@ bool check_variant(const KernelApi& ref, const KernelApi& api) {
   for (int64_t qtype : {2, 3, 8}) {
     for (auto [n, k] : {std::pair<int64_t, int64_t>{5, 32}, {7, 96}, {33, 544}, {61, 1056}, {9, 4096}}) {
       const std::vector<uint8_t> w = random_blocks(qtype, n, k);
-      for (int64_t m : {1, 2, 3, 17}) {
+      for (int64_t m : {1, 2, 3, 5, 16, 17}) {
         std::vector<float> x = randn(m * k);
         std::fill(x.begin(), x.begin() + 32, 0.f);  // an all-zero block
         std::vector<float> y0(m * n), y1(m * n);

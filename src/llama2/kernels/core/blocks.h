@@ -64,6 +64,20 @@ inline uint16_t load_u16(const uint8_t* p) {
   return v;
 }
 
+// The scales of `cnt` (1..16) consecutive blocks from blk, the portable way: d (and Q4_1's
+// m) of block i gathered into lane i, 0 from cnt on, then made vectors by load_fp16 (16
+// fp16 bit patterns -> the ISA's 16 float lanes).
+template <int64_t QT, typename F16, typename LoadFp16>
+inline void gather_scales(const uint8_t* blk, int cnt, F16& dw, F16& mw, const LoadFp16& load_fp16) {
+  uint16_t d[16], m[16];
+  for (int i = 0; i < 16; ++i) {
+    d[i] = i < cnt ? load_u16(blk + i * block_bytes(QT)) : 0;
+    m[i] = QT == Q4_1 && i < cnt ? load_u16(blk + i * block_bytes(QT) + 2) : 0;
+  }
+  dw = load_fp16(d);
+  mw = load_fp16(m);
+}
+
 inline float bits_to_float(uint32_t bits) {
   float f;
   std::memcpy(&f, &bits, 4);

@@ -21,8 +21,12 @@
 // Rows do not depend on the batch M they are computed in.
 //
 // The generic kernel below gets each group of 16 blocks' exact sums from the ISA's
-// group_isums; AVX-512 VNNI has its own kernels (simd/avx512_vnni_gemv.h) with the same
-// arithmetic. Included inside namespace llama2::LLAMA2_ISA_NS (see core/isa.h).
+// group_isums (M <= 2: the sums in registers, each decoded group serving both rows) or,
+// for a batch of rows (M >= BATCHED_MIN_M: a decode step of several sequences), decodes
+// each group once (prepare_group; AVX2 also transposes it against transposed activations)
+// and computes every row from it (group_isums_prepared). AVX-512 VNNI has its own kernels
+// (simd/avx512_vnni_gemv.h) with the same arithmetic. Included inside namespace
+// llama2::LLAMA2_ISA_NS (see core/isa.h).
 #pragma once
 
 #include <algorithm>
@@ -53,6 +57,9 @@ constexpr int ROWS = 4;    // weight rows per tile: each activation block serves
 // prefill kernels; below, M = 1 and 2 read the GGUF bytes directly.
 constexpr int64_t TRANSPOSED_MIN_M = 3;
 constexpr int MB = 2;  // activation rows per pass in the AVX-512 prefill path
+// Generic kernel: from this many activation rows each decoded weight group serves them all
+// (dot_tile_batched); below, two activation rows per pass with the sums in registers.
+constexpr int64_t BATCHED_MIN_M = 3;
 // Software prefetch distance of the weight stream, rounded up to whole tiles.
 constexpr int64_t PREFETCH_BYTES = 8 << 10;
 // Minimum weight bytes per parallel task: the matmuls of a 135M model are 70 KB..1 MB and
@@ -113,7 +120,7 @@ class Scratch {
 //   qT    [nbp/16][8][16][4] int8  the prefill path's layout: per group of 16 blocks,
 //                           for each 4-byte column c of a block, the 16 blocks' column c
 //   noffT [nbp]      int32  -offset * sumq: the prefill path's initial accumulator
-// (qT and noffT only when `transposed`.)
+// (qT and noffT only when `transposed`; qT is also the AVX2 batched rows' layout.)
 // ---------------------------------------------------------------------------------------
 struct ActRow {
   const int8_t* q;
@@ -234,21 +241,11 @@ void quantize_row(const T* x, const QuantActs& a, int64_t m, int32_t offset) {
 #if !LLAMA2_GEMV_AVX512
 // ---------------------------------------------------------------------------------------
 // Generic kernel: R weight rows (row_bytes apart) against MD activation rows.
-// Per group of 16 blocks: the ISA's exact block sums, the blocks' scales as one F16, and
-// the float terms in the order above (the same for any R, MD: rows do not depend on M). Prefetches `pf` bytes ahead in the tile's byte
-// stream (the R rows of a tile are contiguous).
+// Per group of 16 blocks: the ISA's exact block sums (V::group_isums), the blocks' scales
+// (V::group_scales), and the float terms in the order above (the same for any R, MD: rows
+// do not depend on M). Prefetches `pf` bytes ahead in the tile's byte stream (the R rows
+// of a tile are contiguous).
 // ---------------------------------------------------------------------------------------
-template <int64_t QT>
-inline void group_scales(const uint8_t* blk, int cnt, V::F16& dw, V::F16& mw) {
-  constexpr int64_t BS = block_bytes(QT);
-  uint16_t d[GROUP] = {}, m[GROUP] = {};
-  for (int i = 0; i < cnt; ++i) {
-    d[i] = load_u16(blk + i * BS);
-    if (QT == Q4_1) m[i] = load_u16(blk + i * BS + 2);
-  }
-  dw = V::load_fp16(d);
-  mw = QT == Q4_1 ? V::load_fp16(m) : V::zero();
-}
 
 // R weight rows against MD activation rows a[0..MD): out[md][r].
 template <int64_t QT, int R, int MD>
@@ -274,7 +271,7 @@ void dot_tile(const uint8_t* w, int64_t row_bytes, int64_t nb, int64_t pf, const
       V::I16 isum[MD];
       V::group_isums<QT, MD>(blk, q, sumq, cnt, isum);
       V::F16 dw, mw;
-      group_scales<QT>(blk, cnt, dw, mw);
+      V::group_scales<QT>(blk, cnt, dw, mw);
       for (int md = 0; md < MD; ++md) {
         if (QT == Q4_1) acc[md][r] = V::fmadd(mw, V::load(a[md].xs + g), acc[md][r]);
         acc[md][r] = V::fmadd(V::to_float(isum[md]), V::mul(dw, V::load(a[md].d + g)), acc[md][r]);
@@ -317,19 +314,56 @@ void dot_tile_all(const uint8_t* w, int64_t row_bytes, int rows, int64_t pf, con
   }
 }
 
+// Batched rows (M >= BATCHED_MIN_M, a decode step of several sequences): each group of a
+// weight row is decoded once (V::prepare_group) and serves every activation row, whose 16
+// float partial sums per weight row wait in acc [m_rows][ROWS] (scratch memory) meanwhile.
+// Per row the same terms in the same order as dot_tile.
+template <int64_t QT>
+void dot_tile_batched(const uint8_t* w, int64_t row_bytes, int rows, const QuantActs& acts, int64_t m_rows,
+                      V::F16* acc, float (*out)[ROWS]) {
+  constexpr int64_t BS = block_bytes(QT);
+  const int64_t nb = acts.nb;
+  for (int64_t i = 0; i < m_rows * ROWS; ++i) acc[i] = V::zero();
+  for (int r = 0; r < rows; ++r) {
+    for (int64_t g = 0; g < nb; g += GROUP) {
+      const int cnt = static_cast<int>(std::min<int64_t>(GROUP, nb - g));
+      const uint8_t* blk = w + r * row_bytes + g * BS;
+      V::GroupWeights<QT> gw;
+      V::prepare_group<QT>(blk, cnt, gw);
+      V::F16 dw, mw;
+      V::group_scales<QT>(blk, cnt, dw, mw);
+      for (int64_t m = 0; m < m_rows; ++m) {
+        const int8_t* qT = V::kTransposedActs ? acts.qT(m) + g * QK : nullptr;
+        const V::I16 isum = V::group_isums_prepared<QT>(gw, acts.q(m) + g * QK, qT, acts.sumq(m) + g);
+        V::F16& sum = acc[m * ROWS + r];
+        if (QT == Q4_1) sum = V::fmadd(mw, V::load(acts.xs(m) + g), sum);
+        sum = V::fmadd(V::to_float(isum), V::mul(dw, V::load(acts.d(m) + g)), sum);
+      }
+    }
+  }
+  for (int64_t m = 0; m < m_rows; ++m)
+    for (int r = 0; r < rows; ++r) out[m][r] = V::reduce_add(acc[m * ROWS + r]);
+}
+
 template <int64_t QT, class ParallelFor>
 void run_tiles(const uint8_t* w, const QuantActs& acts, int64_t m_rows, int64_t n, float* y, int64_t grain,
                const ParallelFor& parallel_for) {
   const int64_t nb = acts.nb, row_bytes = nb * block_bytes(QT), tiles = (n + ROWS - 1) / ROWS;
   const int64_t tile_bytes = ROWS * row_bytes;
   const int64_t pf = m_rows <= 2 ? (PREFETCH_BYTES + tile_bytes - 1) / tile_bytes * tile_bytes : 0;
+  const bool batched = m_rows >= BATCHED_MIN_M;
   parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    static thread_local Scratch out_scratch;
+    static thread_local Scratch out_scratch, acc_scratch;
     auto* out = reinterpret_cast<float(*)[ROWS]>(out_scratch.get(m_rows * ROWS * sizeof(float)));
+    auto* acc = batched ? reinterpret_cast<V::F16*>(acc_scratch.get(m_rows * ROWS * sizeof(V::F16))) : nullptr;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t * ROWS;
       const int rows = static_cast<int>(std::min<int64_t>(ROWS, n - r0));
-      dot_tile_all<QT>(w + r0 * row_bytes, row_bytes, rows, pf, acts, m_rows, out);
+      if (batched) {
+        dot_tile_batched<QT>(w + r0 * row_bytes, row_bytes, rows, acts, m_rows, acc, out);
+      } else {
+        dot_tile_all<QT>(w + r0 * row_bytes, row_bytes, rows, pf, acts, m_rows, out);
+      }
       for (int64_t m = 0; m < m_rows; ++m) store_tile_row(out[m], rows, y + m * n + r0);
     }
   });
@@ -342,7 +376,11 @@ QuantActs quantize_acts(const T* xp, int64_t m_rows, int64_t k, int32_t offset, 
   static thread_local Scratch act_scratch;
   const int64_t nb = k / QK;
   const int64_t nbp = (nb + GROUP - 1) / GROUP * GROUP;
-  const bool transposed = LLAMA2_GEMV_AVX512 && m_rows >= TRANSPOSED_MIN_M;
+#if LLAMA2_GEMV_AVX512
+  const bool transposed = m_rows >= TRANSPOSED_MIN_M;
+#else
+  const bool transposed = V::kTransposedActs && m_rows >= BATCHED_MIN_M;
+#endif
   QuantActs acts(nb, transposed, act_scratch.get(m_rows * QuantActs::bytes_per_row(nbp)));
   parallel_for(0, m_rows, std::max<int64_t>(1, 65536 / k), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) quantize_row(xp + m * k, acts, m, offset);

@@ -6,6 +6,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "../core/blocks.h"
 
@@ -158,32 +159,163 @@ inline __m256i sum8x8(const __m256i* p) {
   return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
 }
 
-// See scalar.h. Blocks past cnt re-read block cnt - 1 (never past the row); their
-// activation blocks are zero padding, so their lanes come out 0.
+// The exact integer dot products of 8 blocks' weights w[i] (block_weights; Q8_0: with
+// their signs) with the activation blocks at q (32 int8 a block), one block a lane, Q4_0's
+// offset not yet taken off. Q4 with vpmaddubsw: each int16 is 2 products of a nibble
+// (<= 15) and an int8 (|x| <= 127), so any 8 of them add up within int16 (8 * 3810 <=
+// 32767): the 16 int16 of each 128-bit half of the 8 blocks are summed by 3 levels of
+// vphaddw, and only the two halves' sums are widened. Q8_0 (products up to 2 * 128 * 127)
+// and AVX-VNNI (int32 from vpdpbusd) sum int32 lanes.
+template <int64_t QT>
+inline __m256i block_sums8(const __m256i* w, const __m256i* sign, const int8_t* q) {
+  __m256i p[8];
+#if !defined(LLAMA2_AVX_VNNI)
+  if (QT != Q8_0) {
+    for (int i = 0; i < 8; ++i) {
+      p[i] = _mm256_maddubs_epi16(w[i], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * QK)));
+    }
+    const __m256i a = _mm256_hadd_epi16(p[0], p[1]), b = _mm256_hadd_epi16(p[2], p[3]);
+    const __m256i c = _mm256_hadd_epi16(p[4], p[5]), d = _mm256_hadd_epi16(p[6], p[7]);
+    const __m256i s = _mm256_hadd_epi16(_mm256_hadd_epi16(a, b), _mm256_hadd_epi16(c, d));  // half h of block i: 8h + i
+    return _mm256_add_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(s)),
+                            _mm256_cvtepi16_epi32(_mm256_extracti128_si256(s, 1)));
+  }
+#endif
+  for (int i = 0; i < 8; ++i) {
+    __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * QK));
+    if (QT == Q8_0) x = _mm256_sign_epi8(x, sign[i]);
+    p[i] = dot_u8s8(w[i], x);
+  }
+  return sum8x8(p);
+}
+
+// Batched rows take the activations transposed (QuantActs::qT: per group of 16 blocks, for
+// each 4-byte column c, the 16 blocks' column c), so that the weights, transposed the same
+// way once per group, give each block's sum in its own lane without horizontal adds.
+constexpr bool kTransposedActs = true;
+
+// 8 rows of 8 dwords -> 8 columns: c[j] lane i = r[i] lane j.
+inline void transpose8x8(const __m256i* r, __m256i* c) {
+  __m256i t[8], u[8];
+  for (int k = 0; k < 4; ++k) {
+    t[2 * k] = _mm256_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm256_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+  }
+  for (int k = 0; k < 2; ++k) {  // rows 4k..4k+3: u[4k + j] = dwords j, j + 4 of the 4 rows
+    u[4 * k] = _mm256_unpacklo_epi64(t[4 * k], t[4 * k + 2]);
+    u[4 * k + 1] = _mm256_unpackhi_epi64(t[4 * k], t[4 * k + 2]);
+    u[4 * k + 2] = _mm256_unpacklo_epi64(t[4 * k + 1], t[4 * k + 3]);
+    u[4 * k + 3] = _mm256_unpackhi_epi64(t[4 * k + 1], t[4 * k + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    c[j] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x20);
+    c[j + 4] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x31);
+  }
+}
+
+// A group's weights decoded and transposed once for several activation rows:
+// col[h][c] lane i = column c (4 bytes) of block 8h + i as dot_u8s8's unsigned operand,
+// sign[h][c] the signs it goes with (Q8_0).
+template <int64_t QT>
+struct GroupWeights {
+  __m256i col[2][8];
+  __m256i sign[QT == Q8_0 ? 2 : 1][8];
+};
+
+// block_weights of blocks 8h .. 8h + 7 of a group of cnt blocks. Blocks past cnt re-read
+// block cnt - 1 (never past the row); their activation blocks are zero padding, so their
+// lanes come out 0.
+template <int64_t QT>
+inline void half_group_weights(const uint8_t* blk, int cnt, int h, __m256i* w, __m256i* sign) {
+  constexpr int64_t BS = block_bytes(QT), OFF = qs_offset(QT);
+  for (int i = 0; i < 8; ++i) {
+    const int b = 8 * h + i;
+    w[i] = block_weights<QT>(blk + (b < cnt ? b : cnt - 1) * BS + OFF, sign[i]);
+  }
+}
+
+template <int64_t QT>
+inline void prepare_group(const uint8_t* blk, int cnt, GroupWeights<QT>& gw) {
+  for (int h = 0; h < 2; ++h) {
+    __m256i w[8], sign[8];
+    half_group_weights<QT>(blk, cnt, h, w, sign);
+    transpose8x8(w, gw.col[h]);
+    if (QT == Q8_0) transpose8x8(sign, gw.sign[QT == Q8_0 ? h : 0]);
+  }
+}
+
+// Q4_0: nibble = value + 8, so 8 * sumq comes off.
+template <int64_t QT>
+inline __m256i take_offset(__m256i sums, const int32_t* sumq) {
+  if (QT != Q4_0) return sums;
+  const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sumq));
+  return _mm256_sub_epi32(sums, _mm256_slli_epi32(s, 3));
+}
+
+// group_isums<QT, 1> of a prepared group for one activation row, from its transposed
+// blocks qT (the group's 8 x 64 bytes). Q4 with vpmaddubsw: each int16 holds 2 products
+// of a nibble (<= 15) and an int8 (|x| <= 127), so the 8 columns add up within int16
+// (16 * 15 * 127 <= 32767) before one vpmaddwd; Q8_0's products (up to 2 * 128 * 127 a
+// pair) and AVX-VNNI's vpdpbusd add as int32.
+template <int64_t QT>
+inline I16 group_isums_prepared(const GroupWeights<QT>& gw, const int8_t*, const int8_t* qT, const int32_t* sumq) {
+  __m256i sums[2];
+  for (int h = 0; h < 2; ++h) {
+    auto x = [&](int c) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(qT + c * 64 + h * 32)); };
+#if !defined(LLAMA2_AVX_VNNI)
+    if (QT != Q8_0) {
+      __m256i acc = _mm256_maddubs_epi16(gw.col[h][0], x(0));
+      for (int c = 1; c < 8; ++c) acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(gw.col[h][c], x(c)));
+      sums[h] = take_offset<QT>(_mm256_madd_epi16(acc, _mm256_set1_epi16(1)), sumq + 8 * h);
+      continue;
+    }
+#endif
+    __m256i acc = _mm256_setzero_si256();
+    for (int c = 0; c < 8; ++c) {
+      const __m256i xc = QT == Q8_0 ? _mm256_sign_epi8(x(c), gw.sign[QT == Q8_0 ? h : 0][c]) : x(c);
+      acc = _mm256_add_epi32(acc, dot_u8s8(gw.col[h][c], xc));
+    }
+    sums[h] = take_offset<QT>(acc, sumq + 8 * h);
+  }
+  return {sums[0], sums[1]};
+}
+
+// See scalar.h.
 template <int64_t QT, int MD>
 inline void group_isums(const uint8_t* blk, const int8_t* const* q, const int32_t* const* sumq, int cnt, I16* out) {
-  constexpr int64_t BS = block_bytes(QT), OFF = qs_offset(QT);
   for (int h = 0; h < 2; ++h) {
-    __m256i p[MD][8];
-    for (int i = 0; i < 8; ++i) {
-      const int b = 8 * h + i;
-      __m256i sign;
-      const __m256i w = block_weights<QT>(blk + (b < cnt ? b : cnt - 1) * BS + OFF, sign);
-      for (int md = 0; md < MD; ++md) {
-        __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[md] + b * QK));
-        if (QT == Q8_0) x = _mm256_sign_epi8(x, sign);
-        p[md][i] = dot_u8s8(w, x);
-      }
-    }
+    __m256i w[8], sign[8];
+    half_group_weights<QT>(blk, cnt, h, w, sign);
     for (int md = 0; md < MD; ++md) {
-      __m256i sums = sum8x8(p[md]);
-      if (QT == Q4_0) {  // nibble = value + 8
-        const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sumq[md] + 8 * h));
-        sums = _mm256_sub_epi32(sums, _mm256_slli_epi32(s, 3));
-      }
+      const __m256i sums = take_offset<QT>(block_sums8<QT>(w, sign, q[md] + 8 * h * QK), sumq[md] + 8 * h);
       (h == 0 ? out[md].lo : out[md].hi) = sums;
     }
   }
+}
+
+// See scalar.h: d (and Q4_1's m) of cnt blocks as fp32, 0 past cnt. One 32-bit load per
+// block (d and m, or d and 2 bytes of the block's values) straight into vector lanes.
+template <int64_t QT>
+inline void group_scales(const uint8_t* blk, int cnt, F16& dw, F16& mw) {
+  constexpr int64_t BS = block_bytes(QT);
+  auto word = [&](int i) {
+    int32_t v;
+    std::memcpy(&v, blk + (i < cnt ? i : cnt - 1) * BS, 4);
+    return v;
+  };
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i v0 = _mm256_and_si256(_mm256_setr_epi32(word(0), word(1), word(2), word(3), word(4), word(5),
+                                                        word(6), word(7)),
+                                      _mm256_cmpgt_epi32(_mm256_set1_epi32(cnt), lane));
+  const __m256i v1 = _mm256_and_si256(_mm256_setr_epi32(word(8), word(9), word(10), word(11), word(12), word(13),
+                                                        word(14), word(15)),
+                                      _mm256_cmpgt_epi32(_mm256_set1_epi32(cnt - 8), lane));
+  auto halves = [](__m256i v) {  // the low 16 bits of 8 lanes, as 8 fp32
+    const __m256i low = _mm256_and_si256(v, _mm256_set1_epi32(0xFFFF));
+    return _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(low), _mm256_extracti128_si256(low, 1)));
+  };
+  dw = {halves(v0), halves(v1)};
+  mw = QT == Q4_1 ? F16{halves(_mm256_srli_epi32(v0, 16)), halves(_mm256_srli_epi32(v1, 16))} : zero();
 }
 
 }  // namespace simd_avx2 / simd_avx_vnni

@@ -159,21 +159,43 @@ inline void block_weights(const uint8_t* qs, int8x16_t& lo, int8x16_t& hi) {
   }
 }
 
-// See scalar.h (the weights are used as signed bytes, so sumq is not needed).
-template <int64_t QT, int MD>
-inline void group_isums(const uint8_t* blk, const int8_t* const* q, const int32_t* const*, int cnt, I16* out) {
+constexpr bool kTransposedActs = false;  // see scalar.h
+
+// A group's weights decoded once for several activation rows (see scalar.h).
+template <int64_t QT>
+struct GroupWeights {
+  int8x16_t lo[16], hi[16];
+  int cnt;
+};
+template <int64_t QT>
+inline void prepare_group(const uint8_t* blk, int cnt, GroupWeights<QT>& gw) {
   constexpr int64_t BS = block_bytes(QT), OFF = qs_offset(QT);
-  int32_t sums[MD][16] = {};
-  for (int i = 0; i < cnt; ++i) {
-    int8x16_t lo, hi;
-    block_weights<QT>(blk + i * BS + OFF, lo, hi);
-    for (int md = 0; md < MD; ++md) {
-      const int8_t* x = q[md] + i * QK;
-      sums[md][i] = vaddvq_s32(dot16(dot16(vdupq_n_s32(0), lo, vld1q_s8(x)), hi, vld1q_s8(x + 16)));
-    }
+  for (int i = 0; i < cnt; ++i) block_weights<QT>(blk + i * BS + OFF, gw.lo[i], gw.hi[i]);
+  gw.cnt = cnt;
+}
+// The weights are used as signed bytes, so sumq is not needed.
+template <int64_t QT>
+inline I16 group_isums_prepared(const GroupWeights<QT>& gw, const int8_t* q, const int8_t*, const int32_t*) {
+  int32_t sums[16] = {};
+  for (int i = 0; i < gw.cnt; ++i) {
+    const int8_t* x = q + i * QK;
+    sums[i] = vaddvq_s32(dot16(dot16(vdupq_n_s32(0), gw.lo[i], vld1q_s8(x)), gw.hi[i], vld1q_s8(x + 16)));
   }
-  for (int md = 0; md < MD; ++md)
-    out[md] = {{vld1q_s32(sums[md]), vld1q_s32(sums[md] + 4), vld1q_s32(sums[md] + 8), vld1q_s32(sums[md] + 12)}};
+  return {{vld1q_s32(sums), vld1q_s32(sums + 4), vld1q_s32(sums + 8), vld1q_s32(sums + 12)}};
+}
+
+// See scalar.h.
+template <int64_t QT, int MD>
+inline void group_isums(const uint8_t* blk, const int8_t* const* q, const int32_t* const* sumq, int cnt, I16* out) {
+  GroupWeights<QT> gw;
+  prepare_group<QT>(blk, cnt, gw);
+  for (int md = 0; md < MD; ++md) out[md] = group_isums_prepared<QT>(gw, q[md], nullptr, sumq[md]);
+}
+
+// See scalar.h.
+template <int64_t QT>
+inline void group_scales(const uint8_t* blk, int cnt, F16& dw, F16& mw) {
+  gather_scales<QT>(blk, cnt, dw, mw, [](const uint16_t* h) { return load_fp16(h); });
 }
 
 }  // namespace simd_neon / simd_neon_dot

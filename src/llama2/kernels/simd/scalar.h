@@ -133,5 +133,32 @@ inline void group_isums(const uint8_t* blk, const int8_t* const* q, const int32_
   }
 }
 
+// A group's weights made ready once for several activation rows: group_isums_prepared(gw,
+// q, qT, sumq) equals group_isums<QT, 1> of the group for one activation row (here it is
+// that). qT: the row's blocks transposed (QuantActs::qT), given where kTransposedActs.
+constexpr bool kTransposedActs = false;
+template <int64_t QT>
+struct GroupWeights {
+  const uint8_t* blk;
+  int cnt;
+};
+template <int64_t QT>
+inline void prepare_group(const uint8_t* blk, int cnt, GroupWeights<QT>& gw) {
+  gw = {blk, cnt};
+}
+template <int64_t QT>
+inline I16 group_isums_prepared(const GroupWeights<QT>& gw, const int8_t* q, const int8_t*, const int32_t* sumq) {
+  I16 out;
+  group_isums<QT, 1>(gw.blk, &q, &sumq, gw.cnt, &out);
+  return out;
+}
+
+// The scales of `cnt` (1..16) consecutive blocks from blk as fp32: dw lane i = block i's d,
+// mw lane i = its m (Q4_1; otherwise 0); lanes >= cnt are 0.
+template <int64_t QT>
+inline void group_scales(const uint8_t* blk, int cnt, F16& dw, F16& mw) {
+  gather_scales<QT>(blk, cnt, dw, mw, [](const uint16_t* h) { return load_fp16(h); });
+}
+
 }  // namespace simd_scalar
 }  // namespace llama2
