@@ -1,6 +1,7 @@
 """The real default model (SmolLM2-135M-Instruct Q4_1 GGUF) against llama.cpp's recorded outputs."""
 
 import json
+import operator
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama2.generation import Llama, default_device
+from llama2.generation import Llama
+from llama2.loader import default_device
 from llama2.weights import registry
 
 FIXTURE = Path(__file__).parent / "fixtures" / "llamacpp_greedy_smollm2.json"
@@ -40,7 +42,7 @@ def stock_llama(default_model_path):
     """The CPU path without llama2's kernels (as with LLAMA2_NO_KERNELS=1 or where they do not build):
     Q4_1 repacked for PyTorch's int4 kernel, Q8_0 and the head as per-channel int8."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("llama2.generation.gguf_matmul_available", lambda: False)
+        patch.setattr("llama2.loader.gguf_matmul_available", lambda: False)
         return Llama.build(default_model_path, max_seq_len=1024, max_batch_size=4, device="cpu")
 
 
@@ -71,11 +73,11 @@ def stepwise_logits(model, prompt: list[int], continuation: list[int], device: t
 AGREEMENT_PATHS = {
     "llama": ("llama", "model"),
     "cpu_modules": ("fast_llama", "model"),
-    "stock": ("stock_llama", "decode_step"),
-    "default": ("default_llama", "decode_step"),
+    "stock": ("stock_llama", "steps.decode_step"),
+    "default": ("default_llama", "steps.decode_step"),
 }
 if default_device().type != "cpu":  # else "default" is this path
-    AGREEMENT_PATHS["cpu_step"] = ("fast_llama", "decode_step")
+    AGREEMENT_PATHS["cpu_step"] = ("fast_llama", "steps.decode_step")
 AGREEMENT_CASES = [
     (path, mode)
     for path, (_, forward) in AGREEMENT_PATHS.items()
@@ -98,7 +100,7 @@ def test_greedy_next_token_agrees_with_llama_cpp(path, mode, request, cases):
     """
     fixture, forward_name = AGREEMENT_PATHS[path]
     llama = request.getfixturevalue(fixture)
-    forward = getattr(llama, forward_name)
+    forward = operator.attrgetter(forward_name)(llama)
     agree = total = 0
     with torch.inference_mode():
         for case in cases:
@@ -142,7 +144,7 @@ def test_stock_path_repacks_fused_blocks_for_pytorchs_kernels(stock_llama):
     layer, model = stock_llama.model.layers[0], stock_llama.model
     assert isinstance(layer.attention.wqkv, Int4Linear) and layer.attention.wqkv.out_features == 576 + 2 * 192
     assert isinstance(layer.feed_forward.w13, Int4Linear) and layer.feed_forward.w13.out_features == 2 * 1536
-    assert isinstance(model.output, Int8Linear) and stock_llama.native is None
+    assert isinstance(model.output, Int8Linear) and stock_llama.steps.native is None
 
 
 def test_greedy_chat_answer_is_coherent_english(llama):
@@ -196,7 +198,7 @@ def test_bench_json_is_one_object_naming_the_backend_that_ran(default_llama):
     assert isinstance(report, dict)
     assert report["prompt_tps"] > 0 and report["decode_tps"] > 0
     assert all(isinstance(report[key], float) for key in ("prompt_tps", "decode_tps"))
-    if default_llama.native is not None:
+    if default_llama.steps.native is not None:
         assert report["backend"].startswith("native/") and len(report["backend"]) > len("native/")
     else:
         from llama2.quant import GGUFLinear, Int4Linear, Int8Linear

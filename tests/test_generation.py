@@ -226,23 +226,23 @@ def test_compiled_single_stream_decode_without_guard_checks_stays_exact(tokenize
             assert actual == expected
             if logprobs:
                 assert actual_logprobs[0] == pytest.approx(expected_logprobs[0], abs=1e-4)
-    assert max(compiled.decode_step.warm_calls.values()) >= compiled.decode_step.WARM_CALLS
+    assert max(compiled.steps.decode_step.warm_calls.values()) >= compiled.steps.decode_step.WARM_CALLS
     # An input no compiled graph fits (a contiguous token tensor, unlike generate's slices) is compiled, not refused.
     token, position = torch.tensor([[5]]), torch.tensor([3])
     with torch.inference_mode():
-        actual = compiled.decode_step(token, position, kv_len=4, last_logits_only=True)
+        actual = compiled.steps.decode_step(token, position, kv_len=4, last_logits_only=True)
         expected = eager.model(token, position, kv_len=4, last_logits_only=True)
     assert torch.allclose(actual, expected, atol=1e-4)
 
 
 def test_chunked_prefill_equals_one_pass(tokenizer, monkeypatch):
-    import llama2.generation as generation
+    import llama2.decode as decode
 
     llama = make_llama(tokenizer)
     prompt = tokenizer.encode("A prompt long enough to be cut into several prefill chunks", bos=True, eos=False)
     kwargs = dict(max_gen_len=6, temperature=0, logprobs=True, echo=True, stop_ids=frozenset())
     whole, whole_logprobs = llama.generate([prompt], **kwargs)
-    monkeypatch.setattr(generation, "PREFILL_CHUNK", 4)
+    monkeypatch.setattr(decode, "PREFILL_CHUNK", 4)
     chunked, chunked_logprobs = llama.generate([prompt], **kwargs)
     assert chunked == whole
     assert chunked_logprobs[0] == pytest.approx(whole_logprobs[0], abs=1e-4)

@@ -143,12 +143,13 @@ def test_logprobs_are_the_models_log_softmax(engine, tokenizer):
     collector = Collector(1)
     engine.submit([GenerationRequest(prompt, 1, top_logprobs=3)], collector)
     entry = collector.wait().last(0).logprobs[0]
-    engine.model.clear_caches()  # an uncached full forward as the reference
+    model = engine.llama.model
+    model.clear_caches()  # an uncached full forward as the reference
     try:
         with torch.no_grad():
-            expected = torch.log_softmax(engine.model(torch.tensor([prompt]))[0, -1], dim=-1)
+            expected = torch.log_softmax(model(torch.tensor([prompt]))[0, -1], dim=-1)
     finally:
-        engine.model.setup_caches(engine.num_slots, engine.max_seq_len)
+        model.setup_caches(engine.num_slots, engine.max_seq_len)
     top = torch.topk(expected, 3)
     assert entry.token == int(top.indices[0])
     assert entry.logprob == pytest.approx(float(top.values[0]), abs=1e-4)
@@ -186,16 +187,17 @@ def test_full_queue_refuses_and_cancel_frees_the_slot(tokenizer):
 
 
 def test_a_failed_step_fails_its_sequences_and_the_engine_goes_on(engine, tokenizer):
-    model = engine.model
+    steps = engine.batch.steps
+    prefill = steps.prefill
     calls = []
 
     def broken_once(*args, **kwargs):
         if not calls:
             calls.append(1)
             raise RuntimeError("boom")
-        return model(*args, **kwargs)
+        return prefill(*args, **kwargs)
 
-    engine.model = broken_once
+    steps.prefill = broken_once
     collector = Collector(1)
     engine.submit([GenerationRequest(encode(tokenizer, "Hi"), 4)], collector)
     assert collector.wait().last(0).finish_reason == "error"

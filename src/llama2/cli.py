@@ -25,9 +25,14 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     """Where and how the model computes: device, dtype, quantization, threads."""
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight/activation dtype")
-    parser.add_argument("--quant", choices=["auto", "none", "int8", "int4"], default="auto",
-                        help="auto: compute GGUF Q4_0/Q4_1 layers on their packed blocks (CPU); none: dequantize; "
-                        "int8/int4: quantize after loading")  # fmt: skip
+    parser.add_argument(
+        "--quant",
+        choices=["auto", "none", "int8", "int4"],
+        default="auto",
+        help="auto: on the CPU, compute a GGUF file's Q4_0/Q4_1/Q8_0 layers on its blocks as stored "
+        "(llama2's kernels, int8 activations as llama.cpp; else repacked for PyTorch's int4/int8 kernels), "
+        "other checkpoints as they are; none: dequantize; int8/int4: quantize after loading",
+    )
     parser.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
     parser.add_argument("--no-native", dest="native", action="store_false",
                         help="run GGUF block models through PyTorch modules instead of llama2's C++ CPU engine")  # fmt: skip
