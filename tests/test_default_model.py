@@ -63,7 +63,9 @@ def stepwise_logits(model, prompt: list[int], continuation: list[int], device: t
     logits = [model(torch.tensor([prompt], device=device), positions, kv_len=len(prompt), last_logits_only=True)[0]]
     for offset, token in enumerate(continuation[:-1]):
         position = len(prompt) + offset
-        step = model(torch.tensor([[token]], device=device), torch.tensor([position], device=device), kv_len=position + 1)
+        step = model(
+            torch.tensor([[token]], device=device), torch.tensor([position], device=device), kv_len=position + 1
+        )
         logits.append(step[0])
     return torch.cat(logits)  # [len(continuation), vocab]
 
@@ -110,13 +112,15 @@ def test_greedy_next_token_agrees_with_llama_cpp(path, mode, request, cases):
             if mode == "decode-steps":
                 logits = stepwise_logits(forward, prompt, continuation, llama.device)
             elif mode == "cached-prefill":
-                logits = forward(tokens, torch.arange(length, device=llama.device), kv_len=length)[0, len(prompt) - 1 : -1]
+                logits = forward(tokens, torch.arange(length, device=llama.device), kv_len=length)[
+                    0, len(prompt) - 1 : -1
+                ]
             else:
                 llama.model.clear_caches()
                 logits = llama.model(tokens)[0, len(prompt) - 1 : -1]
                 llama.model.setup_caches(llama.max_batch_size, llama.max_seq_len)
             ours = logits.argmax(-1).tolist()
-            agree += sum(a == b for a, b in zip(ours, continuation))
+            agree += sum(a == b for a, b in zip(ours, continuation, strict=True))
             total += len(continuation)
     assert total > 500
     assert agree / total >= 0.95, f"agreement {agree}/{total} = {agree / total:.3f}"
@@ -158,14 +162,16 @@ def test_greedy_chat_answer_is_coherent_english(llama):
 @pytest.mark.parametrize("path", ["default_llama", "stock_llama"])
 def test_quantized_path_answer_is_coherent(path, request):
     dialog = [{"role": "user", "content": "Give me a Python function that reverses a string."}]
-    answer = request.getfixturevalue(path).chat_completion([dialog], temperature=0, max_gen_len=64)[0]["generation"]["content"]
+    answer = request.getfixturevalue(path).chat_completion([dialog], temperature=0, max_gen_len=64)[0]["generation"][
+        "content"
+    ]
     assert "def " in answer and "[::-1]" in answer and "Python" in answer
 
 
 def test_batched_chat_equals_single_chats(llama, cases):
     dialogs = [case["dialog"] for case in cases[:3]]
     batched = llama.chat_completion(dialogs, temperature=0, max_gen_len=24)
-    for dialog, result in zip(dialogs, batched):
+    for dialog, result in zip(dialogs, batched, strict=True):
         single = llama.chat_completion([dialog], temperature=0, max_gen_len=24)[0]
         assert result["generation"]["content"] == single["generation"]["content"]
 
@@ -191,7 +197,19 @@ def test_int8_perplexity_within_two_percent_of_bfloat16(default_model_path):
 
 def test_bench_json_is_one_object_naming_the_backend_that_ran(default_llama):
     """`llama2 bench --json` on the default model: one JSON object whose backend is what `Llama` runs here."""
-    command = [sys.executable, "-m", "llama2.cli", "bench", "--json", "--prompt-len", "8", "--gen-len", "4", "--repeats", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "llama2.cli",
+        "bench",
+        "--json",
+        "--prompt-len",
+        "8",
+        "--gen-len",
+        "4",
+        "--repeats",
+        "1",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)  # fails on anything besides one JSON value
@@ -203,7 +221,9 @@ def test_bench_json_is_one_object_naming_the_backend_that_ran(default_llama):
     else:
         from llama2.quant import GGUFLinear, Int4Linear, Int8Linear
 
-        kind = {GGUFLinear: "gguf", Int4Linear: "int4", Int8Linear: "int8"}.get(type(default_llama.model.layers[0].attention.wqkv))
+        kind = {GGUFLinear: "gguf", Int4Linear: "int4", Int8Linear: "int8"}.get(
+            type(default_llama.model.layers[0].attention.wqkv)
+        )
         assert report["backend"].startswith("modules/") and (kind is None or kind in report["backend"])
     if report["peak_rss_mb"] is not None:  # None only where the platform does not say (Windows without psutil)
         assert isinstance(report["peak_rss_mb"], float) and isinstance(report["rss_above_torch_mb"], float)

@@ -56,9 +56,11 @@ def test_greedy_matches_uncached_recomputation(tokenizer):
 
 
 def test_batched_prompts_of_different_lengths_match_single_runs(llama, tokenizer):
-    prompts = [tokenizer.encode(t, bos=True, eos=False) for t in ("Hi", "A much longer prompt than the first", "Llamas")]
+    prompts = [
+        tokenizer.encode(t, bos=True, eos=False) for t in ("Hi", "A much longer prompt than the first", "Llamas")
+    ]
     batched, _ = llama.generate(prompts, max_gen_len=8, temperature=0, stop_ids=frozenset())
-    for prompt, out in zip(prompts, batched):
+    for prompt, out in zip(prompts, batched, strict=True):
         single, _ = llama.generate([prompt], max_gen_len=8, temperature=0, stop_ids=frozenset())
         assert out == single[0]
         assert len(out) == 8
@@ -87,7 +89,9 @@ def test_logprobs_equal_log_softmax_of_full_forward(llama, tokenizer):
 
 def test_echo_returns_prompt_and_logprobs(llama, tokenizer):
     prompt = tokenizer.encode("Echo me", bos=True, eos=False)
-    out, logprobs = llama.generate([prompt], max_gen_len=3, temperature=0, logprobs=True, echo=True, stop_ids=frozenset())
+    out, logprobs = llama.generate(
+        [prompt], max_gen_len=3, temperature=0, logprobs=True, echo=True, stop_ids=frozenset()
+    )
     assert out[0][: len(prompt)] == prompt
     assert len(logprobs[0]) == len(out[0])
     assert logprobs[0][0] == 0.0  # the first prompt token has no prediction
@@ -108,7 +112,9 @@ def test_stop_strings_cut_text_and_stream_alike(llama, tokenizer):
     stop = full[3:6]
     cut = llama.text_completion(["Stop strings"], temperature=0, max_gen_len=20, stop=[stop], stop_ids=frozenset())
     assert cut[0]["generation"] == full[: full.find(stop)]
-    streamed = "".join(llama.stream_text("Stop strings", temperature=0, max_gen_len=20, stop=[stop], stop_ids=frozenset()))
+    streamed = "".join(
+        llama.stream_text("Stop strings", temperature=0, max_gen_len=20, stop=[stop], stop_ids=frozenset())
+    )
     assert streamed == cut[0]["generation"]
 
 

@@ -9,7 +9,6 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from helpers import LLAMA2_MODEL, assert_matches_reference, make_hf_llama, random_tokens
 from llama2.chat import Llama2ChatFormat
 from llama2.errors import Llama2Error
 from llama2.generation import Llama
@@ -17,6 +16,8 @@ from llama2.loader import load_model
 from llama2.tokenizer import llama2_tokenizer_path
 from llama2.train.config import TrainConfig
 from llama2.train.model_setup import load_training_model
+
+from helpers import LLAMA2_MODEL, assert_matches_reference, make_hf_llama, random_tokens
 
 
 @pytest.fixture(scope="module")

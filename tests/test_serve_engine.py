@@ -14,6 +14,7 @@ from llama2.errors import Llama2Error
 from llama2.sampling import SamplingParams
 from llama2.serve.engine import ContextLengthError, Engine, EngineClosedError, GenerationRequest, QueueFullError
 from llama2.tokenizer import Tokenizer, llama2_tokenizer_path
+
 from test_generation import make_llama
 
 PROMPTS = ["Hi", "A much longer prompt than the first one, with commas", "Llamas", "The quick brown fox jumps"]
@@ -75,9 +76,9 @@ def test_batched_chunked_greedy_equals_single_runs(engine, tokenizer):
     """Seven prompts through three slots: chunked prefill, joins and leaves at token boundaries."""
     prompts = [encode(tokenizer, p) for p in PROMPTS + PROMPTS[:3]]
     lengths = [12, 20, 7, 15, 3, 9, 18]
-    expected = [reference(engine, p, n) for p, n in zip(prompts, lengths)]
+    expected = [reference(engine, p, n) for p, n in zip(prompts, lengths, strict=True)]
     collector = Collector(len(prompts))
-    requests = [GenerationRequest(p, n, index=i) for i, (p, n) in enumerate(zip(prompts, lengths))]
+    requests = [GenerationRequest(p, n, index=i) for i, (p, n) in enumerate(zip(prompts, lengths, strict=True))]
     engine.submit(requests[:4], collector)
     engine.submit(requests[4:], collector)
     collector.wait()
@@ -238,7 +239,9 @@ def test_per_row_cache_lengths_make_batched_decode_bitwise_single(tokenizer):
         kv_lens = [n + 1 for n in lengths]
         together = model(tokens, positions, cache_slots=torch.arange(3), kv_len=kv_lens)
         for i in range(3):
-            alone = model(tokens[i : i + 1], positions[i : i + 1], cache_slots=torch.tensor([i]), kv_len=kv_lens[i : i + 1])
+            alone = model(
+                tokens[i : i + 1], positions[i : i + 1], cache_slots=torch.tensor([i]), kv_len=kv_lens[i : i + 1]
+            )
             assert torch.equal(together[i], alone[0])
 
 

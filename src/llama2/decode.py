@@ -245,8 +245,9 @@ class DecodeBatch:
         per_pass = self.steps.rows_per_pass
         for first in range(0, len(rows), per_pass):
             chunk = rows[first : first + per_pass]
-            logits = self.steps.decode([s.tokens[-1] for s in chunk], [len(s.tokens) - 1 for s in chunk],
-                                       [s.slot for s in chunk])  # fmt: skip
+            logits = self.steps.decode(
+                [s.tokens[-1] for s in chunk], [len(s.tokens) - 1 for s in chunk], [s.slot for s in chunk]
+            )
             for seq, row_logits in zip(chunk, logits, strict=True):
                 report(seq, seq.accept(row_logits))
         return StepCounts(prompt_tokens, len(rows))
@@ -264,6 +265,27 @@ class DecodeBatch:
             if seq.prefilled == seq.prompt_len:
                 report(seq, seq.accept(logits))
         return self.prefill_chunk - budget
+
+
+def stream_alone(steps: ModelSteps, sequence: DecodingSequence, stats: GenerationStats) -> Iterator[str]:
+    """Run one sequence in cache slot 0 to its finish, yielding its text pieces; `stats` gets the timings."""
+    batch, pieces = DecodeBatch(steps, PREFILL_CHUNK), []
+    sequence.slot, stats.prompt_tokens = 0, sequence.prompt_len
+    start = first_token_at = time.perf_counter()
+
+    def collect(_: DecodingSequence, output: Output) -> None:
+        nonlocal first_token_at
+        if sequence.accepted == 1:  # the prompt's time: up to its first token
+            first_token_at = time.perf_counter()
+            stats.prefill_s = first_token_at - start
+        pieces.append(output.text)
+
+    with torch.inference_mode():
+        while sequence.finish_reason is None:
+            batch.step([sequence], collect)
+            stats.decode_s, stats.generated_tokens = time.perf_counter() - first_token_at, sequence.accepted
+            yield from (piece for piece in pieces if piece)
+            pieces.clear()
 
 
 @dataclass

@@ -11,7 +11,6 @@ the forwards `llama2.backends.ModelSteps`', streaming the request lifecycle of
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TypedDict
@@ -19,17 +18,16 @@ from typing import TypedDict
 import torch
 import torch.nn.functional as F
 
-from . import decode
 from .backends import ModelSteps, compile_model
 from .chat import UNSAFE_REQUEST_ERROR, ChatFormat, Dialog, Llama2ChatFormat, Message, contains_special_tags
 from .decode import (
-    DecodeBatch,
     DecodingSequence,
     GenerationRequest,
     GenerationStats,
     check_max_tokens,
     check_prompts,
     padded_batch_steps,
+    stream_alone,
 )
 from .errors import Llama2Error
 from .loader import LoadedModel, load_model
@@ -302,21 +300,8 @@ class Llama:
         sampling = SamplingParams(temperature, top_p, top_k, repetition_penalty)
         request = GenerationRequest(prompt_tokens, max_gen_len, sampling, stop_ids=stop_ids, stop=stop)
         sequence = DecodingSequence(request, self.tokenizer, self._sampling_context(seed), self.max_seq_len)
-        sequence.slot = 0
-        return self._stream(sequence)
-
-    def _stream(self, sequence: DecodingSequence) -> Iterator[str]:
-        batch, pieces = DecodeBatch(self.steps, decode.PREFILL_CHUNK), []
-        stats = self.last_stats = GenerationStats(prompt_tokens=sequence.prompt_len)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            while sequence.finish_reason is None:
-                batch.step([sequence], lambda _, output: pieces.append(output.text))
-                if sequence.accepted == 1 and not stats.prefill_s:
-                    stats.prefill_s, start = time.perf_counter() - start, time.perf_counter()
-                stats.decode_s, stats.generated_tokens = time.perf_counter() - start, sequence.accepted
-                yield from (piece for piece in pieces if piece)
-                pieces.clear()
+        self.last_stats = GenerationStats()
+        return stream_alone(self.steps, sequence, self.last_stats)
 
     def stream_text(self, prompt: str, **options) -> Iterator[str]:
         """Stream a completion of `prompt`; options as in `stream_tokens`."""

@@ -249,7 +249,9 @@ def small_query_attention(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
     scores = scores.masked_fill(~visible, float("-inf"))
     scores = scores.permute(0, 1, 3, 4, 2, 5).reshape(batch, n_kv_heads, group, seq_len, blocks * KEY_BLOCK)
     probs = torch.softmax(scores, dim=-1).to(v.dtype)  # [B, KV, R, T, S']
-    probs = probs.view(batch, n_kv_heads, group * seq_len, blocks, KEY_BLOCK).transpose(2, 3)  # [B, KV, blocks, R*T, KB]
+    probs = probs.view(batch, n_kv_heads, group * seq_len, blocks, KEY_BLOCK).transpose(
+        2, 3
+    )  # [B, KV, blocks, R*T, KB]
     out = (probs @ v).sum(dim=2)  # per-block [R*T, KB] @ [KB, hd], then over blocks: [B, KV, R*T, hd]
     return out.view(batch, n_heads, seq_len, head_dim)  # [B, KV, R*T, hd] -> [B, H, T, hd]
 
@@ -413,11 +415,24 @@ class _SkipMetaInit(TorchFunctionMode):
     reference implementations (sympy and ~800 modules, ~75 MB) just to initialize nothing.
     """
 
-    INITIALIZERS = frozenset({
-        torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.fill_, torch.Tensor.zero_,
-        nn.init.normal_, nn.init.uniform_, nn.init.trunc_normal_, nn.init.kaiming_uniform_, nn.init.kaiming_normal_,
-        nn.init.xavier_uniform_, nn.init.xavier_normal_, nn.init.zeros_, nn.init.ones_, nn.init.constant_,
-    })  # fmt: skip
+    INITIALIZERS = frozenset(
+        {
+            torch.Tensor.normal_,
+            torch.Tensor.uniform_,
+            torch.Tensor.fill_,
+            torch.Tensor.zero_,
+            nn.init.normal_,
+            nn.init.uniform_,
+            nn.init.trunc_normal_,
+            nn.init.kaiming_uniform_,
+            nn.init.kaiming_normal_,
+            nn.init.xavier_uniform_,
+            nn.init.xavier_normal_,
+            nn.init.zeros_,
+            nn.init.ones_,
+            nn.init.constant_,
+        }
+    )
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -307,8 +307,9 @@ class Engine:
             self.metrics.time_to_first_token.observe(time.perf_counter() - seq.submitted_at)
         if output.token is not None:
             self.metrics.generation_tokens.inc()
-        event = Event(seq.request.index, output.text, output.logprobs, output.finish_reason,
-                      completion_tokens=seq.generated)  # fmt: skip
+        event = Event(
+            seq.request.index, output.text, output.logprobs, output.finish_reason, completion_tokens=seq.generated
+        )
         self._emit(seq, event)
         if output.finish_reason is not None:
             self._release(seq, output.finish_reason)

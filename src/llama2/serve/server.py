@@ -61,8 +61,9 @@ def _model_name(source: str) -> str:
     return path.name if path.exists() else source
 
 
-def build_for_serving(source: str, *, max_batch_size: int, max_seq_len: int | None, native: bool = True,
-                      **load_options) -> Llama:
+def build_for_serving(
+    source: str, *, max_batch_size: int, max_seq_len: int | None, native: bool = True, **load_options
+) -> Llama:
     """Load a model with `max_batch_size` KV-cache slots of `max_seq_len` tokens each.
 
     Args:
