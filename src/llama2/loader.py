@@ -223,7 +223,7 @@ def release_freed_heap() -> None:
     """Give memory freed by the C heap back to the OS (glibc's `malloc_trim`; a no-op elsewhere).
 
     Packing a model tensor by tensor frees temporaries of a few MB between the tensors it
-    keeps; glibc holds on to those holes, which cost a 7B model ~0.9 GB of resident memory.
+    keeps; glibc holds on to those holes (for a 7B model, docs/performance.md).
     """
     if not sys.platform.startswith("linux"):
         return

@@ -1,7 +1,10 @@
 """The Llama 2 transformer as pure `torch.nn` modules.
 
-No file I/O, no device placement and no inference-only code paths live here: the same
-modules serve prefill, cached decode and training. Weight names are Meta's
+No file I/O and no device placement live here: the same modules serve prefill, cached
+decode and training. Cached attention on the CPU has two inference-only paths of its own
+(`small_query_attention` for decode-sized queries, row-invariant so a server's batch
+rows equal single runs; `matmul_attention` for bfloat16 prefill chunks and compiled
+graphs); everything else, including the KV cache, is shared with training. Weight names are Meta's
 (`tok_embeddings`, `layers.N.attention.wq`, ...), the one canonical naming every format
 reader maps to.
 """
@@ -193,13 +196,14 @@ class Attention(nn.Module):
             return small_query_attention(q, k, v, mask)
         scores = q.shape[1] * q.shape[2] * k.shape[2]
         if cached and q.device.type == "cpu" and q.dtype == torch.bfloat16 and scores <= CHUNK_SCORES_MAX:
-            return matmul_attention(q, k, v, mask, torch.bfloat16)  # prefill chunks: ~1.5x the flash kernel
+            return matmul_attention(q, k, v, mask, torch.bfloat16)  # prefill chunks: faster (docs/performance.md)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and not cached, enable_gqa=self.n_kv_heads != self.n_heads
         )
 
 
-# Decode-sized queries on the CPU: small matmuls beat the flash kernel ~5x (it tiles for long queries).
+# Decode-sized queries on the CPU: small matmuls beat the flash kernel, which tiles for long queries
+# (docs/performance.md).
 SMALL_QUERY_MAX = 16
 # Keys are processed in blocks of this many positions, each block one fixed-shape matmul.
 KEY_BLOCK = 64

@@ -178,8 +178,8 @@ class Engine:
     def run(self) -> None:
         """Accept requests and run the loop in the calling thread until `stop` (from another thread).
 
-        PyTorch's OpenMP workers answer the main thread's parallel regions fastest (about
-        twice as fast as a second thread's on small decode steps), so a server process
+        PyTorch's OpenMP workers answer the main thread's parallel regions faster than a
+        second thread's on small decode steps (docs/performance.md), so a server process
         runs the engine here and its HTTP event loop in a thread.
         """
         self.open()
