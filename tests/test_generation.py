@@ -149,16 +149,23 @@ class CountingTokenizer:
 @pytest.mark.parametrize("stop", [(), ("zebra",), ("🦙 L",)])
 def test_streamer_decodes_a_constant_window_and_equals_the_whole_decode(tokenizer, stop):
     """2,000 random ids (byte pieces included): the pieces join to sentencepiece's decode of
-    the whole answer cut at the first stop string, and no decode call sees more than a few ids."""
+    the whole answer cut at the first stop string, no decode call sees more than a few ids, and
+    the streamer keeps no more than those ids and the text a stop string could still start with."""
     rng = random.Random(7)
     ids = tokenizer.encode("🦙 Llamas 吃草 naïve", bos=False, eos=False)
     ids += [rng.choice([rng.randrange(3, 259), rng.randrange(259, 32000)]) for _ in range(2000)]
     reference = spm.SentencePieceProcessor(model_file=str(LLAMA2_MODEL))
     counting = CountingTokenizer(tokenizer)
     streamer = TextStreamer(counting, stop)
-    pieces = [streamer.push(i) for i in ids] + [streamer.flush()]
+    pieces, kept_ids, kept_chars = [], [], []
+    for i in ids:
+        pieces.append(streamer.push(i))
+        kept_ids.append(len(streamer.ids))
+        kept_chars.append(len(streamer.held))
+    pieces.append(streamer.flush())
     assert "".join(pieces) == truncate_at_stop(reference.decode(ids), stop)
     assert max(counting.decoded_lengths) <= 16  # the longest run of byte pieces in a row, not the answer
+    assert max(kept_ids) <= 16 and max(kept_chars) < max((len(s) for s in stop), default=1)
 
 
 def test_chat_completion_refuses_special_tags_like_meta(llama):
