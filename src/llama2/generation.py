@@ -84,10 +84,10 @@ class Llama:
         compile: bool = False,
         native: bool = True,
     ):
-        if not 2 <= max_seq_len <= model.args.max_seq_len:
-            raise Llama2Error(
-                f"max_seq_len must be between 2 and the model's context of {model.args.max_seq_len}, got {max_seq_len}"
-            )
+        if max_seq_len > model.args.max_seq_len:
+            raise Llama2Error(f"max_seq_len {max_seq_len} exceeds the model's context of {model.args.max_seq_len}")
+        if max_seq_len < 2:
+            raise Llama2Error(f"max_seq_len must be at least 2, got {max_seq_len}")
         self.model, self.tokenizer, self.chat_format = model, tokenizer, chat_format
         self.max_seq_len, self.max_batch_size = max_seq_len, max_batch_size
         self.device = model.norm.weight.device
