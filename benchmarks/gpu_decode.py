@@ -62,7 +62,7 @@ def run_variant(name: str, args, tokenizer: Tokenizer) -> dict:
     start = time.perf_counter()
     llama = Llama(model, tokenizer, None, args.prompt_len + args.gen_len, max_batch_size=1, compile=mode == "compiled")
     if mode in ("compiled", "nographs") and (matmuls == ["cublas"] or mode == "nographs"):
-        llama.decode_step = compile_model(model, matvec_as_reduction=matmuls != ["cublas"], cuda_graphs=mode == "compiled")
+        llama.steps.decode_step = compile_model(model, matvec_as_reduction=matmuls != ["cublas"], cuda_graphs=mode == "compiled")
     measure_generation(llama, args.prompt_len, args.gen_len)  # compiles and records every CUDA graph the runs use
     warmup_s = time.perf_counter() - start
     runs = [measure_generation(llama, args.prompt_len, args.gen_len, seed=i) for i in range(args.repeats)]

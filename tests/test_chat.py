@@ -35,7 +35,6 @@ from llama2.tokenizer import HFTokenizer, Tokenizer, llama2_tokenizer_path
 
 from helpers import LLAMA2_GGUF, LLAMA2_MODEL
 
-
 # Verbatim from the SmolLM2-135M-Instruct GGUF (the '\n' are real newlines in the
 # Jinja string literals).
 SMOLLM2_TEMPLATE = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"  # noqa: E501
@@ -74,13 +73,11 @@ def meta_chat_prompt_ids(sp: spm.SentencePieceProcessor, dialog: Dialog) -> list
                 bos=True,
                 eos=True,
             )
-            for prompt, answer in zip(dialog[::2], dialog[1::2])
+            for prompt, answer in zip(dialog[::2], dialog[1::2], strict=False)
         ],
         [],
     )
-    dialog_tokens += encode(
-        f"{b_inst} {(dialog[-1]['content']).strip()} {e_inst}", bos=True, eos=False
-    )
+    dialog_tokens += encode(f"{b_inst} {(dialog[-1]['content']).strip()} {e_inst}", bos=True, eos=False)
     return dialog_tokens
 
 
@@ -142,9 +139,7 @@ def test_acceptance_ids(llama: Tokenizer) -> None:
 
 
 @pytest.mark.parametrize("name", list(DIALOGS))
-def test_llama2_matches_meta_reference(
-    llama: Tokenizer, sp_ref: spm.SentencePieceProcessor, name: str
-) -> None:
+def test_llama2_matches_meta_reference(llama: Tokenizer, sp_ref: spm.SentencePieceProcessor, name: str) -> None:
     dialog = DIALOGS[name]
     expected = meta_chat_prompt_ids(sp_ref, dialog)
     assert Llama2ChatFormat(llama).encode_dialog_prompt(dialog) == expected
@@ -195,9 +190,7 @@ def test_llama2_rejects_bad_dialogs(llama: Tokenizer, dialog: Dialog, message: s
 # Not "special tags": a rendered template's text is read with special tokens, so "<s>"
 # written by the user becomes BOS there, unlike Meta's code.
 @pytest.mark.parametrize("name", ["single turn", "system prompt", "multi turn with system"])
-def test_llama2_hf_template_gives_metas_ids(
-    llama: Tokenizer, sp_ref: spm.SentencePieceProcessor, name: str
-) -> None:
+def test_llama2_hf_template_gives_metas_ids(llama: Tokenizer, sp_ref: spm.SentencePieceProcessor, name: str) -> None:
     """Rendered `<s>`/`</s>` are read as BOS/EOS, and no second BOS is added."""
     dialog = DIALOGS[name]
     fmt = JinjaChatFormat(LLAMA2_HF_TEMPLATE, llama, add_generation_prompt=False)
@@ -211,9 +204,7 @@ def test_raise_exception_becomes_llama2_error(llama: Tokenizer) -> None:
         fmt.encode_dialog_prompt(bad)
 
 
-def test_smollm2_template_with_llama_vocabulary(
-    llama: Tokenizer, sp_ref: spm.SentencePieceProcessor
-) -> None:
+def test_smollm2_template_with_llama_vocabulary(llama: Tokenizer, sp_ref: spm.SentencePieceProcessor) -> None:
     """Llama 2's vocabulary has no `<|im_start|>`: plain text, with BOS prepended."""
     dialog: Dialog = [{"role": "user", "content": "hi"}]
     fmt = JinjaChatFormat(SMOLLM2_TEMPLATE, llama)
@@ -267,9 +258,16 @@ def test_smollm2_template_by_hand(chatml_tok: HFTokenizer) -> None:
     fmt = JinjaChatFormat(SMOLLM2_TEMPLATE, chatml_tok)
     start, end, nl = [1], [2], byte_ids("\n")
     expected = (
-        start + byte_ids("system\nBe brief.") + end + nl
-        + start + byte_ids("user\nhéllo <s>") + end + nl
-        + start + byte_ids("assistant\n")
+        start
+        + byte_ids("system\nBe brief.")
+        + end
+        + nl
+        + start
+        + byte_ids("user\nhéllo <s>")
+        + end
+        + nl
+        + start
+        + byte_ids("assistant\n")
     )
     assert fmt.encode_dialog_prompt(dialog) == expected
     assert fmt.stop_ids == frozenset({0, 2})
@@ -313,14 +311,10 @@ def test_sandbox_refuses(chatml_tok: HFTokenizer, template: str) -> None:
         fmt.encode_dialog_prompt([{"role": "user", "content": "x"}])
 
 
-@pytest.mark.parametrize(
-    "template", ["{{ messages[5]['content'] }}", "{{ 1 / 0 }}", "{{ messages[0].content + 1 }}"]
-)
+@pytest.mark.parametrize("template", ["{{ messages[5]['content'] }}", "{{ 1 / 0 }}", "{{ messages[0].content + 1 }}"])
 def test_template_runtime_errors(chatml_tok: HFTokenizer, template: str) -> None:
     with pytest.raises(Llama2Error, match="chat template failed"):
-        JinjaChatFormat(template, chatml_tok).encode_dialog_prompt(
-            [{"role": "user", "content": "x"}]
-        )
+        JinjaChatFormat(template, chatml_tok).encode_dialog_prompt([{"role": "user", "content": "x"}])
 
 
 def test_template_syntax_error(chatml_tok: HFTokenizer) -> None:

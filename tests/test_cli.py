@@ -9,14 +9,38 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_hf_llama
 
 from llama2.cli import main
 from llama2.generation import Llama
 from llama2.tokenizer import llama2_tokenizer_path
 
-META_HI_HELLO_BYE = [1, 518, 25580, 29962, 7251, 518, 29914, 25580, 29962, 15043, 29991, 29871, 2,
-                     1, 518, 25580, 29962, 491, 29872, 518, 29914, 25580, 29962]  # fmt: skip
+from helpers import make_hf_llama
+
+META_HI_HELLO_BYE = [
+    1,
+    518,
+    25580,
+    29962,
+    7251,
+    518,
+    29914,
+    25580,
+    29962,
+    15043,
+    29991,
+    29871,
+    2,
+    1,
+    518,
+    25580,
+    29962,
+    491,
+    29872,
+    518,
+    29914,
+    25580,
+    29962,
+]
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -59,10 +83,22 @@ def test_info_70b_shows_gqa(capsys):
 
 
 def test_tokenize_dialog_gives_metas_prompt_ids(capsys, tmp_path):
-    dialog = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "bye"}]
+    dialog = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "bye"},
+    ]
     (tmp_path / "d.json").write_text(json.dumps(dialog))
-    code, out, _ = run_cli(capsys, "tokenize", "--tokenizer", str(llama2_tokenizer_path()), "--chat-format", "llama-2",
-                           "--dialog", str(tmp_path / "d.json"))  # fmt: skip
+    code, out, _ = run_cli(
+        capsys,
+        "tokenize",
+        "--tokenizer",
+        str(llama2_tokenizer_path()),
+        "--chat-format",
+        "llama-2",
+        "--dialog",
+        str(tmp_path / "d.json"),
+    )
     assert code == 0
     assert json.loads(out.strip().splitlines()[-1]) == META_HI_HELLO_BYE
 
@@ -78,7 +114,11 @@ def test_tokenize_text_from_a_model_folder(capsys, tiny_llama_folder):
 
 def test_meta_folder_uses_llama2_chat_format(capsys, tiny_llama_folder, tmp_path):
     """A Llama SentencePiece model without a template gets Meta's chat format (golden ids)."""
-    dialog = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "bye"}]
+    dialog = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "bye"},
+    ]
     (tmp_path / "d.json").write_text(json.dumps(dialog))
     code, out, _ = run_cli(capsys, "tokenize", "--model", str(tiny_llama_folder), "--dialog", str(tmp_path / "d.json"))
     assert code == 0
@@ -88,7 +128,9 @@ def test_meta_folder_uses_llama2_chat_format(capsys, tiny_llama_folder, tmp_path
 def test_generate_equals_python_api(capsys, tiny_llama_folder):
     llama = Llama.build(tiny_llama_folder, max_batch_size=1, device="cpu")
     expected = llama.text_completion(["Once upon"], temperature=0, max_gen_len=10)[0]["generation"]
-    code, out, _ = run_cli(capsys, "generate", "--model", str(tiny_llama_folder), "-t", "0", "-n", "10", "--device", "cpu", "Once upon")
+    code, out, _ = run_cli(
+        capsys, "generate", "--model", str(tiny_llama_folder), "-t", "0", "-n", "10", "--device", "cpu", "Once upon"
+    )
     assert code == 0
     assert out == "Once upon" + expected + "\n"
 
@@ -107,8 +149,17 @@ def test_perplexity_equals_a_full_sequence_forward(capsys, tiny_llama_folder, tm
             logits = llama.model(window)[0, :-1]
             losses.append(torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="none"))
     expected = math.exp(torch.cat(losses).mean().item())
-    code, out, _ = run_cli(capsys, "perplexity", "--model", str(tiny_llama_folder), "--device", "cpu", "--window", "16",
-                           str(tmp_path / "t.txt"))  # fmt: skip
+    code, out, _ = run_cli(
+        capsys,
+        "perplexity",
+        "--model",
+        str(tiny_llama_folder),
+        "--device",
+        "cpu",
+        "--window",
+        "16",
+        str(tmp_path / "t.txt"),
+    )
     assert code == 0
     assert abs(float(out.split()[1]) / expected - 1) < 1e-3, (out, expected)
     code, _, err = run_cli(capsys, "perplexity", "--model", str(tiny_llama_folder), str(tmp_path / "missing.txt"))
@@ -119,8 +170,22 @@ def test_chat_equals_python_api(capsys, tiny_llama_folder):
     llama = Llama.build(tiny_llama_folder, max_batch_size=1, device="cpu")
     dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
     expected = llama.chat_completion([dialog], temperature=0, max_gen_len=8)[0]["generation"]["content"]
-    code, out, _ = run_cli(capsys, "chat", "--model", str(tiny_llama_folder), "-t", "0", "-n", "8", "--device", "cpu",
-                           "--system", "Be brief.", "-p", "Hello")  # fmt: skip
+    code, out, _ = run_cli(
+        capsys,
+        "chat",
+        "--model",
+        str(tiny_llama_folder),
+        "-t",
+        "0",
+        "-n",
+        "8",
+        "--device",
+        "cpu",
+        "--system",
+        "Be brief.",
+        "-p",
+        "Hello",
+    )
     assert code == 0
     assert out == expected + "\n"
 

@@ -1,6 +1,7 @@
 """The real default model (SmolLM2-135M-Instruct Q4_1 GGUF) against llama.cpp's recorded outputs."""
 
 import json
+import operator
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama2.generation import Llama, default_device
+from llama2.generation import Llama
+from llama2.loader import default_device
 from llama2.weights import registry
 
 FIXTURE = Path(__file__).parent / "fixtures" / "llamacpp_greedy_smollm2.json"
@@ -40,7 +42,7 @@ def stock_llama(default_model_path):
     """The CPU path without llama2's kernels (as with LLAMA2_NO_KERNELS=1 or where they do not build):
     Q4_1 repacked for PyTorch's int4 kernel, Q8_0 and the head as per-channel int8."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("llama2.generation.gguf_matmul_available", lambda: False)
+        patch.setattr("llama2.loader.gguf_matmul_available", lambda: False)
         return Llama.build(default_model_path, max_seq_len=1024, max_batch_size=4, device="cpu")
 
 
@@ -61,7 +63,9 @@ def stepwise_logits(model, prompt: list[int], continuation: list[int], device: t
     logits = [model(torch.tensor([prompt], device=device), positions, kv_len=len(prompt), last_logits_only=True)[0]]
     for offset, token in enumerate(continuation[:-1]):
         position = len(prompt) + offset
-        step = model(torch.tensor([[token]], device=device), torch.tensor([position], device=device), kv_len=position + 1)
+        step = model(
+            torch.tensor([[token]], device=device), torch.tensor([position], device=device), kv_len=position + 1
+        )
         logits.append(step[0])
     return torch.cat(logits)  # [len(continuation), vocab]
 
@@ -71,11 +75,11 @@ def stepwise_logits(model, prompt: list[int], continuation: list[int], device: t
 AGREEMENT_PATHS = {
     "llama": ("llama", "model"),
     "cpu_modules": ("fast_llama", "model"),
-    "stock": ("stock_llama", "decode_step"),
-    "default": ("default_llama", "decode_step"),
+    "stock": ("stock_llama", "steps.decode_step"),
+    "default": ("default_llama", "steps.decode_step"),
 }
 if default_device().type != "cpu":  # else "default" is this path
-    AGREEMENT_PATHS["cpu_step"] = ("fast_llama", "decode_step")
+    AGREEMENT_PATHS["cpu_step"] = ("fast_llama", "steps.decode_step")
 AGREEMENT_CASES = [
     (path, mode)
     for path, (_, forward) in AGREEMENT_PATHS.items()
@@ -98,7 +102,7 @@ def test_greedy_next_token_agrees_with_llama_cpp(path, mode, request, cases):
     """
     fixture, forward_name = AGREEMENT_PATHS[path]
     llama = request.getfixturevalue(fixture)
-    forward = getattr(llama, forward_name)
+    forward = operator.attrgetter(forward_name)(llama)
     agree = total = 0
     with torch.inference_mode():
         for case in cases:
@@ -108,13 +112,15 @@ def test_greedy_next_token_agrees_with_llama_cpp(path, mode, request, cases):
             if mode == "decode-steps":
                 logits = stepwise_logits(forward, prompt, continuation, llama.device)
             elif mode == "cached-prefill":
-                logits = forward(tokens, torch.arange(length, device=llama.device), kv_len=length)[0, len(prompt) - 1 : -1]
+                logits = forward(tokens, torch.arange(length, device=llama.device), kv_len=length)[
+                    0, len(prompt) - 1 : -1
+                ]
             else:
                 llama.model.clear_caches()
                 logits = llama.model(tokens)[0, len(prompt) - 1 : -1]
                 llama.model.setup_caches(llama.max_batch_size, llama.max_seq_len)
             ours = logits.argmax(-1).tolist()
-            agree += sum(a == b for a, b in zip(ours, continuation))
+            agree += sum(a == b for a, b in zip(ours, continuation, strict=True))
             total += len(continuation)
     assert total > 500
     assert agree / total >= 0.95, f"agreement {agree}/{total} = {agree / total:.3f}"
@@ -142,7 +148,7 @@ def test_stock_path_repacks_fused_blocks_for_pytorchs_kernels(stock_llama):
     layer, model = stock_llama.model.layers[0], stock_llama.model
     assert isinstance(layer.attention.wqkv, Int4Linear) and layer.attention.wqkv.out_features == 576 + 2 * 192
     assert isinstance(layer.feed_forward.w13, Int4Linear) and layer.feed_forward.w13.out_features == 2 * 1536
-    assert isinstance(model.output, Int8Linear) and stock_llama.native is None
+    assert isinstance(model.output, Int8Linear) and stock_llama.steps.native is None
 
 
 def test_greedy_chat_answer_is_coherent_english(llama):
@@ -156,14 +162,16 @@ def test_greedy_chat_answer_is_coherent_english(llama):
 @pytest.mark.parametrize("path", ["default_llama", "stock_llama"])
 def test_quantized_path_answer_is_coherent(path, request):
     dialog = [{"role": "user", "content": "Give me a Python function that reverses a string."}]
-    answer = request.getfixturevalue(path).chat_completion([dialog], temperature=0, max_gen_len=64)[0]["generation"]["content"]
+    answer = request.getfixturevalue(path).chat_completion([dialog], temperature=0, max_gen_len=64)[0]["generation"][
+        "content"
+    ]
     assert "def " in answer and "[::-1]" in answer and "Python" in answer
 
 
 def test_batched_chat_equals_single_chats(llama, cases):
     dialogs = [case["dialog"] for case in cases[:3]]
     batched = llama.chat_completion(dialogs, temperature=0, max_gen_len=24)
-    for dialog, result in zip(dialogs, batched):
+    for dialog, result in zip(dialogs, batched, strict=True):
         single = llama.chat_completion([dialog], temperature=0, max_gen_len=24)[0]
         assert result["generation"]["content"] == single["generation"]["content"]
 
@@ -189,19 +197,33 @@ def test_int8_perplexity_within_two_percent_of_bfloat16(default_model_path):
 
 def test_bench_json_is_one_object_naming_the_backend_that_ran(default_llama):
     """`llama2 bench --json` on the default model: one JSON object whose backend is what `Llama` runs here."""
-    command = [sys.executable, "-m", "llama2.cli", "bench", "--json", "--prompt-len", "8", "--gen-len", "4", "--repeats", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "llama2.cli",
+        "bench",
+        "--json",
+        "--prompt-len",
+        "8",
+        "--gen-len",
+        "4",
+        "--repeats",
+        "1",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)  # fails on anything besides one JSON value
     assert isinstance(report, dict)
     assert report["prompt_tps"] > 0 and report["decode_tps"] > 0
     assert all(isinstance(report[key], float) for key in ("prompt_tps", "decode_tps"))
-    if default_llama.native is not None:
+    if default_llama.steps.native is not None:
         assert report["backend"].startswith("native/") and len(report["backend"]) > len("native/")
     else:
         from llama2.quant import GGUFLinear, Int4Linear, Int8Linear
 
-        kind = {GGUFLinear: "gguf", Int4Linear: "int4", Int8Linear: "int8"}.get(type(default_llama.model.layers[0].attention.wqkv))
+        kind = {GGUFLinear: "gguf", Int4Linear: "int4", Int8Linear: "int8"}.get(
+            type(default_llama.model.layers[0].attention.wqkv)
+        )
         assert report["backend"].startswith("modules/") and (kind is None or kind in report["backend"])
     if report["peak_rss_mb"] is not None:  # None only where the platform does not say (Windows without psutil)
         assert isinstance(report["peak_rss_mb"], float) and isinstance(report["rss_above_torch_mb"], float)

@@ -56,9 +56,11 @@ def test_greedy_matches_uncached_recomputation(tokenizer):
 
 
 def test_batched_prompts_of_different_lengths_match_single_runs(llama, tokenizer):
-    prompts = [tokenizer.encode(t, bos=True, eos=False) for t in ("Hi", "A much longer prompt than the first", "Llamas")]
+    prompts = [
+        tokenizer.encode(t, bos=True, eos=False) for t in ("Hi", "A much longer prompt than the first", "Llamas")
+    ]
     batched, _ = llama.generate(prompts, max_gen_len=8, temperature=0, stop_ids=frozenset())
-    for prompt, out in zip(prompts, batched):
+    for prompt, out in zip(prompts, batched, strict=True):
         single, _ = llama.generate([prompt], max_gen_len=8, temperature=0, stop_ids=frozenset())
         assert out == single[0]
         assert len(out) == 8
@@ -87,7 +89,9 @@ def test_logprobs_equal_log_softmax_of_full_forward(llama, tokenizer):
 
 def test_echo_returns_prompt_and_logprobs(llama, tokenizer):
     prompt = tokenizer.encode("Echo me", bos=True, eos=False)
-    out, logprobs = llama.generate([prompt], max_gen_len=3, temperature=0, logprobs=True, echo=True, stop_ids=frozenset())
+    out, logprobs = llama.generate(
+        [prompt], max_gen_len=3, temperature=0, logprobs=True, echo=True, stop_ids=frozenset()
+    )
     assert out[0][: len(prompt)] == prompt
     assert len(logprobs[0]) == len(out[0])
     assert logprobs[0][0] == 0.0  # the first prompt token has no prediction
@@ -108,7 +112,9 @@ def test_stop_strings_cut_text_and_stream_alike(llama, tokenizer):
     stop = full[3:6]
     cut = llama.text_completion(["Stop strings"], temperature=0, max_gen_len=20, stop=[stop], stop_ids=frozenset())
     assert cut[0]["generation"] == full[: full.find(stop)]
-    streamed = "".join(llama.stream_text("Stop strings", temperature=0, max_gen_len=20, stop=[stop], stop_ids=frozenset()))
+    streamed = "".join(
+        llama.stream_text("Stop strings", temperature=0, max_gen_len=20, stop=[stop], stop_ids=frozenset())
+    )
     assert streamed == cut[0]["generation"]
 
 
@@ -143,16 +149,23 @@ class CountingTokenizer:
 @pytest.mark.parametrize("stop", [(), ("zebra",), ("🦙 L",)])
 def test_streamer_decodes_a_constant_window_and_equals_the_whole_decode(tokenizer, stop):
     """2,000 random ids (byte pieces included): the pieces join to sentencepiece's decode of
-    the whole answer cut at the first stop string, and no decode call sees more than a few ids."""
+    the whole answer cut at the first stop string, no decode call sees more than a few ids, and
+    the streamer keeps no more than those ids and the text a stop string could still start with."""
     rng = random.Random(7)
     ids = tokenizer.encode("🦙 Llamas 吃草 naïve", bos=False, eos=False)
     ids += [rng.choice([rng.randrange(3, 259), rng.randrange(259, 32000)]) for _ in range(2000)]
     reference = spm.SentencePieceProcessor(model_file=str(LLAMA2_MODEL))
     counting = CountingTokenizer(tokenizer)
     streamer = TextStreamer(counting, stop)
-    pieces = [streamer.push(i) for i in ids] + [streamer.flush()]
+    pieces, kept_ids, kept_chars = [], [], []
+    for i in ids:
+        pieces.append(streamer.push(i))
+        kept_ids.append(len(streamer.ids))
+        kept_chars.append(len(streamer.held))
+    pieces.append(streamer.flush())
     assert "".join(pieces) == truncate_at_stop(reference.decode(ids), stop)
     assert max(counting.decoded_lengths) <= 16  # the longest run of byte pieces in a row, not the answer
+    assert max(kept_ids) <= 16 and max(kept_chars) < max((len(s) for s in stop), default=1)
 
 
 def test_chat_completion_refuses_special_tags_like_meta(llama):
@@ -226,23 +239,23 @@ def test_compiled_single_stream_decode_without_guard_checks_stays_exact(tokenize
             assert actual == expected
             if logprobs:
                 assert actual_logprobs[0] == pytest.approx(expected_logprobs[0], abs=1e-4)
-    assert max(compiled.decode_step.warm_calls.values()) >= compiled.decode_step.WARM_CALLS
+    assert max(compiled.steps.decode_step.warm_calls.values()) >= compiled.steps.decode_step.WARM_CALLS
     # An input no compiled graph fits (a contiguous token tensor, unlike generate's slices) is compiled, not refused.
     token, position = torch.tensor([[5]]), torch.tensor([3])
     with torch.inference_mode():
-        actual = compiled.decode_step(token, position, kv_len=4, last_logits_only=True)
+        actual = compiled.steps.decode_step(token, position, kv_len=4, last_logits_only=True)
         expected = eager.model(token, position, kv_len=4, last_logits_only=True)
     assert torch.allclose(actual, expected, atol=1e-4)
 
 
 def test_chunked_prefill_equals_one_pass(tokenizer, monkeypatch):
-    import llama2.generation as generation
+    import llama2.decode as decode
 
     llama = make_llama(tokenizer)
     prompt = tokenizer.encode("A prompt long enough to be cut into several prefill chunks", bos=True, eos=False)
     kwargs = dict(max_gen_len=6, temperature=0, logprobs=True, echo=True, stop_ids=frozenset())
     whole, whole_logprobs = llama.generate([prompt], **kwargs)
-    monkeypatch.setattr(generation, "PREFILL_CHUNK", 4)
+    monkeypatch.setattr(decode, "PREFILL_CHUNK", 4)
     chunked, chunked_logprobs = llama.generate([prompt], **kwargs)
     assert chunked == whole
     assert chunked_logprobs[0] == pytest.approx(whole_logprobs[0], abs=1e-4)

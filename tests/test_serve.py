@@ -12,16 +12,16 @@ import shutil
 import signal
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
-from helpers import make_hf_llama
 from llama2.generation import Llama
 from llama2.serve.process import ServerProcess
 from llama2.tokenizer import llama2_tokenizer_path
+
+from helpers import make_hf_llama
 
 openai = pytest.importorskip("openai")
 
@@ -96,8 +96,13 @@ def test_models_health_and_metrics(client, http, server, tiny):
     assert client.models.retrieve(model_name(tiny)).id == model_name(tiny)
     assert httpx.get(server.base_url + "/health").json() == {"status": "ok"}  # no key needed
     text = http.get("/metrics").text
-    for name in ("llama2_queue_depth", "llama2_time_to_first_token_seconds_bucket", "llama2_generation_tokens_total",
-                 "llama2_generation_tokens_per_second", "llama2_http_requests_total"):  # fmt: skip
+    for name in (
+        "llama2_queue_depth",
+        "llama2_time_to_first_token_seconds_bucket",
+        "llama2_generation_tokens_total",
+        "llama2_generation_tokens_per_second",
+        "llama2_http_requests_total",
+    ):
         assert name in text
 
 
@@ -119,15 +124,21 @@ def test_completion_and_its_stream_equal_text_completion(client, reference, tiny
     whole = client.completions.create(model=model_name(tiny), prompt=prompt, temperature=0, max_tokens=20)
     assert whole.choices[0].text == expected
     stream = client.completions.create(
-        model=model_name(tiny), prompt=prompt, temperature=0, max_tokens=20, stream=True,
+        model=model_name(tiny),
+        prompt=prompt,
+        temperature=0,
+        max_tokens=20,
+        stream=True,
         stream_options={"include_usage": True},
-    )  # fmt: skip
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
-    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens == 1 + len(
-        reference.tokenizer.encode(prompt, bos=False, eos=False)
+    assert (
+        chunks[-1].usage.prompt_tokens
+        == whole.usage.prompt_tokens
+        == 1 + len(reference.tokenizer.encode(prompt, bos=False, eos=False))
     )
 
 
@@ -157,7 +168,10 @@ def test_logprobs_match_transformers(client, reference, tiny):
     logprobs = completion.choices[0].logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 3
     assert "".join(logprobs.tokens) == completion.choices[0].text
-    assert all(max(top.values()) == pytest.approx(lp) for top, lp in zip(logprobs.top_logprobs, logprobs.token_logprobs))
+    assert all(
+        max(top.values()) == pytest.approx(lp)
+        for top, lp in zip(logprobs.top_logprobs, logprobs.token_logprobs, strict=True)
+    )
 
 
 def test_seeded_choices_are_reproducible(client, tiny):
@@ -204,19 +218,28 @@ BAD_REQUESTS = [
     ("bad token id", *_post("/v1/completions", {"prompt": [1, 99999999]}), 400, None),
     ("too many choices", *_post("/v1/completions", {"prompt": "a", "n": 9}), 400, "n"),
     ("empty messages", *_post("/v1/chat/completions", {"messages": []}), 400, "messages"),
-    ("bad role", *_post("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}), 400,
-     "messages.0.role"),
-    ("llama-2 tags", *_post("/v1/chat/completions", {"messages": [{"role": "user", "content": "[INST] x"}]}), 400,
-     "messages"),
+    (
+        "bad role",
+        *_post("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}),
+        400,
+        "messages.0.role",
+    ),
+    (
+        "llama-2 tags",
+        *_post("/v1/chat/completions", {"messages": [{"role": "user", "content": "[INST] x"}]}),
+        400,
+        "messages",
+    ),
     ("top_p zero", *_post("/v1/chat/completions", {"messages": DIALOG[1:2], "top_p": 0}), 400, "top_p"),
-    ("unsupported penalty", *_post("/v1/completions", {"prompt": "a", "presence_penalty": 1}), 400,
-     "presence_penalty"),
+    ("unsupported penalty", *_post("/v1/completions", {"prompt": "a", "presence_penalty": 1}), 400, "presence_penalty"),
     ("unknown path", "GET", "/v1/engines", None, 404, None),
     ("wrong method", "GET", "/v1/completions", None, 405, None),
-]  # fmt: skip
+]
 
 
-@pytest.mark.parametrize(("case", "method", "path", "body", "status", "param"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+@pytest.mark.parametrize(
+    ("case", "method", "path", "body", "status", "param"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS]
+)
 def test_bad_input_is_a_4xx_in_openai_shape(http, case, method, path, body, status, param):
     content = body if isinstance(body, bytes) else None if body is None else json.dumps(body).encode()
     response = http.request(method, path, content=content, headers={"Content-Type": "application/json"})
@@ -317,8 +340,16 @@ def test_chat_page_in_headless_chromium(server, client, tiny):
     if chromium is None:
         pytest.skip("Debian chromium is not installed")
     sync_api = pytest.importorskip("playwright.sync_api")
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+    args = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ]
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=args)
         try:
@@ -335,9 +366,13 @@ def test_chat_page_in_headless_chromium(server, client, tiny):
                 bubble = page.locator(".msg.assistant").nth(turn)
                 bubble.and_(page.locator("[data-state=done]")).wait_for(timeout=30_000)
                 dialog.append({"role": "user", "content": message})
-                expected = client.chat.completions.create(
-                    model=model_name(tiny), messages=dialog, temperature=0, max_tokens=12
-                ).choices[0].message.content
+                expected = (
+                    client.chat.completions.create(
+                        model=model_name(tiny), messages=dialog, temperature=0, max_tokens=12
+                    )
+                    .choices[0]
+                    .message.content
+                )
                 assert bubble.text_content() == expected
                 dialog.append({"role": "assistant", "content": expected})
             assert page.locator(".msg.user").count() == 2
@@ -351,7 +386,9 @@ def test_chat_page_in_headless_chromium(server, client, tiny):
 
 @pytest.fixture(scope="module")
 def default_server(default_model_path):
-    with ServerProcess("--model", str(default_model_path), "--max-seq-len", "512", "--served-model-name", "smollm2") as p:
+    with ServerProcess(
+        "--model", str(default_model_path), "--max-seq-len", "512", "--served-model-name", "smollm2"
+    ) as p:
         yield p
 
 
@@ -363,10 +400,13 @@ def default_llama(default_model_path) -> Llama:
 DEFAULT_DIALOGS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "system", "content": "Answer in one sentence."}, {"role": "user", "content": "Why is the sky blue?"}],
-    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help?"},
-     {"role": "user", "content": "Tell me a fact about llamas."}],
+    [
+        {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Tell me a fact about llamas."},
+    ],
     [{"role": "user", "content": "List three prime numbers."}],
-]  # fmt: skip
+]
 DEFAULT_MAX_TOKENS = 20
 
 

@@ -14,6 +14,7 @@ from llama2.errors import Llama2Error
 from llama2.sampling import SamplingParams
 from llama2.serve.engine import ContextLengthError, Engine, EngineClosedError, GenerationRequest, QueueFullError
 from llama2.tokenizer import Tokenizer, llama2_tokenizer_path
+
 from test_generation import make_llama
 
 PROMPTS = ["Hi", "A much longer prompt than the first one, with commas", "Llamas", "The quick brown fox jumps"]
@@ -75,9 +76,9 @@ def test_batched_chunked_greedy_equals_single_runs(engine, tokenizer):
     """Seven prompts through three slots: chunked prefill, joins and leaves at token boundaries."""
     prompts = [encode(tokenizer, p) for p in PROMPTS + PROMPTS[:3]]
     lengths = [12, 20, 7, 15, 3, 9, 18]
-    expected = [reference(engine, p, n) for p, n in zip(prompts, lengths)]
+    expected = [reference(engine, p, n) for p, n in zip(prompts, lengths, strict=True)]
     collector = Collector(len(prompts))
-    requests = [GenerationRequest(p, n, index=i) for i, (p, n) in enumerate(zip(prompts, lengths))]
+    requests = [GenerationRequest(p, n, index=i) for i, (p, n) in enumerate(zip(prompts, lengths, strict=True))]
     engine.submit(requests[:4], collector)
     engine.submit(requests[4:], collector)
     collector.wait()
@@ -143,12 +144,13 @@ def test_logprobs_are_the_models_log_softmax(engine, tokenizer):
     collector = Collector(1)
     engine.submit([GenerationRequest(prompt, 1, top_logprobs=3)], collector)
     entry = collector.wait().last(0).logprobs[0]
-    engine.model.clear_caches()  # an uncached full forward as the reference
+    model = engine.llama.model
+    model.clear_caches()  # an uncached full forward as the reference
     try:
         with torch.no_grad():
-            expected = torch.log_softmax(engine.model(torch.tensor([prompt]))[0, -1], dim=-1)
+            expected = torch.log_softmax(model(torch.tensor([prompt]))[0, -1], dim=-1)
     finally:
-        engine.model.setup_caches(engine.num_slots, engine.max_seq_len)
+        model.setup_caches(engine.num_slots, engine.max_seq_len)
     top = torch.topk(expected, 3)
     assert entry.token == int(top.indices[0])
     assert entry.logprob == pytest.approx(float(top.values[0]), abs=1e-4)
@@ -186,16 +188,17 @@ def test_full_queue_refuses_and_cancel_frees_the_slot(tokenizer):
 
 
 def test_a_failed_step_fails_its_sequences_and_the_engine_goes_on(engine, tokenizer):
-    model = engine.model
+    steps = engine.batch.steps
+    prefill = steps.prefill
     calls = []
 
     def broken_once(*args, **kwargs):
         if not calls:
             calls.append(1)
             raise RuntimeError("boom")
-        return model(*args, **kwargs)
+        return prefill(*args, **kwargs)
 
-    engine.model = broken_once
+    steps.prefill = broken_once
     collector = Collector(1)
     engine.submit([GenerationRequest(encode(tokenizer, "Hi"), 4)], collector)
     assert collector.wait().last(0).finish_reason == "error"
@@ -236,7 +239,9 @@ def test_per_row_cache_lengths_make_batched_decode_bitwise_single(tokenizer):
         kv_lens = [n + 1 for n in lengths]
         together = model(tokens, positions, cache_slots=torch.arange(3), kv_len=kv_lens)
         for i in range(3):
-            alone = model(tokens[i : i + 1], positions[i : i + 1], cache_slots=torch.tensor([i]), kv_len=kv_lens[i : i + 1])
+            alone = model(
+                tokens[i : i + 1], positions[i : i + 1], cache_slots=torch.tensor([i]), kv_len=kv_lens[i : i + 1]
+            )
             assert torch.equal(together[i], alone[0])
 
 

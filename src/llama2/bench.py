@@ -102,10 +102,10 @@ def backend_name(llama) -> str:
     GGUF file's blocks on llama2's kernels, "int4" / "int8" for PyTorch's packed kernels,
     else the weights' dtype, e.g. "bf16"), with "+compiled" when torch.compile runs them.
     """
-    if llama.native is not None:
+    if llama.steps.native is not None:
         return f"native/{native_isa()}"
     kinds = sorted({_layer_kind(layer) for block in llama.model.layers for layer in _projections(block)})
-    compiled = "+compiled" if llama.decode_step is not llama.model else ""
+    compiled = "+compiled" if llama.steps.decode_step is not llama.model else ""
     return f"modules/{'+'.join(kinds)}{compiled}"
 
 

@@ -129,7 +129,7 @@ class Llama2ChatFormat(ChatFormat):
         turns = _fold_system_message(_check_nonempty(dialog))
         _check_alternation(turns)
         ids: list[int] = []
-        for prompt, answer in zip(turns[::2], turns[1::2]):
+        for prompt, answer in zip(turns[::2], turns[1::2], strict=False):
             text = f"{B_INST} {(prompt['content']).strip()} {E_INST} {(answer['content']).strip()} "
             ids += self.tokenizer.encode(text, bos=True, eos=True)
         last = f"{B_INST} {(turns[-1]['content']).strip()} {E_INST}"
@@ -245,9 +245,7 @@ def _tojson(value: Any, indent: int | None = None, **kwargs: Any) -> str:
 
 def _jinja_environment() -> ImmutableSandboxedEnvironment:
     """A sandbox configured like transformers' chat template rendering."""
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -282,9 +280,7 @@ _NAMED_FORMATS: Mapping[str, Callable[[Tokenizer], ChatFormat]] = MappingProxyTy
 CHAT_FORMAT_NAMES = tuple(_NAMED_FORMATS)
 
 
-def resolve_chat_format(
-    tokenizer: Tokenizer, chat_template: str | None, override: str | None = None
-) -> ChatFormat:
+def resolve_chat_format(tokenizer: Tokenizer, chat_template: str | None, override: str | None = None) -> ChatFormat:
     """Picks the chat format for a model.
 
     Order: `override`, else the checkpoint's own template, else Llama-2-Chat for Llama 2's

@@ -11,26 +11,41 @@ from pathlib import Path
 from .errors import Llama2Error
 from .weights.registry import DEFAULT_MODEL
 
-
 # ---------------------------------------------------------------------------- arguments
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"model name, GGUF file, HF or Meta folder (default: {DEFAULT_MODEL})")
+    parser.add_argument(
+        "--model",
+        "-m",
+        default=DEFAULT_MODEL,
+        help=f"model name, GGUF file, HF or Meta folder (default: {DEFAULT_MODEL})",
+    )
     parser.add_argument("--tokenizer", help="tokenizer file to use instead of the model's own")
-    parser.add_argument("--chat-format", help="override the chat format: llama-2, chatml, raw, or a Jinja template file")
+    parser.add_argument(
+        "--chat-format", help="override the chat format: llama-2, chatml, raw, or a Jinja template file"
+    )
 
 
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     """Where and how the model computes: device, dtype, quantization, threads."""
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight/activation dtype")
-    parser.add_argument("--quant", choices=["auto", "none", "int8", "int4"], default="auto",
-                        help="auto: compute GGUF Q4_0/Q4_1 layers on their packed blocks (CPU); none: dequantize; "
-                        "int8/int4: quantize after loading")  # fmt: skip
+    parser.add_argument(
+        "--quant",
+        choices=["auto", "none", "int8", "int4"],
+        default="auto",
+        help="auto: on the CPU, compute a GGUF file's Q4_0/Q4_1/Q8_0 layers on its blocks as stored "
+        "(llama2's kernels, int8 activations as llama.cpp; else repacked for PyTorch's int4/int8 kernels), "
+        "other checkpoints as they are; none: dequantize; int8/int4: quantize after loading",
+    )
     parser.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
-    parser.add_argument("--no-native", dest="native", action="store_false",
-                        help="run GGUF block models through PyTorch modules instead of llama2's C++ CPU engine")  # fmt: skip
+    parser.add_argument(
+        "--no-native",
+        dest="native",
+        action="store_false",
+        help="run GGUF block models through PyTorch modules instead of llama2's C++ CPU engine",
+    )
 
 
 def add_load_options(parser: argparse.ArgumentParser) -> None:
@@ -38,8 +53,12 @@ def add_load_options(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser)
     add_runtime_options(parser)
     parser.add_argument("--max-seq-len", type=int, help="context to allocate (default: the model's, at most 4096)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first start, cached "
-                        "after; not needed where the native engine runs the model)")  # fmt: skip
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step (slow first start, cached "
+        "after; not needed where the native engine runs the model)",
+    )
     parser.add_argument("--seed", type=int, default=1, help="seed of the sampling generator")
 
 
@@ -73,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(tokenize)
     tokenize.add_argument("text", nargs="?", help="text to tokenize")
     tokenize.add_argument("--dialog", help="JSON file with a list of {role, content} messages")
-    tokenize.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None, help="prepend BOS (default: as the model does)")
+    tokenize.add_argument(
+        "--bos", action=argparse.BooleanOptionalAction, default=None, help="prepend BOS (default: as the model does)"
+    )
     tokenize.set_defaults(handler=cmd_tokenize)
 
     info = commands.add_parser("info", help="describe a model or a preset architecture")
@@ -82,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(handler=cmd_info)
 
     pull = commands.add_parser("pull", help="download a named model or a Hugging Face repo (ORG/NAME) into the cache")
-    pull.add_argument("name", help="a model name (llama2 list) or a Hugging Face repo id, e.g. meta-llama/Llama-2-7b-chat-hf")
+    pull.add_argument(
+        "name", help="a model name (llama2 list) or a Hugging Face repo id, e.g. meta-llama/Llama-2-7b-chat-hf"
+    )
     pull.add_argument("--revision", help="Hub branch, tag or commit")
     pull.add_argument("--file", help="download this one file of the Hub repo (e.g. a .gguf)")
     pull.set_defaults(handler=cmd_pull)
@@ -94,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--shards", type=int, help="meta: model-parallel shards (1, 2, 8 as Llama 2 7B/13B/70B)")
     convert.add_argument("--type", help="gguf: auto, f32, f16, bf16, q8_0, q4_0, q4_1 (default: auto, as stored)")
     convert.add_argument("--max-shard-size", type=float, help="hf: safetensors shard size limit in GB (default: 5)")
-    convert.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help="meta, hf: cast weights")
+    convert.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help="meta, hf: cast weights"
+    )
     convert.add_argument("--tokenizer", help="tokenizer to ship instead of the source's own")
     convert.add_argument("--force", action="store_true", help="replace an existing destination")
     convert.set_defaults(handler=cmd_convert)
@@ -102,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     list_ = commands.add_parser("list", help="list named models and whether they are downloaded")
     list_.set_defaults(handler=cmd_list)
 
-    quantize = commands.add_parser("quantize", help="write a quantized GGUF (int8 = Q8_0, int4 = Q4_0) of any checkpoint")
+    quantize = commands.add_parser(
+        "quantize", help="write a quantized GGUF (int8 = Q8_0, int4 = Q4_0) of any checkpoint"
+    )
     quantize.add_argument("source", help="model name, GGUF file, HF or Meta folder")
     quantize.add_argument("dest", help="output .gguf file")
     quantize.add_argument("--type", required=True, choices=sorted(QUANTIZE_TYPES), help="int8 or int4 (groups of 32)")
@@ -129,10 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching) with a chat page")
     add_model_options(serve)
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)"
+    )
     serve.add_argument("--port", type=int, default=8000, help="TCP port (0 picks a free one; default: 8000)")
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 and /metrics (default: $LLAMA2_API_KEY)")
-    serve.add_argument("--max-batch-size", type=int, default=16, help="KV-cache slots: most requests generated together")
+    serve.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' on /v1 and /metrics (default: $LLAMA2_API_KEY)"
+    )
+    serve.add_argument(
+        "--max-batch-size", type=int, default=16, help="KV-cache slots: most requests generated together"
+    )
     serve.add_argument("--max-seq-len", type=int, help="context of each slot (default: the model's, at most 2048)")
     serve.add_argument("--max-queue", type=int, default=64, help="most requests waiting for a slot before 429s")
     serve.add_argument("--served-model-name", help="the model name clients send (default: --model)")
@@ -289,7 +322,7 @@ def read_dialog(path: str) -> list:
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in dialog
     )
     if not valid or not dialog:
-        raise Llama2Error(f"{path}: a dialog must be a non-empty JSON list of {{\"role\": ..., \"content\": ...}} objects")
+        raise Llama2Error(f'{path}: a dialog must be a non-empty JSON list of {{"role": ..., "content": ...}} objects')
     return dialog
 
 
@@ -332,8 +365,14 @@ QUANTIZE_TYPES = {"int8": "q8_0", "int4": "q4_0"}
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .weights.convert import convert
 
-    path = convert(args.source, args.dest, "gguf", tensor_type=QUANTIZE_TYPES[args.type], overwrite=args.force,
-                   progress=sys.stderr.isatty())  # fmt: skip
+    path = convert(
+        args.source,
+        args.dest,
+        "gguf",
+        tensor_type=QUANTIZE_TYPES[args.type],
+        overwrite=args.force,
+        progress=sys.stderr.isatty(),
+    )
     print(path)
     return 0
 
@@ -358,7 +397,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def describe_rss(peak_mb: float | None, above_torch_mb: float | None) -> str:
-    """"396 MB (177 MB above importing PyTorch)", or what the platform does not say."""
+    """ "396 MB (177 MB above importing PyTorch)", or what the platform does not say."""
     if peak_mb is None:
         return "unknown on this platform"
     if above_torch_mb is None:
@@ -375,7 +414,9 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
         args.max_seq_len = args.window
     llama = build_llama(args)
     tokens = llama.tokenizer.encode(text, bos=False, eos=False)
-    print(f"perplexity {llama.perplexity(tokens, args.window):.4f} over {len(tokens)} tokens (windows of {args.window})")
+    print(
+        f"perplexity {llama.perplexity(tokens, args.window):.4f} over {len(tokens)} tokens (windows of {args.window})"
+    )
     return 0
 
 
@@ -393,7 +434,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
     elif hub.is_repo_id(args.name):
         path = hub.pull(args.name, revision=args.revision, filename=args.file)
     else:
-        raise Llama2Error(f"{args.name}: not a model name ({', '.join(registry.model_names())}) or a Hugging Face repo id ORG/NAME")
+        raise Llama2Error(
+            f"{args.name}: not a model name ({', '.join(registry.model_names())}) or a Hugging Face repo id ORG/NAME"
+        )
     print(path)
     return 0
 
@@ -417,9 +460,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("always", Llama2Warning)
             warnings.showwarning = show
-            path = convert(args.source, args.dest, args.to, num_shards=args.shards, tensor_type=args.type,
-                           max_shard_bytes=max_shard_bytes, dtype=args.dtype, tokenizer_path=args.tokenizer,
-                           overwrite=args.force, progress=sys.stderr.isatty())  # fmt: skip
+            path = convert(
+                args.source,
+                args.dest,
+                args.to,
+                num_shards=args.shards,
+                tensor_type=args.type,
+                max_shard_bytes=max_shard_bytes,
+                dtype=args.dtype,
+                tokenizer_path=args.tokenizer,
+                overwrite=args.force,
+                progress=sys.stderr.isatty(),
+            )
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(path)
@@ -469,7 +521,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except MemoryError:
-        print("llama2: error: out of memory; try a smaller model, --dtype bfloat16 or a shorter --max-seq-len", file=sys.stderr)
+        print(
+            "llama2: error: out of memory; try a smaller model, --dtype bfloat16 or a shorter --max-seq-len",
+            file=sys.stderr,
+        )
         return 1
     except OSError as err:
         print(f"llama2: error: {err}", file=sys.stderr)

@@ -107,10 +107,6 @@ PRESETS.update(
 )
 
 
-def preset_names() -> list[str]:
-    return list(PRESETS)
-
-
 def model_args_from_preset(name: str, **overrides) -> ModelArgs:
     """`ModelArgs` for a preset looked up by its exact name, e.g. ``"llama2-70b"``."""
     if name not in PRESETS:

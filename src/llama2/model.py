@@ -1,7 +1,10 @@
 """The Llama 2 transformer as pure `torch.nn` modules.
 
-No file I/O, no device placement and no inference-only code paths live here: the same
-modules serve prefill, cached decode and training. Weight names are Meta's
+No file I/O and no device placement live here: the same modules serve prefill, cached
+decode and training. Cached attention on the CPU has two inference-only paths of its own
+(`small_query_attention` for decode-sized queries, row-invariant so a server's batch
+rows equal single runs; `matmul_attention` for bfloat16 prefill chunks and compiled
+graphs); everything else, including the KV cache, is shared with training. Weight names are Meta's
 (`tok_embeddings`, `layers.N.attention.wq`, ...), the one canonical naming every format
 reader maps to.
 """
@@ -193,13 +196,14 @@ class Attention(nn.Module):
             return small_query_attention(q, k, v, mask)
         scores = q.shape[1] * q.shape[2] * k.shape[2]
         if cached and q.device.type == "cpu" and q.dtype == torch.bfloat16 and scores <= CHUNK_SCORES_MAX:
-            return matmul_attention(q, k, v, mask, torch.bfloat16)  # prefill chunks: ~1.5x the flash kernel
+            return matmul_attention(q, k, v, mask, torch.bfloat16)  # prefill chunks: faster (docs/performance.md)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and not cached, enable_gqa=self.n_kv_heads != self.n_heads
         )
 
 
-# Decode-sized queries on the CPU: small matmuls beat the flash kernel ~5x (it tiles for long queries).
+# Decode-sized queries on the CPU: small matmuls beat the flash kernel, which tiles for long queries
+# (docs/performance.md).
 SMALL_QUERY_MAX = 16
 # Keys are processed in blocks of this many positions, each block one fixed-shape matmul.
 KEY_BLOCK = 64
@@ -249,7 +253,9 @@ def small_query_attention(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
     scores = scores.masked_fill(~visible, float("-inf"))
     scores = scores.permute(0, 1, 3, 4, 2, 5).reshape(batch, n_kv_heads, group, seq_len, blocks * KEY_BLOCK)
     probs = torch.softmax(scores, dim=-1).to(v.dtype)  # [B, KV, R, T, S']
-    probs = probs.view(batch, n_kv_heads, group * seq_len, blocks, KEY_BLOCK).transpose(2, 3)  # [B, KV, blocks, R*T, KB]
+    probs = probs.view(batch, n_kv_heads, group * seq_len, blocks, KEY_BLOCK).transpose(
+        2, 3
+    )  # [B, KV, blocks, R*T, KB]
     out = (probs @ v).sum(dim=2)  # per-block [R*T, KB] @ [KB, hd], then over blocks: [B, KV, R*T, hd]
     return out.view(batch, n_heads, seq_len, head_dim)  # [B, KV, R*T, hd] -> [B, H, T, hd]
 
@@ -413,11 +419,24 @@ class _SkipMetaInit(TorchFunctionMode):
     reference implementations (sympy and ~800 modules, ~75 MB) just to initialize nothing.
     """
 
-    INITIALIZERS = frozenset({
-        torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.fill_, torch.Tensor.zero_,
-        nn.init.normal_, nn.init.uniform_, nn.init.trunc_normal_, nn.init.kaiming_uniform_, nn.init.kaiming_normal_,
-        nn.init.xavier_uniform_, nn.init.xavier_normal_, nn.init.zeros_, nn.init.ones_, nn.init.constant_,
-    })  # fmt: skip
+    INITIALIZERS = frozenset(
+        {
+            torch.Tensor.normal_,
+            torch.Tensor.uniform_,
+            torch.Tensor.fill_,
+            torch.Tensor.zero_,
+            nn.init.normal_,
+            nn.init.uniform_,
+            nn.init.trunc_normal_,
+            nn.init.kaiming_uniform_,
+            nn.init.kaiming_normal_,
+            nn.init.xavier_uniform_,
+            nn.init.xavier_normal_,
+            nn.init.zeros_,
+            nn.init.ones_,
+            nn.init.constant_,
+        }
+    )
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

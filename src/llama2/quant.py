@@ -303,6 +303,15 @@ class QuantizedEmbedding(nn.Module):
 QUANTIZERS = {"int8": Int8Linear.from_float, "int4": Int4Linear.from_float}
 
 
+def decode_rows_per_pass(model: nn.Module) -> int:
+    """The most one-token rows a forward of `model` takes while computing each row as if alone.
+
+    Packed layers (`Int4Linear`, `GGUFLinear`) switch kernels, and with them rounding, at
+    `DENSE_MIN_ROWS` rows; every model is held below that bound today, so all batch alike.
+    """
+    return DENSE_MIN_ROWS - 1
+
+
 def quantize_model(model: nn.Module, kind: str) -> nn.Module:
     """Swap a Transformer's linear layers for packed quantized ones, in place.
 

@@ -13,7 +13,6 @@ Every error is JSON in OpenAI's shape `{"error": {"message", "type", "param", "c
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 import uuid
@@ -24,27 +23,28 @@ from importlib import resources
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat import ChatFormat, Llama2ChatFormat, contains_special_tags
 from ..errors import Llama2Error
 from ..sampling import SamplingParams
-from .engine import ContextLengthError, Engine, EngineClosedError, Event, GenerationRequest, QueueFullError, Ticket
-from .engine import TokenLogprob
+from .engine import (
+    ContextLengthError,
+    Engine,
+    EngineClosedError,
+    Event,
+    GenerationRequest,
+    QueueFullError,
+    Ticket,
+    TokenLogprob,
+)
+from .guard import Guard, install_error_handlers
 from .metrics import CONTENT_TYPE_LATEST
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, chat_logprobs, completion_logprobs
-from .protocol import error_body
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, chat_logprobs, completion_logprobs, error_body
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "ServerState", "create_app"]
 
 DEFAULT_MAX_BODY_BYTES = 4 << 20
-_PROTECTED_PREFIXES = ("/v1/", "/metrics")
-_ENDPOINTS = frozenset(
-    {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
-)  # metric labels; anything else counts as "other"
-_ERROR_TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_exceeded"}
 
 
 @dataclass
@@ -66,9 +66,11 @@ class ServerState:
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
             raise APIError(
-                404, f"The model `{name}` does not exist; this server serves `{self.model_name}`.",
-                param="model", code="model_not_found",
-            )  # fmt: skip
+                404,
+                f"The model `{name}` does not exist; this server serves `{self.model_name}`.",
+                param="model",
+                code="model_not_found",
+            )
 
 
 def create_app(
@@ -86,11 +88,8 @@ def create_app(
     """
     app = FastAPI(title="llama2", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = ServerState(engine, model_name, api_key or None)
-    app.add_middleware(_Guard, state=app.state.server, max_body_bytes=max_body_bytes)
-    app.add_exception_handler(APIError, _api_error_response)
-    app.add_exception_handler(RequestValidationError, _validation_error_response)
-    app.add_exception_handler(StarletteHTTPException, _http_error_response)
-    app.add_exception_handler(Exception, _internal_error_response)
+    app.add_middleware(Guard, api_key=api_key or None, metrics=engine.metrics, max_body_bytes=max_body_bytes)
+    install_error_handlers(app)
     app.include_router(_pages)
     app.include_router(_v1)
     return app
@@ -108,130 +107,6 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def _state(request: Request) -> ServerState:
     return request.app.state.server
-
-
-# ---------------------------------------------------------------------------- guard middleware
-
-
-class _Guard:
-    """Pure ASGI middleware: counts responses, checks the API key and the body size.
-
-    The body is read here (up to the limit) and replayed to the app, so an oversize
-    body is a clean 413 and later `receive` calls still report a client disconnect.
-    """
-
-    def __init__(self, app, state: ServerState, max_body_bytes: int):
-        self.app, self.state, self.max_body_bytes = app, state, max_body_bytes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 500
-
-        async def counted_send(message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            problem = self._auth_problem(scope)
-            body = None if problem else await _read_body(receive, self.max_body_bytes)
-            if problem is None and body is None:
-                problem = APIError(413, f"the request body is larger than {self.max_body_bytes} bytes", code="request_too_large")
-            if problem is not None:
-                await _api_error_response(None, problem)(scope, receive, counted_send)
-            else:
-                await self.app(scope, _replay(body, receive), counted_send)
-        finally:
-            endpoint = scope["path"] if scope["path"] in _ENDPOINTS else "other"
-            self.state.engine.metrics.http_requests.labels(endpoint, str(status)).inc()
-
-    def _auth_problem(self, scope) -> APIError | None:
-        key = self.state.api_key
-        if key is None or not scope["path"].startswith(_PROTECTED_PREFIXES):
-            return None
-        headers = dict(scope["headers"])
-        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return APIError(
-                401, "You didn't provide an API key: send it as `Authorization: Bearer YOUR_KEY`.",
-                code="invalid_api_key",
-            )  # fmt: skip
-        if not hmac.compare_digest(token.strip().encode(), key.encode()):
-            return APIError(401, "Incorrect API key provided.", code="invalid_api_key")
-        return None
-
-
-async def _read_body(receive, limit: int) -> bytes | None:
-    """The whole request body, or None when it exceeds `limit` bytes."""
-    chunks, size, more = [], 0, True
-    while more:
-        message = await receive()
-        if message["type"] != "http.request":
-            break  # the client left; the app will notice
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-        more = message.get("more_body", False)
-    return b"".join(chunks)
-
-
-def _replay(body: bytes, receive):
-    sent = False
-
-    async def replayed():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replayed
-
-
-# ---------------------------------------------------------------------------- errors
-
-
-def _api_error_response(request: Request | None, error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
-
-
-def _validation_error_response(request: Request, error: RequestValidationError) -> JSONResponse:
-    first = error.errors()[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(loc) or None
-    kind = first.get("type", "")
-    if kind == "json_invalid":
-        detail = first.get("ctx", {}).get("error", "")
-        message = f"We could not parse the JSON body of your request ({detail}). Send valid JSON."
-        param = None
-    elif kind == "extra_forbidden":
-        message = f"Unrecognized request argument supplied: {param}"
-    elif kind == "missing" and param is None:
-        message = "The request needs a JSON body."
-    elif kind == "missing":
-        message = f"Missing required parameter: '{param}'."
-    else:
-        where = f" for '{param}'" if param else ""
-        message = f"Invalid value{where}: {first.get('msg', 'invalid')}."
-    return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
-
-
-def _http_error_response(request: Request, error: StarletteHTTPException) -> JSONResponse:
-    message = str(error.detail) if error.detail else "error"
-    if error.status_code == 404:
-        message = f"Unknown path {request.url.path}; see /v1/models, /v1/completions, /v1/chat/completions."
-    kind = _ERROR_TYPES.get(error.status_code, "invalid_request_error")
-    return JSONResponse(error_body(message, kind), status_code=error.status_code, headers=error.headers)
-
-
-def _internal_error_response(request: Request, error: Exception) -> JSONResponse:
-    message = f"internal error: {type(error).__name__}"
-    return JSONResponse(error_body(message, "server_error"), status_code=500)
 
 
 def _engine_error(error: Llama2Error) -> APIError:
@@ -269,9 +144,12 @@ async def metrics(request: Request) -> Response:
 
 def _model_card(state: ServerState) -> dict[str, Any]:
     return {
-        "id": state.model_name, "object": "model", "created": state.created, "owned_by": "llama2",
+        "id": state.model_name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "llama2",
         "max_model_len": state.engine.max_seq_len,
-    }  # fmt: skip
+    }
 
 
 @_v1.get("/models")
@@ -369,10 +247,15 @@ def _sequences(
         for j in range(body.n):
             sequences.append(
                 GenerationRequest(
-                    prompt, max_tokens or max(engine.max_seq_len - len(prompt), 1), sampling,
-                    None if body.seed is None else body.seed + j, stop_ids, body.stop_strings(), top_logprobs,
+                    prompt,
+                    max_tokens or max(engine.max_seq_len - len(prompt), 1),
+                    sampling,
+                    None if body.seed is None else body.seed + j,
+                    stop_ids,
+                    body.stop_strings(),
+                    top_logprobs,
                     index=i * body.n + j,
-                )  # fmt: skip
+                )
             )
     return sequences
 
@@ -396,8 +279,12 @@ class _Shape:
         if not self.chat:
             return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         if chunk:
-            return {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
-                    "finish_reason": finish_reason}  # fmt: skip
+            return {
+                "index": index,
+                "delta": {"content": text} if text else {},
+                "logprobs": logprobs,
+                "finish_reason": finish_reason,
+            }
         message = {"role": "assistant", "content": text}
         return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
@@ -487,7 +374,9 @@ async def _complete(
     async def gather() -> None:
         async for event in _events(ticket, queue):
             if event.finish_reason == "error":
-                raise APIError(503 if not state.engine.running else 500, event.error or "generation failed", "server_error")
+                raise APIError(
+                    503 if not state.engine.running else 500, event.error or "generation failed", "server_error"
+                )
             choices[event.index].add(event)
 
     gathering, leaving = asyncio.ensure_future(gather()), asyncio.ensure_future(_disconnected(request))

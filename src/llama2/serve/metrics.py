@@ -10,8 +10,7 @@ import threading
 import time
 from collections import deque
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["CONTENT_TYPE_LATEST", "ServerMetrics", "ThroughputWindow"]
 
@@ -76,15 +75,21 @@ class ServerMetrics:
         self.sequences_finished = Counter(
             "llama2_sequences_finished", "Finished sequences by reason", ["reason"], registry=r
         )
-        self.rejected = Counter("llama2_requests_rejected", "Requests refused before generation", ["reason"], registry=r)
+        self.rejected = Counter(
+            "llama2_requests_rejected", "Requests refused before generation", ["reason"], registry=r
+        )
         self.time_to_first_token = Histogram(
-            "llama2_time_to_first_token_seconds", "Seconds from submission to the first token",
-            buckets=_LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "llama2_time_to_first_token_seconds",
+            "Seconds from submission to the first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.sequence_latency = Histogram(
-            "llama2_sequence_latency_seconds", "Seconds from submission to the last token",
-            buckets=_LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "llama2_sequence_latency_seconds",
+            "Seconds from submission to the last token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge("llama2_queue_depth", "Requests waiting for a KV-cache slot", registry=r)
         self.running = Gauge("llama2_running_sequences", "Sequences holding a KV-cache slot", registry=r)
         Gauge("llama2_batch_slots", "KV-cache slots (most sequences decoded together)", registry=r).set(batch_slots)

@@ -46,7 +46,7 @@ class ServerProcess:
         self._log_fd, log_name = tempfile.mkstemp(prefix="llama2-serve-", suffix=".log")
         self.log_path = Path(log_name)
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         self.start()
         return self
 

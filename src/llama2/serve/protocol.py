@@ -42,9 +42,13 @@ class APIError(Exception):
     """
 
     def __init__(
-        self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
         code: str | None = None,
-    ):  # fmt: skip
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 

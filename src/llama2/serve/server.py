@@ -17,6 +17,7 @@ from uvicorn.server import HANDLED_SIGNALS
 
 from ..errors import Llama2Error
 from ..generation import Llama
+from ..loader import load_model
 from .api import create_app
 from .engine import Engine
 
@@ -60,26 +61,24 @@ def _model_name(source: str) -> str:
     return path.name if path.exists() else source
 
 
-def build_for_serving(source: str, *, max_batch_size: int, max_seq_len: int | None, **build_options) -> Llama:
+def build_for_serving(
+    source: str, *, max_batch_size: int, max_seq_len: int | None, native: bool = True, **load_options
+) -> Llama:
     """Load a model with `max_batch_size` KV-cache slots of `max_seq_len` tokens each.
 
     Args:
-        source: as for `Llama.build`.
+        source: as for `llama2.loader.load_model`.
         max_batch_size: KV-cache slots.
         max_seq_len: context of each slot (default: the model's, at most 2048).
-        build_options: more `Llama.build` options (tokenizer_path, device, dtype, chat_format,
-            quant, native).
+        native: as for `Llama`.
+        load_options: more `load_model` options (tokenizer_path, device, dtype, chat_format, quant).
     """
-    loaded = Llama.build(source, max_seq_len=1, max_batch_size=1, **build_options)  # caches sized below
-    native = build_options.get("native", True)
-    context = loaded.model.args.max_seq_len
+    loaded = load_model(source, **load_options)
+    context = loaded.args.max_seq_len
     seq_len = min(context, DEFAULT_SERVE_SEQ_LEN) if max_seq_len is None else max_seq_len
     if not 2 <= seq_len <= context:
         raise Llama2Error(f"--max-seq-len must be between 2 and the model's context of {context}, got {seq_len}")
-    return Llama(
-        loaded.model, loaded.tokenizer, loaded.chat_format, seq_len, max_batch_size, checkpoint=loaded.checkpoint,
-        native=native,
-    )
+    return Llama.from_loaded(loaded, seq_len, max_batch_size, native=native)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

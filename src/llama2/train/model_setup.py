@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import PRESETS, ModelArgs, model_args_from_preset
-from ..errors import Llama2Error
+from ..loader import check_vocabulary, load_model
 from ..model import Transformer, meta_transformer
 from ..tokenizer import Tokenizer, llama2_tokenizer_path
 from .config import TrainConfig
@@ -67,25 +67,14 @@ def load_training_model(config: TrainConfig, device: torch.device | None = None)
     if config.model in PRESETS:
         args = model_args_from_preset(config.model)
         tokenizer = Tokenizer.from_file(config.tokenizer or llama2_tokenizer_path())
+        check_vocabulary(tokenizer, args, config.model)
         model = meta_transformer(args)
         model.to_empty(device=device)
         init_weights(model)
         loaded = TrainingModel(model, args, tokenizer, tokenizer.chat_template, config.model)
     else:
-        from ..generation import build_model
-        from ..weights import load_checkpoint
-        from ..weights.inspect import checkpoint_tokenizer
-
-        checkpoint = load_checkpoint(config.model, dtype=torch.float32)
-        tokenizer = checkpoint_tokenizer(checkpoint, config.tokenizer)
-        model = build_model(checkpoint, device, torch.float32)
-        template = checkpoint.chat_template or tokenizer.chat_template
-        loaded = TrainingModel(model, checkpoint.args, tokenizer, template, checkpoint.source)
-    if loaded.tokenizer.n_words > loaded.args.vocab_size:
-        raise Llama2Error(
-            f"{config.model}: the tokenizer has {loaded.tokenizer.n_words} tokens but the model only "
-            f"{loaded.args.vocab_size} embeddings"
-        )
+        found = load_model(config.model, config.tokenizer, device=device, dtype=torch.float32, quant="none", fuse=False)
+        loaded = TrainingModel(found.model, found.args, found.tokenizer, found.chat_template, found.source)
     loaded.model.train()
     return loaded
 

@@ -19,10 +19,18 @@ from .registry import models_home
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
-CONFIG_FILES = frozenset({
-    "config.json", "generation_config.json", "params.json", "tokenizer.model", "tokenizer.json",
-    "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-})  # fmt: skip
+CONFIG_FILES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "params.json",
+        "tokenizer.model",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+    }
+)
 """Small files a checkpoint folder may need next to its weights."""
 
 WEIGHT_LAYOUTS = (
