@@ -3,6 +3,11 @@ gguf's numpy dequantizer, on random valid blocks (gguf has no K-quant quantizer;
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -174,3 +179,57 @@ def test_native_engine_runs_k_quant_models_like_the_modules(tmp_path, monkeypatc
 
     monkeypatch.setattr(test_native, "block_values", random_block_values)
     test_native.test_engine_logits_match_transformers(tmp_path, ["Q4_K", "Q6_K", "Q5_0"], False, torch.float32, 64)
+
+
+# --- end to end: a Q4_K_M of the default model made by llama.cpp's quantizer ------------------
+
+KQUANT_FIXTURE = Path(__file__).parent / "fixtures" / "llamacpp_greedy_smollm2_q4_k_m.json"
+
+
+@pytest.fixture(scope="module")
+def q4_k_m_model() -> tuple[Path, dict]:
+    """(the Q4_K_M file tools/make_kquant_model.py made, llama.cpp's greedy tokens recorded on it).
+
+    The file needs llama-cpp-python's quantizer (not a test dependency): it is taken from
+    LLAMA2_KQUANT_GGUF and must be the very file of the fixture (its SHA-256).
+    """
+    fixture = json.loads(KQUANT_FIXTURE.read_text(encoding="utf-8"))
+    path = Path(os.environ.get("LLAMA2_KQUANT_GGUF", ""))
+    if not path.is_file():
+        pytest.skip("set LLAMA2_KQUANT_GGUF to the file `tools/make_kquant_model.py OUT.gguf` makes")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != fixture["sha256"]:
+        pytest.skip(f"{path} is not the fixture's file (another llama.cpp quantizes differently)")
+    return path, fixture
+
+
+@pytest.mark.model
+def test_q4_k_m_greedy_agrees_with_llama_cpp_in_every_variant(q4_k_m_model):
+    """Teacher-forced decode steps through the native engine on every variant this CPU runs: >= 95%
+    of llama.cpp's greedy tokens on the same file, and the same logits, bitwise, in every variant."""
+    from test_default_model import stepwise_logits
+
+    from llama2.generation import Llama
+    from llama2.native import NativeForward
+
+    path, fixture = q4_k_m_model
+    llama = Llama.build(str(path), max_seq_len=1024, max_batch_size=1, device="cpu")
+    kinds = {type(m).__name__ + ":" + getattr(m, "type_name", "") for m in llama.model.layers.modules()}
+    assert {"GGUFLinear:Q4_K", "GGUFLinear:Q6_K", "GGUFLinear:Q5_0"} <= kinds  # the blocks as stored
+    assert isinstance(llama.decode_step, NativeForward)
+    reference = None
+    for isa in ISAS:
+        llama.model.setup_caches(1, 1024)
+        forward = NativeForward(llama.model, isa=isa)
+        agree = total = 0
+        logits = []
+        with torch.inference_mode():
+            for case in fixture["cases"]:
+                prompt, continuation = case["prompt_tokens"], case["continuation"]
+                logits.append(stepwise_logits(forward, prompt, continuation, llama.device))
+                agree += sum(a == b for a, b in zip(logits[-1].argmax(-1).tolist(), continuation))
+                total += len(continuation)
+        assert total > 500 and agree / total >= 0.95, f"{isa}: agreement {agree}/{total} = {agree / total:.3f}"
+        print(f"{isa}: agreement with llama.cpp {agree}/{total} = {agree / total:.3f}")
+        reference = torch.cat(logits) if reference is None else reference
+        assert torch.equal(torch.cat(logits), reference), isa
