@@ -27,6 +27,10 @@
 
 #include "blocks.h"
 
+#if defined(LLAMA2_ISA_AVX512_VNNI) || defined(LLAMA2_ISA_AVX_VNNI) || defined(LLAMA2_ISA_AVX2)
+#include <immintrin.h>
+#endif
+
 namespace llama2 {
 inline namespace LLAMA2_ISA_NS {
 
@@ -120,6 +124,45 @@ struct DecodedBlocks {
   float *d32, *m32;
 };
 
+// Q5_0 / Q5_1: 4 bits of qh spread to bit 4 of 4 bytes (little-endian), the 5th bits of 4 values.
+// Bit k moves to bit 4 + 8 k: one product (shifts 4, 11, 18, 25: the partial products do not overlap).
+constexpr uint32_t q5_high_bits(uint32_t bits) { return (bits * 0x02040810u) & 0x10101010u; }
+
+// 8 bits spread to bit 4 of 8 bytes.
+constexpr uint64_t q5_high_bits8(uint32_t bits) {
+  return q5_high_bits(bits & 0x0F) | static_cast<uint64_t>(q5_high_bits(bits >> 4)) << 32;
+}
+
+// Q5_0 / Q5_1: the 32 values (nibble | 5th bit << 4) - OFFSET of 16 bytes of nibbles and qh.
+template <int OFFSET>
+inline void q5_values(const uint8_t* qs, uint32_t qh, int8_t* out) {
+#if defined(LLAMA2_ISA_AVX512_VNNI) || defined(LLAMA2_ISA_AVX_VNNI) || defined(LLAMA2_ISA_AVX2)
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m256i nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), _mm256_set1_epi8(0x0F));
+  // Byte j of the broadcast qh word j / 8, then its bit j % 8 alone: 0xFF where the 5th bit is set.
+  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(qh)),
+                                             _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
+                                                               0x0101010101010101, 0x0000000000000000));
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, _mm256_set1_epi64x(0x7FBFDFEFF7FBFDFE)),
+                                        _mm256_set1_epi64x(-1));
+  const __m256i values = _mm256_or_si256(nibbles, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_sub_epi8(values, _mm256_set1_epi8(OFFSET)));
+#else
+  for (int w = 0; w < 2; ++w) {  // values 8 w .. 8 w + 7 and 16 + 8 w ..: 8 bytes at a time
+    uint64_t nibbles;
+    std::memcpy(&nibbles, qs + 8 * w, 8);
+    uint64_t low = (nibbles & 0x0F0F0F0F0F0F0F0Full) | q5_high_bits8((qh >> (8 * w)) & 0xFF);
+    uint64_t high = ((nibbles >> 4) & 0x0F0F0F0F0F0F0F0Full) | q5_high_bits8((qh >> (16 + 8 * w)) & 0xFF);
+    if (OFFSET) {  // - 16 in each byte: (v + 0x80 - 0x10) ^ 0x80, no borrow across bytes (v < 0x80)
+      low = ((low | 0x8080808080808080ull) - 0x1010101010101010ull) ^ 0x8080808080808080ull;
+      high = ((high | 0x8080808080808080ull) - 0x1010101010101010ull) ^ 0x8080808080808080ull;
+    }
+    std::memcpy(out + 8 * w, &low, 8);
+    std::memcpy(out + 16 + 8 * w, &high, 8);
+  }
+#endif
+}
+
 // Q4_K / Q5_K: scale and minimum of sub-block j (ggml's get_scale_min_k4).
 inline void scale_min_k4(int j, const uint8_t* s, int32_t& sc, int32_t& m) {
   if (j < 4) {
@@ -136,14 +179,9 @@ inline void decode_block(const uint8_t* blk, const DecodedBlocks& out) {
   if constexpr (QT == Q5_0 || QT == Q5_1) {
     constexpr int64_t QH = QT == Q5_0 ? offsetof(block_q5_0, qh) : offsetof(block_q5_1, qh);
     constexpr int64_t QS = QT == Q5_0 ? offsetof(block_q5_0, qs) : offsetof(block_q5_1, qs);
-    constexpr int offset = QT == Q5_0 ? 16 : 0;
     uint32_t qh;
     std::memcpy(&qh, blk + QH, 4);
-    const uint8_t* qs = blk + QS;
-    for (int j = 0; j < QK / 2; ++j) {
-      out.q[j] = static_cast<int8_t>(((qs[j] & 0x0F) | (((qh >> j) & 1u) << 4)) - offset);
-      out.q[j + 16] = static_cast<int8_t>(((qs[j] >> 4) | (((qh >> (j + 16)) & 1u) << 4)) - offset);
-    }
+    q5_values<QT == Q5_0 ? 16 : 0>(blk + QS, qh, out.q);
     out.slo[0] = out.shi[0] = 1;
     out.d32[0] = fp16_to_fp32(load_u16(blk));
     out.m32[0] = QT == Q5_1 ? fp16_to_fp32(load_u16(blk + 2)) : 0.f;
@@ -175,15 +213,16 @@ inline void decode_block(const uint8_t* blk, const DecodedBlocks& out) {
     const uint8_t* ql = blk + offsetof(block_q6_K, ql);
     const uint8_t* qh = blk + offsetof(block_q6_K, qh);
     const int8_t* scales = reinterpret_cast<const int8_t*>(blk + offsetof(block_q6_K, scales));
-    for (int h = 0; h < 2; ++h) {
-      for (int s = 0; s < 4; ++s) {
-        for (int l = 0; l < 32; ++l) {
-          const int low = (ql[64 * h + 32 * (s & 1) + l] >> (4 * (s >> 1))) & 0x0F;
-          const int high = (qh[32 * h + l] >> (2 * s)) & 3;
-          out.q[128 * h + 32 * s + l] = static_cast<int8_t>((low | (high << 4)) - 32);
-        }
+    uint8_t q[QK_K];
+    for (int h = 0; h < 2; ++h, ql += 64, qh += 32) {
+      for (int l = 0; l < 32; ++l) {
+        q[128 * h + l] = static_cast<uint8_t>((ql[l] & 0x0F) | ((qh[l] & 3) << 4));
+        q[128 * h + 32 + l] = static_cast<uint8_t>((ql[32 + l] & 0x0F) | (((qh[l] >> 2) & 3) << 4));
+        q[128 * h + 64 + l] = static_cast<uint8_t>((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4));
+        q[128 * h + 96 + l] = static_cast<uint8_t>((ql[32 + l] >> 4) | (((qh[l] >> 6) & 3) << 4));
       }
     }
+    for (int j = 0; j < QK_K; ++j) out.q[j] = static_cast<int8_t>(static_cast<uint8_t>(q[j] - 32));
     const float d = fp16_to_fp32(load_u16(blk + offsetof(block_q6_K, d)));
     for (int j = 0; j < 8; ++j) {
       out.slo[j] = scales[2 * j];
