@@ -124,6 +124,15 @@ struct DecodedBlocks {
   float *d32, *m32;
 };
 
+// The fp16 at p (F16C on x86: the same value, for every finite input).
+inline float half_at(const uint8_t* p) {
+#if defined(LLAMA2_ISA_AVX512_VNNI) || defined(LLAMA2_ISA_AVX_VNNI) || defined(LLAMA2_ISA_AVX2)
+  return _cvtsh_ss(load_u16(p));
+#else
+  return fp16_to_fp32(load_u16(p));
+#endif
+}
+
 // Q5_0 / Q5_1: 4 bits of qh spread to bit 4 of 4 bytes (little-endian), the 5th bits of 4 values.
 // Bit k moves to bit 4 + 8 k: one product (shifts 4, 11, 18, 25: the partial products do not overlap).
 constexpr uint32_t q5_high_bits(uint32_t bits) { return (bits * 0x02040810u) & 0x10101010u; }
@@ -183,11 +192,11 @@ inline void decode_block(const uint8_t* blk, const DecodedBlocks& out) {
     std::memcpy(&qh, blk + QH, 4);
     q5_values<QT == Q5_0 ? 16 : 0>(blk + QS, qh, out.q);
     out.slo[0] = out.shi[0] = 1;
-    out.d32[0] = fp16_to_fp32(load_u16(blk));
-    out.m32[0] = QT == Q5_1 ? fp16_to_fp32(load_u16(blk + 2)) : 0.f;
+    out.d32[0] = half_at(blk);
+    out.m32[0] = QT == Q5_1 ? half_at(blk + 2) : 0.f;
   } else if constexpr (QT == Q4_K || QT == Q5_K) {
     constexpr int64_t QS = QT == Q4_K ? offsetof(block_q4_K, qs) : offsetof(block_q5_K, qs);
-    const float d = fp16_to_fp32(load_u16(blk)), dmin = fp16_to_fp32(load_u16(blk + 2));
+    const float d = half_at(blk), dmin = half_at(blk + 2);
     const uint8_t* qs = blk + QS;
     for (int c = 0; c < 4; ++c) {
       for (int l = 0; l < 32; ++l) {
@@ -223,7 +232,7 @@ inline void decode_block(const uint8_t* blk, const DecodedBlocks& out) {
       }
     }
     for (int j = 0; j < QK_K; ++j) out.q[j] = static_cast<int8_t>(static_cast<uint8_t>(q[j] - 32));
-    const float d = fp16_to_fp32(load_u16(blk + offsetof(block_q6_K, d)));
+    const float d = half_at(blk + offsetof(block_q6_K, d));
     for (int j = 0; j < 8; ++j) {
       out.slo[j] = scales[2 * j];
       out.shi[j] = scales[2 * j + 1];
@@ -238,8 +247,8 @@ inline void decode_block(const uint8_t* blk, const DecodedBlocks& out) {
 inline void decode_q2_k(const uint8_t* blk, int8_t* q, float* scale, float* minimum) {
   const uint8_t* scales = blk + offsetof(block_q2_K, scales);
   const uint8_t* qs = blk + offsetof(block_q2_K, qs);
-  const float d = fp16_to_fp32(load_u16(blk + offsetof(block_q2_K, d)));
-  const float dmin = fp16_to_fp32(load_u16(blk + offsetof(block_q2_K, dmin)));
+  const float d = half_at(blk + offsetof(block_q2_K, d));
+  const float dmin = half_at(blk + offsetof(block_q2_K, dmin));
   for (int h = 0; h < 2; ++h)
     for (int s = 0; s < 4; ++s)
       for (int l = 0; l < 32; ++l) q[128 * h + 32 * s + l] = static_cast<int8_t>((qs[32 * h + l] >> (2 * s)) & 3);
@@ -253,7 +262,7 @@ inline void decode_q3_k(const uint8_t* blk, int8_t* q, float* scale) {
   const uint8_t* hmask = blk + offsetof(block_q3_K, hmask);
   const uint8_t* qs = blk + offsetof(block_q3_K, qs);
   const uint8_t* scales = blk + offsetof(block_q3_K, scales);
-  const float d = fp16_to_fp32(load_u16(blk + offsetof(block_q3_K, d)));
+  const float d = half_at(blk + offsetof(block_q3_K, d));
   for (int h = 0; h < 2; ++h) {
     for (int s = 0; s < 4; ++s) {
       for (int l = 0; l < 32; ++l) {

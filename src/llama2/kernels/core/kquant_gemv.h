@@ -59,8 +59,12 @@ class DecodedTile {
 template <int64_t QT>
 void decode_row(const uint8_t* row, int64_t nb, int64_t nbp, const DecodedTile& tile, int64_t r) {
   constexpr int64_t per = values_per_block(QT) / QK, bytes = kquant_block_bytes(QT);
-  for (int64_t b = 0; b < nb; b += per) decode_block<QT>(row + b / per * bytes, tile.row(r, b));
-  const DecodedBlocks pad = tile.row(r, nb);
+  DecodedBlocks at = tile.row(r);
+  for (int64_t b = 0; b < nb; b += per, row += bytes) {
+    decode_block<QT>(row, at);
+    at = {at.q + per * QK, at.slo + per, at.shi + per, at.d32 + per, at.m32 + per};
+  }
+  const DecodedBlocks pad = at;
   const int64_t rest = nbp - nb;
   std::memset(pad.q, 0, rest * QK);
   std::memset(pad.slo, 0, rest * 4);
@@ -71,10 +75,11 @@ void decode_row(const uint8_t* row, int64_t nb, int64_t nbp, const DecodedTile& 
 
 // One decoded weight row against one activation row (the float order above).
 template <int64_t QT>
-float decoded_row_dot(const DecodedBlocks& w, const ActRow& a, int64_t nbp) {
+float decoded_row_dot(const DecodedBlocks& w, const ActRow& a, int64_t nb, int64_t nbp) {
   V::F16 acc = V::zero();
   for (int64_t g = 0; g < nbp; g += GROUP) {
-    const V::I16 isum = V::unpacked_isums<QT == Q6_K>(w.q + g * QK, a.q + g * QK, w.slo + g, w.shi + g);
+    const int cnt = static_cast<int>(std::min<int64_t>(GROUP, nb - g));
+    const V::I16 isum = V::unpacked_isums<QT == Q6_K>(w.q + g * QK, a.q + g * QK, w.slo + g, w.shi + g, cnt);
     if (kquant_has_min(QT)) acc = V::fmadd(V::load(w.m32 + g), V::load(a.xs + g), acc);
     acc = V::fmadd(V::to_float(isum), V::mul(V::load(w.d32 + g), V::load(a.d + g)), acc);
   }
@@ -95,7 +100,7 @@ void kquant_tiles(const uint8_t* w, const QuantActs& acts, int64_t m_rows, int64
       for (int r = 0; r < rows; ++r) decode_row<QT>(w + (r0 + r) * bytes, nb, nbp, tile, r);
       for (int64_t m = 0; m < m_rows; ++m) {
         const ActRow a = acts.row(m);
-        for (int r = 0; r < rows; ++r) y[m * n + r0 + r] = decoded_row_dot<QT>(tile.row(r), a, nbp);
+        for (int r = 0; r < rows; ++r) y[m * n + r0 + r] = decoded_row_dot<QT>(tile.row(r), a, nb, nbp);
       }
     }
   });

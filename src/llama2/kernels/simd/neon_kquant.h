@@ -12,9 +12,9 @@ namespace llama2 {
 namespace LLAMA2_SIMD {
 
 template <bool HALVES>
-inline I16 unpacked_isums(const int8_t* w, const int8_t* x, const int32_t* slo, const int32_t* shi) {
-  int32_t sums[16];
-  for (int i = 0; i < 16; ++i) {
+inline I16 unpacked_isums(const int8_t* w, const int8_t* x, const int32_t* slo, const int32_t* shi, int cnt) {
+  int32_t sums[16] = {};
+  for (int i = 0; i < cnt; ++i) {
     const int32x4_t zero = vdupq_n_s32(0);
     const int32_t lo = vaddvq_s32(dot16(zero, vld1q_s8(w + 32 * i), vld1q_s8(x + 32 * i)));
     const int32_t hi = vaddvq_s32(dot16(zero, vld1q_s8(w + 32 * i + 16), vld1q_s8(x + 32 * i + 16)));

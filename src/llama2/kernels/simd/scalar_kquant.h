@@ -1,10 +1,11 @@
 // unpacked_isums in portable C++: the reference for x86_kquant.h and neon_kquant.h.
 //
-// unpacked_isums<HALVES>(w, x, slo, shi): the exact integer dot products of 16 blocks of 32
-// int8 weights w (|w| <= 64, as decoded by core/kquant_blocks.h) with 16 activation blocks
+// unpacked_isums<HALVES>(w, x, slo, shi, cnt): the exact integer dot products of 16 blocks of
+// 32 int8 weights w (|w| <= 64, as decoded by core/kquant_blocks.h) with 16 activation blocks
 // x (|x| <= 127), block i in lane i: lo_i = sum_{j < 16} w[32 i + j] x[32 i + j], hi_i the
 // same over j = 16..31, and lane i = slo[i] lo_i + shi[i] hi_i (HALVES: Q6_K's scales of 16
-// values) or lo_i + hi_i. Exact in int32: |lane| <= 2 * 128 * 16 * 64 * 127.
+// values) or lo_i + hi_i. Exact in int32: |lane| <= 2 * 128 * 16 * 64 * 127. Blocks from cnt
+// on are zero padding (their lanes are 0 however they are computed, so a variant may skip them).
 #pragma once
 
 #include <cstdint>
@@ -15,7 +16,7 @@ namespace llama2 {
 namespace LLAMA2_SIMD {
 
 template <bool HALVES>
-inline I16 unpacked_isums(const int8_t* w, const int8_t* x, const int32_t* slo, const int32_t* shi) {
+inline I16 unpacked_isums(const int8_t* w, const int8_t* x, const int32_t* slo, const int32_t* shi, int) {
   I16 out;
   for (int i = 0; i < 16; ++i) {
     int32_t lo = 0, hi = 0;

@@ -44,9 +44,10 @@ inline __m256i unpacked_isums8(const int8_t* w, const int8_t* x, const int32_t* 
 }
 
 template <bool HALVES>
-inline I16 unpacked_isums(const int8_t* w, const int8_t* x, const int32_t* slo, const int32_t* shi) {
+inline I16 unpacked_isums(const int8_t* w, const int8_t* x, const int32_t* slo, const int32_t* shi, int cnt) {
   const __m256i first = unpacked_isums8<HALVES>(w, x, slo, shi);
-  const __m256i second = unpacked_isums8<HALVES>(w + 8 * 32, x + 8 * 32, slo + 8, shi + 8);
+  const __m256i second =
+      cnt > 8 ? unpacked_isums8<HALVES>(w + 8 * 32, x + 8 * 32, slo + 8, shi + 8) : _mm256_setzero_si256();
 #if defined(LLAMA2_ISA_AVX512_VNNI)
   return {_mm512_inserti64x4(_mm512_castsi256_si512(first), second, 1)};
 #else
