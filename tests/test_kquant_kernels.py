@@ -16,7 +16,12 @@ from gguf import GGMLQuantizationType as T
 from gguf_kernel_helpers import quantize_acts
 
 from llama2.errors import Llama2Error
-from llama2.kernels import cpu_capabilities, gguf_matmul_available, supported_isas, variant_ops
+from llama2.kernels import (
+    cpu_capabilities,
+    gguf_matmul_available,
+    supported_isas,
+    variant_ops,
+)
 from llama2.quant import GGUFLinear
 
 pytestmark = pytest.mark.skipif(not gguf_matmul_available(), reason="llama2's kernels are off or do not build here")

@@ -2,7 +2,8 @@
 // variant named on the command line must give bitwise the same results as `scalar` on the
 // GGUF matmul (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K; M = 1, 2, 3, 7, 17; k from 1 to
 // 128 blocks of 32), the bf16 dequantizer (those and Q2_K, Q3_K) and the engine's row math.
-// Built by tests/test_kernel_variants.py with the variants' objects (variant.cpp) linked in (-DHAVE_<NAME> for each), natively on x86 and
+// Built by tests/test_kernel_variants.py with the variants' objects (variant.cpp) linked in
+// (-DHAVE_<NAME> for each), natively on x86 and
 // as a static aarch64 binary run under qemu. Exit status 0 and one "ok" line per variant,
 // or 1 and the first difference.
 #include <cstdint>

@@ -207,7 +207,9 @@ inline void decode_block(const uint8_t* blk, const DecodedBlocks& out) {
     if constexpr (QT == Q5_K) {
       const uint8_t* qh = blk + offsetof(block_q5_K, qh);
       for (int s = 0; s < 8; ++s)
-        for (int l = 0; l < 32; ++l) out.q[32 * s + l] = static_cast<int8_t>(out.q[32 * s + l] | (((qh[l] >> s) & 1) << 4));
+        for (int l = 0; l < 32; ++l) {
+          out.q[32 * s + l] = static_cast<int8_t>(out.q[32 * s + l] | ((qh[l] >> s) & 1) << 4);
+        }
     }
     const uint8_t* scales = blk + offsetof(block_q4_K, scales);
     for (int j = 0; j < 8; ++j) {
