@@ -13,8 +13,9 @@ Three layouts, all computed with bfloat16 activations:
   matmul reads it).
   GGUF's Q4_0 and Q4_1 blocks (32 values, an fp16 scale and, for Q4_1, an fp16 minimum)
   are exactly this form, so GGUF files map onto it without re-quantizing.
-- `GGUFLinear`: a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks as stored, computed by llama2's
-  own CPU kernels (`llama2.kernels`) where they build; the layout above is the fallback.
+- `GGUFLinear`: a GGUF file's Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K blocks
+  as stored (what Q4_K_M / Q5_K_M files mix), computed by llama2's own CPU kernels
+  (`llama2.kernels`) where they build; the layouts above are the fallback.
 
 Quantization is a module swap after loading (`quantize_model`); the model code never
 knows about it.
@@ -38,7 +39,7 @@ DENSE_MIN_ROWS = 32
 DENSE_MAX_WEIGHT_VALUES = 2**21
 QUANT_TYPES = ("int8", "int4")
 # GGUF block types whose layers are computed on packed weights (llama2's kernels or PyTorch's).
-PACKED_GGUF_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+PACKED_GGUF_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 
 
 class Int8Linear(nn.Module):
@@ -232,10 +233,11 @@ def unpack_nibbles(pairs: torch.Tensor) -> torch.Tensor:
 
 
 class GGUFLinear(nn.Module):
-    """y = x W^T computed straight from a GGUF tensor's Q4_0 / Q4_1 / Q8_0 blocks, kept as stored.
+    """y = x W^T computed straight from a GGUF tensor's blocks (a `PACKED_GGUF_TYPES` type), kept as stored.
 
     Few rows (decode) go through llama2's kernel (`llama2.kernels`: activations quantized
-    per block of 32 to int8, as llama.cpp does); prefill chunks on small weights decode the
+    per block of 32 to int8, as llama.cpp does; a K-quant super-block of 256 values counts
+    as 8 blocks of 32 with exact fp32 scales); prefill chunks on small weights decode the
     blocks to bfloat16 (`gguf_dequantize`) for one GEMM. The layer's memory is the file's bytes.
     """
 
@@ -243,14 +245,22 @@ class GGUFLinear(nn.Module):
         """
         Args:
             blocks: the tensor's uint8 block bytes (any shape, read flat).
-            type_name: "Q4_0", "Q4_1" or "Q8_0".
+            type_name: one of `PACKED_GGUF_TYPES`.
             shape: the weight's (out, in).
+
+        Raises:
+            Llama2Error: if the rows are not whole blocks (K-quants: 256 values) or the bytes do not fit.
         """
         super().__init__()
         self.out_features, self.in_features = shape
         self.type_name = type_name
         self.qtype = int(GGMLQuantizationType[type_name])
-        self.register_buffer("blocks", blocks.reshape(self.out_features, -1).contiguous())  # [out, in / 32 * block bytes]
+        block_values, block_bytes = block_size_bytes(self.qtype)
+        row_bytes = self.in_features // block_values * block_bytes
+        if self.in_features % block_values or blocks.numel() != self.out_features * row_bytes:
+            raise Llama2Error(f"a {type_name} weight of shape {tuple(shape)} needs rows of whole {block_values}-value "
+                              f"blocks ({blocks.numel()} bytes given)")  # fmt: skip
+        self.register_buffer("blocks", blocks.reshape(self.out_features, -1).contiguous())  # [out, row bytes]
 
     @classmethod
     def concat(cls, layers: list["GGUFLinear"]) -> "GGUFLinear | None":
@@ -275,7 +285,7 @@ class GGUFLinear(nn.Module):
         return self.dequantize_rows(self.blocks).to(dtype)
 
     def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """float32 [n, in] values of block rows [n, in / 32 * block bytes] of this layer's type."""
+        """float32 [n, in] values of block rows [n, row bytes] of this layer's type."""
         blocks = rows.reshape(-1, block_size_bytes(self.qtype)[1])  # [n * in / 32, block bytes]
         return dequantize_blocks(blocks, self.qtype).reshape(rows.shape[0], self.in_features)
 
@@ -402,7 +412,7 @@ def gguf_layer(raw: torch.Tensor, type_name: str, shape: tuple[int, int], keep_b
 
     Args:
         keep_blocks: use the blocks as stored (`GGUFLinear`, needs llama2's kernel and a
-            Q4_0 / Q4_1 / Q8_0 tensor); else repack them for PyTorch's kernels
+            `PACKED_GGUF_TYPES` tensor); else repack them for PyTorch's kernels
             (Q4_0 / Q4_1 as `Int4Linear`, anything else as per-channel `Int8Linear`).
         int4: allow `Int4Linear` (an output head is better off int8).
     """

@@ -1,8 +1,9 @@
 // Self-test of the kernel variants against the scalar reference, torch-free: every
 // variant named on the command line must give bitwise the same results as `scalar` on the
-// GGUF matmul (Q4_0, Q4_1, Q8_0; M = 1, 2, 3, 5, 16, 17; k from 1 to 128 blocks), the bf16
-// dequantizer and the engine's row math. Built by tests/test_kernel_variants.py with the
-// variants' objects (variant.cpp) linked in (-DHAVE_<NAME> for each), natively on x86 and
+// GGUF matmul (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K; M = 1, 2, 3, 5, 7, 16, 17; k from 1 to
+// 128 blocks of 32), the bf16 dequantizer (those and Q2_K, Q3_K) and the engine's row math.
+// Built by tests/test_kernel_variants.py with the variants' objects (variant.cpp) linked in
+// (-DHAVE_<NAME> for each), natively on x86 and
 // as a static aarch64 binary run under qemu. Exit status 0 and one "ok" line per variant,
 // or 1 and the first difference.
 #include <cstdint>
@@ -66,15 +67,36 @@ std::vector<float> randn(size_t n, float scale = 1.f) {
   return v;
 }
 
-// Random bytes with well-formed fp16 scales (and Q4_1 minimums) of either sign, ~1e-3..1e-1.
+// GGUF block geometry: values, bytes and the offsets of the fp16 fields of a block of qtype.
+struct Geometry {
+  int64_t values, bytes;
+  std::vector<int> halves;
+};
+Geometry geometry(int64_t qtype) {
+  switch (qtype) {
+    case 2: return {32, 18, {0}};           // Q4_0
+    case 3: return {32, 20, {0, 2}};        // Q4_1
+    case 6: return {32, 22, {0}};           // Q5_0
+    case 7: return {32, 24, {0, 2}};        // Q5_1
+    case 8: return {32, 34, {0}};           // Q8_0
+    case 10: return {256, 84, {80, 82}};    // Q2_K
+    case 11: return {256, 110, {108}};      // Q3_K
+    case 12: return {256, 144, {0, 2}};     // Q4_K
+    case 13: return {256, 176, {0, 2}};     // Q5_K
+    default: return {256, 210, {208}};      // Q6_K
+  }
+}
+
+// Random bytes with well-formed fp16 scales (and minimums) of either sign, ~1e-3..1e-1.
 std::vector<uint8_t> random_blocks(int64_t qtype, int64_t n, int64_t k) {
-  const int64_t bs = qtype == 2 ? 18 : qtype == 3 ? 20 : 34, blocks = n * k / 32;
-  std::vector<uint8_t> raw(blocks * bs);
+  const Geometry g = geometry(qtype);
+  const int64_t blocks = n * k / g.values;
+  std::vector<uint8_t> raw(blocks * g.bytes);
   for (uint8_t& b : raw) b = static_cast<uint8_t>(rng());
   for (int64_t b = 0; b < blocks; ++b) {
-    for (int field = 0; field < (qtype == 3 ? 2 : 1); ++field) {
+    for (int offset : g.halves) {
       const uint16_t h = static_cast<uint16_t>((rng() & 0x8000u) | ((5 + rng() % 7) << 10) | (rng() & 0x3FFu));
-      std::memcpy(&raw[b * bs + 2 * field], &h, 2);
+      std::memcpy(&raw[b * g.bytes + offset], &h, 2);
     }
   }
   return raw;
@@ -95,12 +117,18 @@ bool same(const char* what, const std::vector<T>& a, const std::vector<T>& b, co
   return false;
 }
 
+using Shapes = std::vector<std::pair<int64_t, int64_t>>;
+const Shapes kShapes32 = {{5, 32}, {7, 96}, {33, 544}, {61, 1056}, {9, 4096}};   // blocks of 32 values
+const Shapes kShapes256 = {{5, 256}, {7, 512}, {6, 1536}, {3, 2816}, {9, 4096}};  // K-quant super-blocks
+
 bool check_variant(const KernelApi& ref, const KernelApi& api) {
   char what[128];
-  for (int64_t qtype : {2, 3, 8}) {
-    for (auto [n, k] : {std::pair<int64_t, int64_t>{5, 32}, {7, 96}, {33, 544}, {61, 1056}, {9, 4096}}) {
+  for (int64_t qtype : {2, 3, 6, 7, 8, 10, 11, 12, 13, 14}) {
+    const bool matmul = qtype != 10 && qtype != 11;  // Q2_K, Q3_K: dequantized only
+    for (auto [n, k] : geometry(qtype).values == 32 ? kShapes32 : kShapes256) {
       const std::vector<uint8_t> w = random_blocks(qtype, n, k);
-      for (int64_t m : {1, 2, 3, 5, 16, 17}) {
+      for (int64_t m : {1, 2, 3, 5, 7, 16, 17}) {
+        if (!matmul) break;
         std::vector<float> x = randn(m * k);
         std::fill(x.begin(), x.begin() + 32, 0.f);  // an all-zero block
         std::vector<float> y0(m * n), y1(m * n);

@@ -2,8 +2,8 @@
 #include <cstdint>
 
 #include "api.h"
-#include "core/dequant.h"
 #include "core/gemv.h"
+#include "core/kquant_dequant.h"
 #include "core/vec_math.h"
 
 namespace {
@@ -21,7 +21,7 @@ void matmul(const float* x, int64_t m, const uint8_t* w, int64_t qtype, int64_t 
   K::matmul(x, m, w, qtype, n, k, y, Serial{});
 }
 void dequantize(const uint8_t* w, int64_t qtype, int64_t n, int64_t k, uint16_t* out) {
-  K::dequantize(w, qtype, n, k, reinterpret_cast<llama2::bf16*>(out), Serial{});
+  K::dequantize_any(w, qtype, n, k, reinterpret_cast<llama2::bf16*>(out), Serial{});
 }
 float dot(const float* a, const float* b, int64_t n) { return K::dot(a, b, n); }
 float dot_bf16(const float* a, const uint16_t* b, int64_t n) {

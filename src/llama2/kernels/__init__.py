@@ -23,7 +23,8 @@ variant this CPU runs (`LLAMA2_CPU_ISA=<variant>` forces one, clamped to what th
 PyTorch version, ~30 s, cached by PyTorch under ~/.cache/torch_extensions as
 `llama2_kernels_<variant>`) and registers, as the torch library `llama2_kernels`:
 `gguf_matmul(x, raw, qtype, n, k)` (y = x W^T, activations quantized per block of 32 to
-int8; decode), `gguf_dequantize(raw, qtype, n, k)` (W as bfloat16; prefill chunks), and
+int8; decode; Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), `gguf_dequantize(raw, qtype,
+n, k)` (W as bfloat16; prefill chunks; those and Q2_K, Q3_K), and
 the TorchScript class `GGUFLlama`, the native engine. Without a C++ compiler, with a
 failed build (it warns once) or with LLAMA2_NO_KERNELS=1, callers use PyTorch's stock
 kernels.

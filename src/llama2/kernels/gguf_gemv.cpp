@@ -20,15 +20,17 @@ namespace GGUF_NS {
 
 at::Tensor gguf_matmul(const at::Tensor& x_in, const at::Tensor& raw_in, int64_t qtype, int64_t n, int64_t k) {
   TORCH_CHECK(x_in.device().is_cpu() && raw_in.device().is_cpu(), "gguf_matmul: CPU tensors only");
-  TORCH_CHECK(qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0, "gguf_matmul: unsupported qtype ", qtype,
-              " (Q4_0 = 2, Q4_1 = 3, Q8_0 = 8)");
-  TORCH_CHECK(k > 0 && k % 32 == 0, "gguf_matmul: k must be a positive multiple of 32, got ", k);
+  TORCH_CHECK(llama2::matmul_type(qtype), "gguf_matmul: unsupported qtype ", qtype,
+              " (Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14)");
+  const int64_t block_values = llama2::values_per_block(qtype);
+  TORCH_CHECK(k > 0 && k % block_values == 0, "gguf_matmul: k must be a positive multiple of ", block_values,
+              " (the type's block), got ", k);
   TORCH_CHECK(n >= 0, "gguf_matmul: n must be >= 0");
   TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == k, "gguf_matmul: x's last dimension must be k = ", k);
   TORCH_CHECK(raw_in.scalar_type() == at::kByte, "gguf_matmul: raw must be uint8");
-  const int64_t expected = n * (k / 32) * gguf_block_bytes(qtype);
-  TORCH_CHECK(raw_in.numel() == expected, "gguf_matmul: raw has ", raw_in.numel(), " bytes, expected n * k / 32 * ",
-              gguf_block_bytes(qtype), " = ", expected);
+  const int64_t expected = n * llama2::row_bytes(qtype, k);
+  TORCH_CHECK(raw_in.numel() == expected, "gguf_matmul: raw has ", raw_in.numel(), " bytes, an [", n, ", ", k,
+              "] weight of this type needs ", expected);
   const auto dtype = x_in.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
               "gguf_matmul: x must be float32, bfloat16 or float16");

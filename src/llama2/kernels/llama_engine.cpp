@@ -1,5 +1,6 @@
 // A Llama decoder stack run natively on the CPU, straight from GGUF Q4_0 / Q4_1 / Q8_0
-// blocks: one call per forward instead of hundreds of framework ops.
+// (and Q5_0 / Q5_1 / Q4_K / Q5_K / Q6_K) blocks: one call per forward instead of hundreds of
+// framework ops.
 //
 // On a 135M-parameter model a decode step is ~600 small operations (30 layers of norms,
 // projections, rotary, attention, SwiGLU, residuals); through PyTorch each costs a few
@@ -159,10 +160,11 @@ class GGUFLlama : public torch::CustomClassHolder {
   void add_linear(int64_t slot, at::Tensor blocks, int64_t qtype, int64_t n, int64_t k) {
     TORCH_CHECK(!layers_.empty(), "GGUFLlama: add_layer first");
     TORCH_CHECK(slot >= 0 && slot < kSlots, "GGUFLlama: slot must be 0..3");
-    TORCH_CHECK(GGUF_NS::gguf_block_bytes(qtype) > 0, "GGUFLlama: unsupported block type ", qtype);
+    TORCH_CHECK(llama2::matmul_type(qtype), "GGUFLlama: unsupported block type ", qtype);
     TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.device().is_cpu() && blocks.is_contiguous(),
                 "GGUFLlama: blocks must be contiguous uint8 on the CPU");
-    TORCH_CHECK(k > 0 && k % 32 == 0 && n > 0 && blocks.numel() == n * (k / 32) * GGUF_NS::gguf_block_bytes(qtype),
+    TORCH_CHECK(k > 0 && k % llama2::values_per_block(qtype) == 0 && n > 0 &&
+                    blocks.numel() == n * llama2::row_bytes(qtype, k),
                 "GGUFLlama: blocks do not hold an [", n, ", ", k, "] weight of type ", qtype);
     const int64_t inputs[kSlots] = {dim_, n_heads_ * head_dim_, dim_, hidden_dim_};
     TORCH_CHECK(k == inputs[slot], "GGUFLlama: projection ", slot, " takes ", inputs[slot], " inputs, got ", k);

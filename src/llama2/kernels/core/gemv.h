@@ -37,6 +37,7 @@
 
 #include "blocks.h"
 #include "isa.h"
+#include "kquant_blocks.h"
 
 #if defined(__GNUC__)
 #define GGUF_INLINE inline __attribute__((always_inline))
@@ -394,6 +395,11 @@ constexpr int32_t acts_offset(int64_t qtype) {
   return LLAMA2_GEMV_AVX512 ? (qtype == Q4_0 ? 8 : qtype == Q8_0 ? 128 : 0) : 0;
 }
 
+// Q5_0 / Q5_1 / Q4_K / Q5_K / Q6_K: kquant_gemv.h (included at the end of this file).
+template <typename T, class ParallelFor>
+void matmul_kquant(const T* x, int64_t m_rows, const uint8_t* w, int64_t qtype, int64_t n, int64_t k, float* y,
+                   const ParallelFor& parallel_for);
+
 // y [m, n] (float32, contiguous) = x [m, k] (float, bf16 or fp16, contiguous) W^T for W
 // [n, k] given as GGUF blocks (row-major, k / 32 blocks a row; qtype checked by the caller).
 // parallel_for(begin, end, grain, fn(b, e)) splits work (at::parallel_for in the torch glue).
@@ -401,6 +407,7 @@ template <typename T, class ParallelFor>
 void matmul(const T* x, int64_t m_rows, const uint8_t* w, int64_t qtype, int64_t n, int64_t k, float* y,
             const ParallelFor& parallel_for) {
   if (m_rows == 0 || n == 0) return;
+  if (kquant_matmul_type(qtype)) return matmul_kquant(x, m_rows, w, qtype, n, k, y, parallel_for);
   const QuantActs acts = quantize_acts(x, m_rows, k, acts_offset(qtype), parallel_for);
   const int64_t tile_bytes = ROWS * (k / QK) * block_bytes(qtype);
   const int64_t grain = std::max<int64_t>(1, TASK_MIN_BYTES / (tile_bytes * std::min<int64_t>(m_rows, 4)));
@@ -413,3 +420,5 @@ void matmul(const T* x, int64_t m_rows, const uint8_t* w, int64_t qtype, int64_t
 
 }  // namespace LLAMA2_ISA_NS
 }  // namespace llama2
+
+#include "kquant_gemv.h"
