@@ -80,8 +80,10 @@ def main() -> None:
             print(f"wrote {source} in {time.perf_counter() - start:.0f} s", flush=True)
         size = sum(path.stat().st_size for path in source.iterdir()) / 1024**3
         result = timed_convert(source, dest)
-        print(f"{result['command']}\n  source {size:.2f} GiB -> {dest.stat().st_size / 1024**3:.2f} GiB; "
-              f"wall {result['wall_s']:.0f} s; max RSS {result['max_rss_gib']:.2f} GiB")  # fmt: skip
+        print(
+            f"{result['command']}\n  source {size:.2f} GiB -> {dest.stat().st_size / 1024**3:.2f} GiB; "
+            f"wall {result['wall_s']:.0f} s; max RSS {result['max_rss_gib']:.2f} GiB"
+        )
         print(f"  {check_output(source, dest)}")
     finally:
         if not args.keep:

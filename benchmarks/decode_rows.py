@@ -85,8 +85,10 @@ def main() -> int:
                 times[isa, m].append(time_step(ops[isa], weights, inputs[m], args.repeats))
 
     mb = sum(blocks.numel() for blocks, *_ in weights) / 1e6
-    print(f"decode-step matmuls: {len(weights)} weights, {mb:.0f} MB, {args.threads} threads, "
-          f"median of {args.rounds} rounds x {args.repeats} steps")  # fmt: skip
+    print(
+        f"decode-step matmuls: {len(weights)} weights, {mb:.0f} MB, {args.threads} threads, "
+        f"median of {args.rounds} rounds x {args.repeats} steps"
+    )
     print(f"{'variant':<12}" + "".join(f"{f'M={m} ms':>11}" for m in row_counts) + "  ratios time(M)/time(1)")
     for isa in variants:
         medians = [statistics.median(times[isa, m]) for m in row_counts]

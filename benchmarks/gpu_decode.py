@@ -23,8 +23,8 @@ import torch
 from llama2.bench import measure_generation
 from llama2.config import model_args_from_preset
 from llama2.fuse import fuse_projections
-from llama2.kernels import cuda_matmul
 from llama2.generation import Llama, compile_model
+from llama2.kernels import cuda_matmul
 from llama2.model import Transformer
 from llama2.quant import quantize_model
 from llama2.tokenizer import Tokenizer, llama2_tokenizer_path
@@ -62,7 +62,9 @@ def run_variant(name: str, args, tokenizer: Tokenizer) -> dict:
     start = time.perf_counter()
     llama = Llama(model, tokenizer, None, args.prompt_len + args.gen_len, max_batch_size=1, compile=mode == "compiled")
     if mode in ("compiled", "nographs") and (matmuls == ["cublas"] or mode == "nographs"):
-        llama.steps.decode_step = compile_model(model, matvec_as_reduction=matmuls != ["cublas"], cuda_graphs=mode == "compiled")
+        llama.steps.decode_step = compile_model(
+            model, matvec_as_reduction=matmuls != ["cublas"], cuda_graphs=mode == "compiled"
+        )
     measure_generation(llama, args.prompt_len, args.gen_len)  # compiles and records every CUDA graph the runs use
     warmup_s = time.perf_counter() - start
     runs = [measure_generation(llama, args.prompt_len, args.gen_len, seed=i) for i in range(args.repeats)]
@@ -74,11 +76,17 @@ def run_variant(name: str, args, tokenizer: Tokenizer) -> dict:
     kv_bytes = 2 * args_.n_layers * args_.n_kv_heads * args_.head_dim * 2 * (args.prompt_len + args.gen_len // 2)
     bound = args.bandwidth_gbs * 1e9 / (weights + kv_bytes)
     result = {
-        "variant": name, "decode_tok_s": round(decode, 1), "prompt_tok_s": round(prompt, 1),
-        "weights_gb": round(weights / 1e9, 3), "bound_tok_s": round(bound, 1), "fraction_of_bound": round(decode / bound, 3),
-        "effective_gbs": round(decode * (weights + kv_bytes) / 1e9, 1), "warmup_s": round(warmup_s, 1),
-        "runs": [round(r.decode_tokens_per_s, 1) for r in runs], "max_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if args.device == "cuda" else None,
-    }  # fmt: skip
+        "variant": name,
+        "decode_tok_s": round(decode, 1),
+        "prompt_tok_s": round(prompt, 1),
+        "weights_gb": round(weights / 1e9, 3),
+        "bound_tok_s": round(bound, 1),
+        "fraction_of_bound": round(decode / bound, 3),
+        "effective_gbs": round(decode * (weights + kv_bytes) / 1e9, 1),
+        "warmup_s": round(warmup_s, 1),
+        "runs": [round(r.decode_tokens_per_s, 1) for r in runs],
+        "max_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if args.device == "cuda" else None,
+    }
     del llama, model
     if args.device == "cuda":
         torch.cuda.empty_cache()
@@ -127,7 +135,9 @@ def main() -> None:
         args.bandwidth_gbs = next((bw for key, bw in BANDWIDTH_GBS.items() if key in device_name), None)
         if args.bandwidth_gbs is None:
             raise SystemExit(f"unknown GPU {device_name!r}: give --bandwidth-gbs")
-    print(f"device {device_name}, torch {torch.__version__}, preset {args.preset}, bound at {args.bandwidth_gbs:.0f} GB/s")
+    print(
+        f"device {device_name}, torch {torch.__version__}, preset {args.preset}, bound at {args.bandwidth_gbs:.0f} GB/s"
+    )
     if args.matmul_configs:
         with open(args.matmul_configs) as f:
             cuda_matmul.TUNED_CONFIGS.update({(kind, n, k): config for kind, n, k, config in json.load(f)})
@@ -141,8 +151,10 @@ def main() -> None:
                 json.dump({"device": device_name, "torch": torch.__version__, "results": results}, f, indent=1)
     print(f"{'variant':<16}{'decode tok/s':>14}{'bound':>8}{'of bound':>10}{'GB/s':>8}{'prompt tok/s':>14}")
     for r in results:
-        print(f"{r['variant']:<16}{r['decode_tok_s']:>14.1f}{r['bound_tok_s']:>8.0f}{r['fraction_of_bound']:>10.2f}"
-              f"{r['effective_gbs']:>8.0f}{r['prompt_tok_s']:>14.0f}")  # fmt: skip
+        print(
+            f"{r['variant']:<16}{r['decode_tok_s']:>14.1f}{r['bound_tok_s']:>8.0f}{r['fraction_of_bound']:>10.2f}"
+            f"{r['effective_gbs']:>8.0f}{r['prompt_tok_s']:>14.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,13 @@ import torch.nn.functional as F
 
 from llama2.kernels.cuda_matmul import pack_int4_codes, weight_only_matmul
 
-SHAPES_7B = {"wqkv": (12288, 4096), "wo": (4096, 4096), "w13": (22016, 4096), "w2": (4096, 11008), "output": (32000, 4096)}
+SHAPES_7B = {
+    "wqkv": (12288, 4096),
+    "wo": (4096, 4096),
+    "w13": (22016, 4096),
+    "w2": (4096, 11008),
+    "output": (32000, 4096),
+}
 GRIDS = {  # per kind: the tile settings tried
     "bf16": {"BLOCK_N": (32, 64), "BLOCK_K": (256,), "SPLIT": (1, 2, 4), "num_warps": (4,), "num_stages": (3,)},
     "int8": {"BLOCK_N": (32, 64), "BLOCK_K": (256,), "SPLIT": (1, 2, 4), "num_warps": (4,), "num_stages": (3,)},
@@ -45,8 +51,13 @@ def make_weights(kind: str, n: int, k: int, device: str) -> dict:
     zero = torch.randn(n, k // 32, device=device, dtype=torch.bfloat16)
     packed = torch.ops.aten._convert_weight_to_int4pack(((codes[:, ::2] << 4) | codes[:, 1::2]).contiguous(), 2)
     scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [G, N, 2]
-    return {"weight": pack_int4_codes(codes), "scale": scale, "zero": zero, "tinygemm": (packed, scales_and_zeros),
-            "bytes": n * k // 2 + 2 * n * (k // 32) * 2}  # fmt: skip
+    return {
+        "weight": pack_int4_codes(codes),
+        "scale": scale,
+        "zero": zero,
+        "tinygemm": (packed, scales_and_zeros),
+        "bytes": n * k // 2 + 2 * n * (k // 32) * 2,
+    }
 
 
 def stock(kind: str, x: torch.Tensor, w: dict) -> torch.Tensor:
@@ -125,11 +136,24 @@ def main() -> None:
             r = bench_shape(kind, name, n, k, args.rows)
             best = r["ours"][0]
             tuned[(kind, n, k)] = best["config"]
-            table.append({"kind": kind, "shape": name, "n": n, "k": k, "stock_gbs": r["stock"], "best_gbs": best["gbs"],
-                          "best": best["config"], "top3": r["ours"][:3]})  # fmt: skip
+            table.append(
+                {
+                    "kind": kind,
+                    "shape": name,
+                    "n": n,
+                    "k": k,
+                    "stock_gbs": r["stock"],
+                    "best_gbs": best["gbs"],
+                    "best": best["config"],
+                    "top3": r["ours"][:3],
+                }
+            )
             stock_gbs = f"{r['stock']:.0f}" if r["stock"] else "-"
-            print(f"{kind:<5}{name:<7}{n:>6}x{k:<6} stock {stock_gbs:>5} GB/s  ours {best['gbs']:>6.0f} GB/s "
-                  f"({best['gbs'] / args.bandwidth_gbs:.2f} of bound)  {best['config']}", flush=True)  # fmt: skip
+            print(
+                f"{kind:<5}{name:<7}{n:>6}x{k:<6} stock {stock_gbs:>5} GB/s  ours {best['gbs']:>6.0f} GB/s "
+                f"({best['gbs'] / args.bandwidth_gbs:.2f} of bound)  {best['config']}",
+                flush=True,
+            )
     print("TUNED_CONFIGS =", {str(key): value for key, value in tuned.items()})
     if args.out:
         with open(args.out, "w") as f:

@@ -59,8 +59,14 @@ def worker_llamacpp(model: str, prompt_len: int, gen_len: int, threads: int) -> 
     import llama_cpp
 
     start = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=model, n_ctx=context_len(prompt_len, gen_len), n_threads=threads,
-                          n_threads_batch=threads, n_batch=512, verbose=False)  # fmt: skip
+    llm = llama_cpp.Llama(
+        model_path=model,
+        n_ctx=context_len(prompt_len, gen_len),
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_batch=512,
+        verbose=False,
+    )
     load_s = time.perf_counter() - start
     prompt = _prompt(llm.n_vocab(), prompt_len)
     llm.eval(prompt[:8])  # warm-up
@@ -69,7 +75,7 @@ def worker_llamacpp(model: str, prompt_len: int, gen_len: int, threads: int) -> 
     def generate():
         times = []
         begin = time.perf_counter()
-        for token in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        for _token in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
             times.append(time.perf_counter() - begin)
             if len(times) == gen_len:
                 break
@@ -123,15 +129,29 @@ def worker_transformers(model: str, prompt_len: int, gen_len: int, threads: int)
 
 
 def worker_ours(model: str, prompt_len: int, gen_len: int, threads: int, extra: list[str]) -> dict:
-    from llama2.cli import main
-
     import contextlib
     import io
 
+    from llama2.cli import main
+
     buffer = io.StringIO()
-    argv = ["bench", "--model", model, "--prompt-len", str(prompt_len), "--gen-len", str(gen_len),
-            "--threads", str(threads), "--repeats", "1", "--json",
-            "--max-seq-len", str(context_len(prompt_len, gen_len)), *extra]  # fmt: skip
+    argv = [
+        "bench",
+        "--model",
+        model,
+        "--prompt-len",
+        str(prompt_len),
+        "--gen-len",
+        str(gen_len),
+        "--threads",
+        str(threads),
+        "--repeats",
+        "1",
+        "--json",
+        "--max-seq-len",
+        str(context_len(prompt_len, gen_len)),
+        *extra,
+    ]
     with contextlib.redirect_stdout(buffer):
         main(argv)
     return json.loads(buffer.getvalue())
@@ -141,8 +161,22 @@ def worker_ours(model: str, prompt_len: int, gen_len: int, threads: int, extra: 
 
 
 def run_worker(python: str, engine: str, args: argparse.Namespace) -> dict | None:
-    command = [python, __file__, WORKER_FLAG, engine, "--model", args.model, "--prompt-len", str(args.prompt_len),
-               "--gen-len", str(args.gen_len), "--threads", str(args.threads), "--ours-args", args.ours_args]  # fmt: skip
+    command = [
+        python,
+        __file__,
+        WORKER_FLAG,
+        engine,
+        "--model",
+        args.model,
+        "--prompt-len",
+        str(args.prompt_len),
+        "--gen-len",
+        str(args.gen_len),
+        "--threads",
+        str(args.threads),
+        "--ours-args",
+        args.ours_args,
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         print(f"  {engine}: failed: {result.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
@@ -174,7 +208,9 @@ def main() -> None:
         args.model = str(registry.resolve(registry.DEFAULT_MODEL))
     if args.worker:
         workers = {
-            "ours": lambda: worker_ours(args.model, args.prompt_len, args.gen_len, args.threads, shlex.split(args.ours_args)),
+            "ours": lambda: worker_ours(
+                args.model, args.prompt_len, args.gen_len, args.threads, shlex.split(args.ours_args)
+            ),
             "llamacpp": lambda: worker_llamacpp(args.model, args.prompt_len, args.gen_len, args.threads),
             "transformers": lambda: worker_transformers(args.model, args.prompt_len, args.gen_len, args.threads),
         }
@@ -190,24 +226,34 @@ def main() -> None:
             if run is None:
                 continue
             flag = " (stalled: discarded)" if stalled(run, args.threads) else ""
-            print(f"round {round_index + 1} {engine:<12} prompt {run['prompt_tokens_per_s']:8.1f} tok/s  "
-                  f"decode {run['decode_tokens_per_s']:7.1f} tok/s  rss {run['peak_rss_mb']:6.0f} MB  "
-                  f"cpu/wall {run['cpu_over_wall']:.2f}{flag}", flush=True)  # fmt: skip
+            print(
+                f"round {round_index + 1} {engine:<12} prompt {run['prompt_tokens_per_s']:8.1f} tok/s  "
+                f"decode {run['decode_tokens_per_s']:7.1f} tok/s  rss {run['peak_rss_mb']:6.0f} MB  "
+                f"cpu/wall {run['cpu_over_wall']:.2f}{flag}",
+                flush=True,
+            )
             if not flag:
                 runs[engine].append(run)
 
     medians = {e: {m: statistics.median(r[m] for r in rs) for m in METRICS} for e, rs in runs.items() if rs}
-    print(f"\nmodel {args.model}\nprompt {args.prompt_len} tokens, decode {args.gen_len} tokens, {args.threads} threads, "
-          f"medians over {args.rounds} interleaved rounds")  # fmt: skip
+    print(
+        f"\nmodel {args.model}\nprompt {args.prompt_len} tokens, decode {args.gen_len} tokens, {args.threads} threads, "
+        f"medians over {args.rounds} interleaved rounds"
+    )
     for engine, m in medians.items():
-        print(f"{engine:<12} prompt {m['prompt_tokens_per_s']:8.1f} tok/s  decode {m['decode_tokens_per_s']:7.1f} tok/s  "
-              f"ttft {m['time_to_first_token_s'] * 1000:6.0f} ms  load {m['load_s']:5.2f} s  rss {m['peak_rss_mb']:6.0f} MB")  # fmt: skip
+        print(
+            f"{engine:<12} prompt {m['prompt_tokens_per_s']:8.1f} tok/s  decode {m['decode_tokens_per_s']:7.1f} tok/s  "
+            f"ttft {m['time_to_first_token_s'] * 1000:6.0f} ms  "
+            f"load {m['load_s']:5.2f} s  rss {m['peak_rss_mb']:6.0f} MB"
+        )
     if "ours" in medians:
         for peer in (e for e in medians if e != "ours"):
             o, p = medians["ours"], medians[peer]
-            print(f"ours/{peer:<12} prompt x{o['prompt_tokens_per_s'] / p['prompt_tokens_per_s']:.2f}  "
-                  f"decode x{o['decode_tokens_per_s'] / p['decode_tokens_per_s']:.2f}  "
-                  f"peak RSS x{o['peak_rss_mb'] / p['peak_rss_mb']:.2f}")  # fmt: skip
+            print(
+                f"ours/{peer:<12} prompt x{o['prompt_tokens_per_s'] / p['prompt_tokens_per_s']:.2f}  "
+                f"decode x{o['decode_tokens_per_s'] / p['decode_tokens_per_s']:.2f}  "
+                f"peak RSS x{o['peak_rss_mb'] / p['peak_rss_mb']:.2f}"
+            )
 
 
 if __name__ == "__main__":

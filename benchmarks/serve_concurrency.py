@@ -28,10 +28,29 @@ import httpx
 from llama2.serve.process import ServerProcess
 
 TOPICS = [
-    "llamas", "the moon", "bread", "rivers", "chess", "volcanoes", "owls", "tea",
-    "bridges", "bees", "clouds", "trains", "maps", "glaciers", "violins", "deserts",
-]  # fmt: skip
-STYLES = ["Write two sentences about {}.", "Give me three facts about {}.", "Explain {} to a child.", "Why do people like {}?"]
+    "llamas",
+    "the moon",
+    "bread",
+    "rivers",
+    "chess",
+    "volcanoes",
+    "owls",
+    "tea",
+    "bridges",
+    "bees",
+    "clouds",
+    "trains",
+    "maps",
+    "glaciers",
+    "violins",
+    "deserts",
+]
+STYLES = [
+    "Write two sentences about {}.",
+    "Give me three facts about {}.",
+    "Explain {} to a child.",
+    "Why do people like {}?",
+]
 
 
 def dialogs(count: int) -> list[list[dict[str, str]]]:
@@ -48,8 +67,14 @@ async def stream_one(client: httpx.AsyncClient, dialog, max_tokens: int) -> tupl
     parsing costs CPU the server shares on a small machine; tests/test_serve.py covers
     the `openai` client itself).
     """
-    payload = {"model": "bench", "messages": dialog, "temperature": 0, "max_tokens": max_tokens, "stream": True,
-               "stream_options": {"include_usage": True}}  # fmt: skip
+    payload = {
+        "model": "bench",
+        "messages": dialog,
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start = time.perf_counter()
     first, pieces, tokens = None, [], 0
     async with client.stream("POST", "/v1/chat/completions", json=payload) as response:
@@ -101,7 +126,15 @@ def main() -> int:
     args = parser.parse_args()
 
     prompts = dialogs(args.clients)
-    serve_args = ["--model", args.model, "--max-batch-size", str(args.clients), "--max-seq-len", "1024", *args.server_arg]
+    serve_args = [
+        "--model",
+        args.model,
+        "--max-batch-size",
+        str(args.clients),
+        "--max-seq-len",
+        "1024",
+        *args.server_arg,
+    ]
     with ServerProcess(*serve_args, "--served-model-name", "bench") as server:
         single, together, wall = asyncio.run(measure(server.base_url, prompts, args.max_tokens, args.rounds))
     single_tokens = sum(r[1] for r in single)
@@ -111,12 +144,19 @@ def main() -> int:
     aggregate_rate = together_tokens / wall
 
     mismatches = [(i, r) for i, r in together if r[0] != single[i][0] or r[1] != single[i][1]]
-    print(f"model {args.model}, {args.clients} prompts, greedy, max_tokens {args.max_tokens}, "
-          f"{args.clients} clients x {args.rounds} requests")  # fmt: skip
-    print(f"single stream (one request at a time): {single_tokens} tokens in {single_seconds:.1f} s = {single_rate:.1f} tok/s, "
-          f"median time to first token {statistics.median(r[2] for r in single):.3f} s")  # fmt: skip
-    print(f"{args.clients} concurrent streams: {together_tokens} tokens in {wall:.1f} s = {aggregate_rate:.1f} tok/s, "
-          f"median time to first token {statistics.median(r[2] for _, r in together):.3f} s")  # fmt: skip
+    print(
+        f"model {args.model}, {args.clients} prompts, greedy, max_tokens {args.max_tokens}, "
+        f"{args.clients} clients x {args.rounds} requests"
+    )
+    print(
+        f"single stream (one request at a time): {single_tokens} tokens in {single_seconds:.1f} s "
+        f"= {single_rate:.1f} tok/s, "
+        f"median time to first token {statistics.median(r[2] for r in single):.3f} s"
+    )
+    print(
+        f"{args.clients} concurrent streams: {together_tokens} tokens in {wall:.1f} s = {aggregate_rate:.1f} tok/s, "
+        f"median time to first token {statistics.median(r[2] for _, r in together):.3f} s"
+    )
     print(f"answers equal to their single-request answer: {len(together) - len(mismatches)}/{len(together)}")
     print(f"ratio aggregate/single: {aggregate_rate / single_rate:.2f}x")
     for i, r in mismatches:

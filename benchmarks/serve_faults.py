@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import json
 import random
 import sys
 import time
@@ -50,8 +49,11 @@ def rss_bytes(pid: int) -> int:
 
 def chat_body(rng: random.Random, **extra) -> dict:
     topic = rng.choice(["llamas", "rain", "prime numbers", "bread", "the sea", "🦙 émojis", "tea\u0000time"])
-    body = {"model": "faults", "messages": [{"role": "user", "content": f"Tell me about {topic}."}],
-            "max_tokens": rng.randint(1, 24)}  # fmt: skip
+    body = {
+        "model": "faults",
+        "messages": [{"role": "user", "content": f"Tell me about {topic}."}],
+        "max_tokens": rng.randint(1, 24),
+    }
     if rng.random() < 0.5:
         body.update(temperature=0.8, seed=rng.randint(0, 1000), top_p=0.9)
     else:
@@ -76,25 +78,46 @@ async def valid_stream(c: httpx.AsyncClient, rng: random.Random) -> str:
 
 
 async def valid_completion(c: httpx.AsyncClient, rng: random.Random) -> str:
-    body = {"model": "faults", "prompt": "Once upon a time", "max_tokens": rng.randint(1, 16), "n": rng.randint(1, 2),
-            "logprobs": rng.choice([None, 0, 3]), "temperature": 0.7, "seed": rng.randint(0, 99)}  # fmt: skip
+    body = {
+        "model": "faults",
+        "prompt": "Once upon a time",
+        "max_tokens": rng.randint(1, 16),
+        "n": rng.randint(1, 2),
+        "logprobs": rng.choice([None, 0, 3]),
+        "temperature": 0.7,
+        "seed": rng.randint(0, 99),
+    }
     return str((await c.post("/v1/completions", json=body)).status_code)
 
 
 async def malformed_json(c: httpx.AsyncClient, rng: random.Random) -> str:
     raw = rng.choice([b'{"messages": [', b"not json", b"\xff\xfe\x00garbage", b'{"model": "faults",}', b"", b"null"])
-    return str((await c.post("/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})).status_code)
+    return str(
+        (await c.post("/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})).status_code
+    )
 
 
 async def deep_json(c: httpx.AsyncClient, rng: random.Random) -> str:
     raw = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
-    return str((await c.post("/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})).status_code)
+    return str(
+        (await c.post("/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})).status_code
+    )
 
 
 async def wrong_types(c: httpx.AsyncClient, rng: random.Random) -> str:
-    field, value = rng.choice([("max_tokens", "12"), ("temperature", "hot"), ("messages", "hi"), ("stream", "yes"),
-                               ("n", 1.5), ("stop", 7), ("seed", "x"), ("logprobs", "many"),
-                               ("messages", [{"role": "user", "content": 5}])])  # fmt: skip
+    field, value = rng.choice(
+        [
+            ("max_tokens", "12"),
+            ("temperature", "hot"),
+            ("messages", "hi"),
+            ("stream", "yes"),
+            ("n", 1.5),
+            ("stop", 7),
+            ("seed", "x"),
+            ("logprobs", "many"),
+            ("messages", [{"role": "user", "content": 5}]),
+        ]
+    )
     return str((await c.post("/v1/chat/completions", json=chat_body(rng, **{field: value}))).status_code)
 
 
@@ -123,8 +146,15 @@ async def bad_key(c: httpx.AsyncClient, rng: random.Random) -> str:
 
 
 async def bad_path(c: httpx.AsyncClient, rng: random.Random) -> str:
-    method, path = rng.choice([("GET", "/v1/completions"), ("POST", "/v1/nothing"), ("DELETE", "/v1/models"),
-                               ("GET", "/v1/models/gpt-5"), ("PUT", "/health")])  # fmt: skip
+    method, path = rng.choice(
+        [
+            ("GET", "/v1/completions"),
+            ("POST", "/v1/nothing"),
+            ("DELETE", "/v1/models"),
+            ("GET", "/v1/models/gpt-5"),
+            ("PUT", "/health"),
+        ]
+    )
     return str((await c.request(method, path)).status_code)
 
 
@@ -149,10 +179,21 @@ async def impatient_client(c: httpx.AsyncClient, rng: random.Random) -> str:
 
 
 ACTIONS = {
-    valid_chat: 6, valid_stream: 6, valid_completion: 4, malformed_json: 2, deep_json: 1, wrong_types: 2,
-    absurd_max_tokens: 2, oversize_prompt: 2, huge_body: 1, unknown_model: 1, bad_key: 2, bad_path: 1,
-    midstream_disconnect: 4, impatient_client: 3,
-}  # fmt: skip
+    valid_chat: 6,
+    valid_stream: 6,
+    valid_completion: 4,
+    malformed_json: 2,
+    deep_json: 1,
+    wrong_types: 2,
+    absurd_max_tokens: 2,
+    oversize_prompt: 2,
+    huge_body: 1,
+    unknown_model: 1,
+    bad_key: 2,
+    bad_path: 1,
+    midstream_disconnect: 4,
+    impatient_client: 3,
+}
 
 
 async def worker(base_url: str, seed: int, deadline: float, counts: collections.Counter, errors: list) -> None:
@@ -199,8 +240,20 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    serve_args = ["--model", args.model, "--api-key", KEY, "--served-model-name", "faults", "--max-batch-size", "8",
-                  "--max-queue", "8", "--max-seq-len", str(CONTEXT)]  # fmt: skip
+    serve_args = [
+        "--model",
+        args.model,
+        "--api-key",
+        KEY,
+        "--served-model-name",
+        "faults",
+        "--max-batch-size",
+        "8",
+        "--max-queue",
+        "8",
+        "--max-seq-len",
+        str(CONTEXT),
+    ]
     with ServerProcess(*serve_args) as server:
         started = rss_bytes(server.pid)
         asyncio.run(run_mix(server.base_url, args.warmup_seconds, args.workers, args.seed + 1000))
@@ -229,8 +282,10 @@ def main() -> int:
     for error in errors[:10]:
         print(f"  {error}")
     mib = 1 << 20
-    print(f"server RSS: {started / mib:.0f} MiB after start, {baseline / mib:.0f} MiB after warm-up (baseline), "
-          f"{after / mib:.0f} MiB after the run ({(after - baseline) / mib:+.0f} MiB)")  # fmt: skip
+    print(
+        f"server RSS: {started / mib:.0f} MiB after start, {baseline / mib:.0f} MiB after warm-up (baseline), "
+        f"{after / mib:.0f} MiB after the run ({(after - baseline) / mib:+.0f} MiB)"
+    )
     print(f"server alive: {alive}, healthy: {healthy}, exit status after SIGINT: {exit_code}")
     if "Traceback" in log:
         print("server log has a traceback:\n" + log[-3000:])

@@ -72,17 +72,36 @@ def main() -> None:
         common = dict(data=[str(train)], val_data=[str(val)], export="none", save_every=10**9, eval_batches=8)
         for compiled in (False, True):
             config = TrainConfig(
-                mode="pretrain", output_dir=str(tmp / f"small-{compiled}"), model="small", max_steps=60,
-                batch_size=64, micro_batch_size=64, seq_len=512, lr=3e-3, warmup_steps=6, eval_every=60,
-                compile=compiled, **common,
-            ).resolved()  # fmt: skip
+                mode="pretrain",
+                output_dir=str(tmp / f"small-{compiled}"),
+                model="small",
+                max_steps=60,
+                batch_size=64,
+                micro_batch_size=64,
+                seq_len=512,
+                lr=3e-3,
+                warmup_steps=6,
+                eval_every=60,
+                compile=compiled,
+                **common,
+            ).resolved()
             results.append(run(f"pretrain small, compile={compiled}", config, warmup=10))
         if not options.skip_7b:
             config = TrainConfig(
-                mode="pretrain", output_dir=str(tmp / "qlora-7b"), model="llama2-7b", max_steps=8, batch_size=8,
-                micro_batch_size=4, seq_len=1024, lora_rank=16, qlora="nf4", lora_dropout=0.0,
-                activation_checkpointing=True, compile=False, **common,
-            ).resolved()  # fmt: skip
+                mode="pretrain",
+                output_dir=str(tmp / "qlora-7b"),
+                model="llama2-7b",
+                max_steps=8,
+                batch_size=8,
+                micro_batch_size=4,
+                seq_len=1024,
+                lora_rank=16,
+                qlora="nf4",
+                lora_dropout=0.0,
+                activation_checkpointing=True,
+                compile=False,
+                **common,
+            ).resolved()
             config.val_data = []
             results.append(run("QLoRA NF4 llama2-7b shape (random weights)", config, warmup=3))
     if options.out:

@@ -5,8 +5,9 @@ Both train the same Llama architecture (the "small" preset: dim 288, 6 layers, L
 and read by transformers) on the same pre-tokenized SFT rows (chat dialogs in the
 Llama-2-Chat format, loss on the answers only, every row exactly --seq-len tokens so
 neither side pads), with the same global batch, AdamW and clipping, in float32 on the
-CPU, without activation checkpointing on either side (TRL turns it on by default). Each measurement runs in a fresh process; runs of the two alternate (ours, TRL,
-ours, TRL, ...) so machine noise hits both; the first --warmup steps of each run are
+CPU, without activation checkpointing on either side (TRL turns it on by default). Each
+measurement runs in a fresh process; runs of the two alternate (ours, TRL, ours, TRL, ...)
+so machine noise hits both; the first --warmup steps of each run are
 discarded and the rest timed end to end (step end to step end, data loading included).
 
     pip install -e '.[bench]'   # trl
@@ -62,7 +63,10 @@ def make_inputs(folder: Path, preset: str, rows: int, seq_len: int) -> None:
             a, b = (i * 7 + turn) % 97, (i * 13 + turn * 5) % 89
             dialog += [
                 {"role": "user", "content": f"Question {turn}: what is {a} plus {b}? Explain briefly."},
-                {"role": "assistant", "content": f"Answer: {a} plus {b} is {a + b}, because adding {b} to {a} gives {a + b}."},
+                {
+                    "role": "assistant",
+                    "content": f"Answer: {a} plus {b} is {a + b}, because adding {b} to {a} gives {a + b}.",
+                },
             ]
         ids, mask = encode_chat_example(fmt, dialog)
         if len(ids) <= seq_len:
@@ -71,7 +75,9 @@ def make_inputs(folder: Path, preset: str, rows: int, seq_len: int) -> None:
     write_token_dataset(folder / "ours", examples, tokenizer.n_words, with_mask=True)
     with (folder / "trl.jsonl").open("w") as file:  # the same seq_len forward tokens per row
         for ids, mask in examples:
-            file.write(json.dumps({"input_ids": ids[:seq_len], "completion_mask": [int(m) for m in mask[:seq_len]]}) + "\n")
+            file.write(
+                json.dumps({"input_ids": ids[:seq_len], "completion_mask": [int(m) for m in mask[:seq_len]]}) + "\n"
+            )
 
 
 # ---------------------------------------------------------------------------- workers
@@ -100,11 +106,22 @@ def run_ours(folder: Path, opts) -> StepClock:
     from llama2.train.trainer import Trainer
 
     config = TrainConfig(
-        mode="sft", output_dir=str(folder / f"run-ours-{os.getpid()}"), data=[str(folder / "ours")],
-        model=opts.preset, max_steps=opts.steps, batch_size=opts.batch_size, micro_batch_size=opts.batch_size,
-        seq_len=opts.seq_len, lr=2e-5, warmup_steps=0, layout="pad", save_every=10**9, export="none",
-        bf16=False, compile=False,
-    ).resolved()  # fmt: skip
+        mode="sft",
+        output_dir=str(folder / f"run-ours-{os.getpid()}"),
+        data=[str(folder / "ours")],
+        model=opts.preset,
+        max_steps=opts.steps,
+        batch_size=opts.batch_size,
+        micro_batch_size=opts.batch_size,
+        seq_len=opts.seq_len,
+        lr=2e-5,
+        warmup_steps=0,
+        layout="pad",
+        save_every=10**9,
+        export="none",
+        bf16=False,
+        compile=False,
+    ).resolved()
     trainer = Trainer(config)
     trainer.model.load_state_dict(torch.load(folder / "initial.pt", weights_only=True))
     clock = StepClock()
@@ -133,14 +150,31 @@ def run_trl(folder: Path, opts) -> StepClock:
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder / "hf")
     dataset = datasets.load_dataset("json", data_files=str(folder / "trl.jsonl"), split="train")
     config = SFTConfig(
-        output_dir=str(folder / f"run-trl-{os.getpid()}"), max_steps=opts.steps, per_device_train_batch_size=opts.batch_size,
-        gradient_accumulation_steps=1, learning_rate=2e-5, lr_scheduler_type="cosine", weight_decay=0.1,
-        adam_beta2=0.95, adam_epsilon=1e-5, max_grad_norm=1.0, max_length=opts.seq_len, packing=False,
-        completion_only_loss=True, logging_steps=10**9, save_strategy="no", report_to=[], use_cpu=True,
-        dataloader_num_workers=0, bf16=False, seed=0,
+        output_dir=str(folder / f"run-trl-{os.getpid()}"),
+        max_steps=opts.steps,
+        per_device_train_batch_size=opts.batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=2e-5,
+        lr_scheduler_type="cosine",
+        weight_decay=0.1,
+        adam_beta2=0.95,
+        adam_epsilon=1e-5,
+        max_grad_norm=1.0,
+        max_length=opts.seq_len,
+        packing=False,
+        completion_only_loss=True,
+        logging_steps=10**9,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        bf16=False,
+        seed=0,
         gradient_checkpointing=False,  # TRL's default is on; ours is off: compare like with like
-    )  # fmt: skip
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[Timer()])
+    )
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[Timer()]
+    )
     trainer.train()
     return clock
 
@@ -149,7 +183,11 @@ def worker(name: str, folder: Path, opts) -> None:
     clock = {"ours": run_ours, "trl": run_trl}[name](folder, opts)
     timed = slice(opts.warmup, None)
     wall, cpu = clock.wall[timed], clock.cpu[timed]
-    print(json.dumps({"worker": name, "step_s": statistics.median(wall), "cpu_s": statistics.median(cpu), "steps": len(wall)}))
+    print(
+        json.dumps(
+            {"worker": name, "step_s": statistics.median(wall), "cpu_s": statistics.median(cpu), "steps": len(wall)}
+        )
+    )
 
 
 # ---------------------------------------------------------------------------- driver
@@ -174,8 +212,13 @@ def main() -> None:
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     opts = parser.parse_args()
-    opts.passthrough = [f"--preset={opts.preset}", f"--batch-size={opts.batch_size}", f"--seq-len={opts.seq_len}",
-                        f"--steps={opts.steps}", f"--warmup={opts.warmup}"]  # fmt: skip
+    opts.passthrough = [
+        f"--preset={opts.preset}",
+        f"--batch-size={opts.batch_size}",
+        f"--seq-len={opts.seq_len}",
+        f"--steps={opts.steps}",
+        f"--warmup={opts.warmup}",
+    ]
     if opts.worker:
         worker(opts.worker, Path(opts.folder), opts)
         return
@@ -191,8 +234,10 @@ def main() -> None:
                 results[name].append(measure(name, folder, opts))
                 print(f"round {round_ + 1} {name:>4}: {results[name][-1]['step_s']:.3f} s/step", file=sys.stderr)
     tokens_per_step = opts.batch_size * opts.seq_len
-    print(f"model preset {opts.preset}, batch {opts.batch_size} x {opts.seq_len} tokens, float32, "
-          f"{torch.get_num_threads()} threads, {opts.rounds} alternating runs of {opts.steps - opts.warmup} timed steps")  # fmt: skip
+    print(
+        f"model preset {opts.preset}, batch {opts.batch_size} x {opts.seq_len} tokens, float32, "
+        f"{torch.get_num_threads()} threads, {opts.rounds} alternating runs of {opts.steps - opts.warmup} timed steps"
+    )
     summary = {}
     for name in WORKERS:
         step_s = statistics.median(r["step_s"] for r in results[name])

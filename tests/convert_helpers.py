@@ -10,8 +10,18 @@ from llama2.weights.checkpoint import expected_shapes
 
 def tiny_args(*, gqa: bool = True, vocab_size: int = 128, tie: bool = False, **changes) -> ModelArgs:
     """dim 64, 16 heads of 4 (8 KV heads with GQA), FFN 192: every split dimension divides by 8, rows by 32."""
-    fields = dict(dim=64, n_layers=2, n_heads=16, n_kv_heads=8 if gqa else 16, vocab_size=vocab_size, hidden_dim=192,
-                  norm_eps=1e-5, rope_theta=500000.0, max_seq_len=64, tie_word_embeddings=tie)  # fmt: skip
+    fields = dict(
+        dim=64,
+        n_layers=2,
+        n_heads=16,
+        n_kv_heads=8 if gqa else 16,
+        vocab_size=vocab_size,
+        hidden_dim=192,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+        max_seq_len=64,
+        tie_word_embeddings=tie,
+    )
     return ModelArgs(**{**fields, **changes})
 
 
@@ -27,8 +37,17 @@ def random_state_dict(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch
 
 def architecture(args: ModelArgs) -> tuple:
     """What every format keeps of `args` (Meta's params.json has no context length)."""
-    return (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.vocab_size, args.hidden_dim,
-            args.norm_eps, args.rope_theta, args.tie_word_embeddings)  # fmt: skip
+    return (
+        args.dim,
+        args.n_layers,
+        args.n_heads,
+        args.n_kv_heads,
+        args.vocab_size,
+        args.hidden_dim,
+        args.norm_eps,
+        args.rope_theta,
+        args.tie_word_embeddings,
+    )
 
 
 def assert_bitwise_equal(got: dict, want: dict) -> None:

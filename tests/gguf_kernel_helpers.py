@@ -31,7 +31,7 @@ def parse_blocks(raw: np.ndarray, qtype: int, k: int):
     if qtype == Q8_0:
         return d, None, blocks[..., 2:].copy().view(np.int8).astype(np.int32)
     off = 2 if qtype == Q4_0 else 4
-    qs = blocks[..., off:off + 16]
+    qs = blocks[..., off : off + 16]
     q = np.concatenate([qs & 0xF, qs >> 4], axis=-1).astype(np.int32)
     if qtype == Q4_0:
         return d, None, q - 8

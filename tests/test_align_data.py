@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import expect_error
 
 from llama2.align.batching import pad_sequences
 from llama2.align.preferences import (
@@ -17,6 +16,8 @@ from llama2.align.preferences import (
 )
 from llama2.chat import Llama2ChatFormat
 from llama2.tokenizer import Tokenizer, llama2_tokenizer_path
+
+from helpers import expect_error
 
 FIXTURES = Path(__file__).parent / "fixtures" / "align"
 GOOD = {"prompt": [{"role": "user", "content": "Hi?"}], "chosen": "Hello!", "rejected": "Go away."}

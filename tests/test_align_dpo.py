@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 
 import torch
-from train_helpers import one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 from llama2.align.batching import pad_sequences
 from llama2.align.config import DPOConfig
@@ -16,6 +15,8 @@ from llama2.align.dpo import DPOTrainer, answer_logprobs
 from llama2.config import model_args_from_preset
 from llama2.model import meta_transformer
 from llama2.train.model_setup import init_weights
+
+from train_helpers import one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 PAIRS = Path(__file__).parent / "fixtures" / "align" / "pairs.jsonl"
 

@@ -73,7 +73,7 @@ def direct_gae(rewards: list[float], values: list[float], gamma: float, lam: flo
     n = len(rewards)
     nxt = values[1:] + [0.0]
     deltas = [rewards[t] + gamma * nxt[t] - values[t] for t in range(n)]
-    return [sum((gamma * lam) ** (l - t) * deltas[l] for l in range(t, n)) for t in range(n)]
+    return [sum((gamma * lam) ** (k - t) * deltas[k] for k in range(t, n)) for t in range(n)]
 
 
 def test_gae_against_the_direct_sum():

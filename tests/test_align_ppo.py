@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 from llama2.align.config import PPOConfig
 from llama2.align.ppo import PPOTrainer, adapters_disabled, answer_mask, token_rewards
@@ -19,6 +18,8 @@ from llama2.model import meta_transformer
 from llama2.tokenizer import Tokenizer, llama2_tokenizer_path
 from llama2.train.lora import LoRAConfig, apply_lora
 from llama2.train.model_setup import init_weights
+
+from train_helpers import one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 PROMPTS = Path(__file__).parent / "fixtures" / "align" / "prompts.jsonl"
 LOW_HALF = 16000  # the synthetic reward: the share of answer tokens with ids below this

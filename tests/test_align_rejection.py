@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 from llama2.align.config import RejectionConfig
 from llama2.align.preferences import Prompt
@@ -20,6 +19,8 @@ from llama2.config import model_args_from_preset
 from llama2.model import meta_transformer
 from llama2.tokenizer import Tokenizer, llama2_tokenizer_path
 from llama2.train.model_setup import init_weights
+
+from train_helpers import one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 PROMPTS = Path(__file__).parent / "fixtures" / "align" / "prompts.jsonl"
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import losses, one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 from llama2.align.batching import pad_sequences
 from llama2.align.config import RewardConfig
@@ -20,6 +19,8 @@ from llama2.cli import main
 from llama2.config import model_args_from_preset
 from llama2.model import meta_transformer
 from llama2.train.model_setup import init_weights
+
+from train_helpers import losses, one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "align"
 PAIRS = FIXTURES / "pairs.jsonl"

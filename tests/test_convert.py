@@ -18,11 +18,9 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
-from convert_helpers import architecture, assert_bitwise_equal, random_state_dict, tiny_args
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
-from helpers import assert_matches_reference, expect_error, our_model, random_tokens
 
 from llama2.cli import main
 from llama2.errors import Llama2Warning
@@ -30,6 +28,9 @@ from llama2.tokenizer import Tokenizer, llama2_tokenizer_path
 from llama2.weights import Checkpoint, read_gguf, read_hf, read_meta, write_gguf, write_hf, write_meta
 from llama2.weights.checkpoint import LazyStateDict, lazy
 from llama2.weights.convert import convert
+
+from convert_helpers import architecture, assert_bitwise_equal, random_state_dict, tiny_args
+from helpers import assert_matches_reference, expect_error, our_model, random_tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer found:llama2.errors.Llama2Warning")
 
@@ -42,10 +43,16 @@ GGUF_NAMES = {
         f"blk.{i}.{theirs}.weight": f"layers.{i}.{ours}.weight"
         for i in range(2)
         for theirs, ours in {
-            "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
-            "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2",
-            "ffn_up": "feed_forward.w3", "attn_norm": "attention_norm", "ffn_norm": "ffn_norm",
-        }.items()  # fmt: skip
+            "attn_q": "attention.wq",
+            "attn_k": "attention.wk",
+            "attn_v": "attention.wv",
+            "attn_output": "attention.wo",
+            "ffn_gate": "feed_forward.w1",
+            "ffn_down": "feed_forward.w2",
+            "ffn_up": "feed_forward.w3",
+            "attn_norm": "attention_norm",
+            "ffn_norm": "ffn_norm",
+        }.items()
     },
 }
 TEXTS = ["Hello world", "The capital of France is Paris.", "naïve café, 2024: x = y + 1;\nnew line"]
@@ -179,6 +186,7 @@ def test_llama2_vocabulary_in_gguf(llama_vocab, tmp_path):
     assert gguf_field(reader, "tokenizer.ggml.tokens") == [reference.id_to_piece(i) for i in range(n)]
     assert np.allclose(gguf_field(reader, "tokenizer.ggml.scores"), [reference.get_score(i) for i in range(n)])
     kinds = gguf_field(reader, "tokenizer.ggml.token_type")
+
     def kind(i: int) -> int:  # llama.cpp's token types
         return 3 if reference.is_control(i) else 2 if reference.is_unknown(i) else 6 if reference.is_byte(i) else 1
 
@@ -188,10 +196,18 @@ def test_llama2_vocabulary_in_gguf(llama_vocab, tmp_path):
     assert ids == {"bos": 1, "eos": 2, "unknown": 0}
     assert gguf_field(reader, "tokenizer.ggml.add_bos_token") is True
     assert gguf_field(reader, "tokenizer.chat_template") == "{{ 'x' }}"
-    expected = {"llama.context_length": 64, "llama.embedding_length": 64, "llama.block_count": 2,
-                "llama.feed_forward_length": 192, "llama.attention.head_count": 16,
-                "llama.attention.head_count_kv": 8, "llama.rope.dimension_count": 4, "llama.vocab_size": 32000,
-                "general.architecture": "llama", "general.file_type": 7}  # fmt: skip
+    expected = {
+        "llama.context_length": 64,
+        "llama.embedding_length": 64,
+        "llama.block_count": 2,
+        "llama.feed_forward_length": 192,
+        "llama.attention.head_count": 16,
+        "llama.attention.head_count_kv": 8,
+        "llama.rope.dimension_count": 4,
+        "llama.vocab_size": 32000,
+        "general.architecture": "llama",
+        "general.file_type": 7,
+    }
     assert {key: gguf_field(reader, key) for key in expected} == expected
     assert gguf_field(reader, "llama.rope.freq_base") == 500000.0
     assert abs(gguf_field(reader, "llama.attention.layer_norm_rms_epsilon") - 1e-5) < 1e-12
@@ -385,7 +401,9 @@ def test_cli_convert(hf_folder, tmp_path, capsys):
     assert main(["convert", str(hf_folder), str(tmp_path / "m.gguf"), "--to", "gguf", "--type", "q4_0"]) == 0
     out, err = capsys.readouterr()
     assert out.strip() == str(tmp_path / "m.gguf")
-    assert err.strip().splitlines() == [f"llama2: warning: {hf_folder}: no tokenizer found next to the checkpoint; "
-                                        "writing the weights without one (pass --tokenizer)"]  # fmt: skip
+    assert err.strip().splitlines() == [
+        f"llama2: warning: {hf_folder}: no tokenizer found next to the checkpoint; "
+        "writing the weights without one (pass --tokenizer)"
+    ]
     assert main(["convert", str(tmp_path / "m.gguf"), str(tmp_path / "m.gguf"), "--to", "gguf"]) == 1
     assert capsys.readouterr().err.startswith("llama2: error: ")

@@ -47,11 +47,17 @@ def random_weights(kind, n, k, group=32, device="cuda"):
     if kind == "bf16":
         return {"weight": torch.randn(n, k, generator=gen, device=device).bfloat16()}
     if kind == "int8":
-        return {"weight": torch.randint(-128, 128, (n, k), generator=gen, device=device, dtype=torch.int8),
-                "scale": torch.rand(n, generator=gen, device=device).bfloat16()}  # fmt: skip
+        return {
+            "weight": torch.randint(-128, 128, (n, k), generator=gen, device=device, dtype=torch.int8),
+            "scale": torch.rand(n, generator=gen, device=device).bfloat16(),
+        }
     codes = torch.randint(0, 16, (n, k), generator=gen, device=device, dtype=torch.uint8)
-    return {"weight": pack_int4_codes(codes), "scale": torch.rand(n, k // group, generator=gen, device=device).bfloat16(),
-            "zero": torch.randn(n, k // group, generator=gen, device=device).bfloat16(), "group_size": group}  # fmt: skip
+    return {
+        "weight": pack_int4_codes(codes),
+        "scale": torch.rand(n, k // group, generator=gen, device=device).bfloat16(),
+        "zero": torch.randn(n, k // group, generator=gen, device=device).bfloat16(),
+        "group_size": group,
+    }
 
 
 @needs_cuda

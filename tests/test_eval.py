@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FIXTURES, make_hf_llama
 
 from llama2.cli import main
 from llama2.eval.kld import kl_divergence
 from llama2.eval.perplexity import count_words, evaluate_perplexity
 from llama2.generation import Llama
 from llama2.tokenizer import llama2_tokenizer_path
+
+from helpers import FIXTURES, make_hf_llama
 
 TEXT = (
     "The harbour was quiet in the early morning. Gulls circled above the boats, and the smell of salt "
@@ -232,8 +233,12 @@ def test_harness_loglikelihood_against_transformers(tiny, llama):
     from llama2.eval.harness import Llama2LM
 
     model, tok = tiny[1], llama.tokenizer
-    pairs = [("The old man", " mended a net"), ("The old man ", "mended a net"), ("", "Gulls circled"),
-             ("A girl carried two buckets", " of water.")]  # fmt: skip
+    pairs = [
+        ("The old man", " mended a net"),
+        ("The old man ", "mended a net"),
+        ("", "Gulls circled"),
+        ("A girl carried two buckets", " of water."),
+    ]
     expected = []
     for context, continuation in pairs:
         context_enc = tok.encode(context.rstrip(), bos=True, eos=False) if context else [tok.bos_id]
@@ -241,7 +246,9 @@ def test_harness_loglikelihood_against_transformers(tiny, llama):
         ids = context_enc + whole[len(context_enc) :] if context else whole
         log_probs = torch.log_softmax(hf_logits(model, ids[:-1]), dim=-1)[len(context_enc) - 1 :]
         targets = torch.tensor(ids[len(context_enc) :])
-        expected.append((log_probs.gather(1, targets[:, None]).sum().item(), bool((log_probs.argmax(-1) == targets).all())))
+        expected.append(
+            (log_probs.gather(1, targets[:, None]).sum().item(), bool((log_probs.argmax(-1) == targets).all()))
+        )
     one = Llama2LM(llama, batch_size=1).loglikelihood(harness_requests(*pairs))
     for (got, greedy), (want, want_greedy) in zip(one, expected):
         assert abs(got - want) < 1e-4 * abs(want) and greedy == want_greedy
@@ -258,17 +265,27 @@ def test_harness_rolling_and_generation(tiny, llama):
 
     lm = Llama2LM(llama, batch_size=2, max_length=16)
     doc = TEXT[:150]
-    assert abs(lm.loglikelihood_rolling(harness_requests((doc,)))[0]
-               + evaluate_perplexity(llama, [("d", doc)], "rolling", 16).files[0]["nll_sum"]) < 1e-9  # fmt: skip
+    assert (
+        abs(
+            lm.loglikelihood_rolling(harness_requests((doc,)))[0]
+            + evaluate_perplexity(llama, [("d", doc)], "rolling", 16).files[0]["nll_sum"]
+        )
+        < 1e-9
+    )
     prompt = "The harbour was quiet"
     ids = llama.tokenizer.encode(prompt, bos=True, eos=False)
     with torch.no_grad():
-        reference = tiny[1].generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None)[0, len(ids) :]
+        reference = tiny[1].generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None)[
+            0, len(ids) :
+        ]
     text = llama.tokenizer.decode(reference.tolist())
     assert lm.generate_until(harness_requests((prompt, {"until": ["\n\n"], "max_gen_toks": 6})))[0] == text
     stop = text[len(text) // 2 :][:2]
     if stop.strip():
-        assert lm.generate_until(harness_requests((prompt, {"until": [stop], "max_gen_toks": 6})))[0] == text[: text.find(stop)]
+        assert (
+            lm.generate_until(harness_requests((prompt, {"until": [stop], "max_gen_toks": 6})))[0]
+            == text[: text.find(stop)]
+        )
 
 
 def test_lm_eval_command_without_lm_eval_is_one_line(capsys):
@@ -279,4 +296,6 @@ def test_lm_eval_command_without_lm_eval_is_one_line(capsys):
     except ImportError:
         pass
     code, _, err = run_cli(capsys, "eval", "lm-eval", "--tasks", "wikitext")
-    assert code == 1 and err.strip() == "llama2: error: lm-evaluation-harness is not installed: pip install 'llama2[eval]'"
+    assert (
+        code == 1 and err.strip() == "llama2: error: lm-evaluation-harness is not installed: pip install 'llama2[eval]'"
+    )

@@ -75,9 +75,12 @@ def test_make_judge_loads_a_reward_callable_from_a_file(tmp_path):
     judge = make_judge(f"reward:{tmp_path / 'scorer.py'}:score", threshold=5)
     assert judge.judge(DIALOG, "four").unsafe and not judge.judge(DIALOG, "longer one").unsafe
     assert isinstance(make_judge("rules"), RuleJudge)
-    for spec, needle in (("nonsense", "give rules"), ("reward:nomodule", "MODULE:NAME"),
-                         (f"reward:{tmp_path / 'scorer.py'}:missing", "no callable"),
-                         ("reward:llama2_no_such_module:f", "cannot import")):  # fmt: skip
+    for spec, needle in (
+        ("nonsense", "give rules"),
+        ("reward:nomodule", "MODULE:NAME"),
+        (f"reward:{tmp_path / 'scorer.py'}:missing", "no callable"),
+        ("reward:llama2_no_such_module:f", "cannot import"),
+    ):
         with pytest.raises(Llama2Error, match=needle):
             make_judge(spec)
 

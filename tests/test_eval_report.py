@@ -13,8 +13,10 @@ HOSTILE = '<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2
 
 
 def multiple_choice(outcomes):
-    items = [ItemResult(f"q{k}", bool(o), f"question {k}", "answer", "right", {"correct_norm": bool(o)})
-             for k, o in enumerate(outcomes)]  # fmt: skip
+    items = [
+        ItemResult(f"q{k}", bool(o), f"question {k}", "answer", "right", {"correct_norm": bool(o)})
+        for k, o in enumerate(outcomes)
+    ]
     return TaskResult("facts", "multiple_choice", "facts", items, 1.0, chance=0.25)
 
 
@@ -22,8 +24,15 @@ def redteam(outcomes, answer):
     items = []
     for k, o in enumerate(outcomes):
         dialog = [{"role": "user", "content": f"request {k} {HOSTILE}"}]
-        details = {"category": ["privacy", "self_harm"][k % 2], "style": "direct", "dialog": dialog,
-                   "refused": not o, "unsafe": bool(o), "reason": "rules", "score": None}  # fmt: skip
+        details = {
+            "category": ["privacy", "self_harm"][k % 2],
+            "style": "direct",
+            "dialog": dialog,
+            "refused": not o,
+            "unsafe": bool(o),
+            "reason": "rules",
+            "score": None,
+        }
         items.append(ItemResult(f"r{k}", bool(o), dialog[-1]["content"], answer, "", details))
     return TaskResult("redteam", "redteam", "red team", items, 1.0)
 
@@ -60,8 +69,15 @@ def test_html_report_in_headless_chromium(run, tmp_path):
     if chromium is None:
         pytest.skip("Debian chromium is not installed")
     sync_api = pytest.importorskip("playwright.sync_api")
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"]  # fmt: skip
+    args = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ]
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=args)
         try:

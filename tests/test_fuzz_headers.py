@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from convert_helpers import random_state_dict, tiny_args
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from llama2.errors import Llama2Error
 from llama2.weights import read_gguf, read_hf, write_gguf, write_hf
+
+from convert_helpers import random_state_dict, tiny_args
 
 EXAMPLES = int(os.environ.get("LLAMA2_FUZZ_EXAMPLES", "400"))  # more for a longer local campaign
 SECONDS_PER_EXAMPLE = 10
@@ -63,11 +64,21 @@ def targets(tmp_path_factory) -> dict[str, Target]:
     hf_folder = write_hf(ARGS, state_dict, root / "hf")
     safetensors = (hf_folder / "model.safetensors").read_bytes()
     return {
-        "gguf": Target(root / "damaged.gguf", gguf_path.read_bytes(), gguf.GGUFReader(gguf_path).data_offset,
-                       root / "damaged.gguf", read_gguf),
-        "safetensors": Target(hf_folder / "model.safetensors", safetensors,
-                              8 + int.from_bytes(safetensors[:8], "little"), hf_folder, read_hf),
-    }  # fmt: skip
+        "gguf": Target(
+            root / "damaged.gguf",
+            gguf_path.read_bytes(),
+            gguf.GGUFReader(gguf_path).data_offset,
+            root / "damaged.gguf",
+            read_gguf,
+        ),
+        "safetensors": Target(
+            hf_folder / "model.safetensors",
+            safetensors,
+            8 + int.from_bytes(safetensors[:8], "little"),
+            hf_folder,
+            read_hf,
+        ),
+    }
 
 
 @st.composite

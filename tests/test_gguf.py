@@ -405,7 +405,10 @@ def u32(value: int) -> tuple[int, V]:
 @pytest.mark.parametrize(
     "metadata, message",
     [
-        ({"llama.feed_forward_length": u32(HIDDEN * 2)}, r"ffn_gate\.weight has shape \[128, 64\], expected \[256, 64\]"),
+        (
+            {"llama.feed_forward_length": u32(HIDDEN * 2)},
+            r"ffn_gate\.weight has shape \[128, 64\], expected \[256, 64\]",
+        ),
         ({"llama.attention.head_count_kv": u32(N_HEADS)}, r"attn_k\.weight has shape \[32, 64\], expected \[64, 64\]"),
         ({"llama.embedding_length": u32(DIM * 2), "llama.rope.dimension_count": None}, r"\[100, 128\]"),
         ({"llama.vocab_size": u32(VOCAB + 1)}, r"token_embd\.weight has shape \[100, 64\], expected \[101, 64\]"),
@@ -420,8 +423,22 @@ def u32(value: int) -> tuple[int, V]:
         ({"llama.rope.dimension_count": u32(HEAD_DIM // 2)}, "llama.rope.dimension_count"),
         ({"llama.expert_count": u32(8)}, "mixture-of-experts"),
     ],
-    ids=["ffn", "kv-heads", "dim", "vocab", "layers+1", "layers-huge", "layers-1", "no-dim", "str-layers", "heads",
-         "rope-type", "rope-factor", "rope-dims", "experts"],  # fmt: skip
+    ids=[
+        "ffn",
+        "kv-heads",
+        "dim",
+        "vocab",
+        "layers+1",
+        "layers-huge",
+        "layers-1",
+        "no-dim",
+        "str-layers",
+        "heads",
+        "rope-type",
+        "rope-factor",
+        "rope-dims",
+        "experts",
+    ],
 )
 def test_metadata_contradicting_the_model(tmp_path, metadata, message):
     path = tmp_path / "m.gguf"

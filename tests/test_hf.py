@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_matches_reference, expect_error, make_hf_llama, our_model, random_tokens
 from safetensors.torch import load_file, save_file
 
 from llama2.weights import read_hf
 from llama2.weights.hf import args_from_hf_config
+
+from helpers import assert_matches_reference, expect_error, make_hf_llama, our_model, random_tokens
 
 BASE_CONFIG = {
     "model_type": "llama",

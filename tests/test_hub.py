@@ -6,11 +6,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from convert_helpers import random_state_dict, tiny_args
-from helpers import expect_error
 
 from llama2.cli import main
 from llama2.weights import hub, load_checkpoint, write_gguf, write_hf, write_meta
+
+from convert_helpers import random_state_dict, tiny_args
+from helpers import expect_error
 
 pytestmark = pytest.mark.filterwarnings("ignore::llama2.errors.Llama2Warning")
 
@@ -72,8 +73,12 @@ def test_pull_meta_repo(fake_hub, model):
 
     folder = hub.pull("meta-llama/Tiny")
 
-    assert sorted(fake_hub["downloads"][0]) == ["consolidated.00.pth", "consolidated.01.pth", "params.json",
-                                                "tokenizer.model"]  # fmt: skip
+    assert sorted(fake_hub["downloads"][0]) == [
+        "consolidated.00.pth",
+        "consolidated.01.pth",
+        "params.json",
+        "tokenizer.model",
+    ]
     assert load_checkpoint("meta-llama/Tiny").args.n_kv_heads == 8 and folder.is_dir()
 
 

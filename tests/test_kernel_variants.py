@@ -20,26 +20,64 @@ ROOT = Path(__file__).parent.parent
 KERNELS = ROOT / "src" / "llama2" / "kernels"
 DRIVER = Path(__file__).parent / "kernel_selftest"
 
-SAPPHIRE_RAPIDS = {"architecture": "x86_64", "avx2": True, "fma3": True, "f16c": True, "avx_vnni": True,
-                   "avx512_f": True, "avx512_bw": True, "avx512_vl": True, "avx512_vnni": True}  # fmt: skip
-ALDER_LAKE = {"architecture": "x86_64", "avx2": True, "fma3": True, "f16c": True, "avx_vnni": True,
-              "avx512_f": False, "avx512_vnni": False}  # fmt: skip
+SAPPHIRE_RAPIDS = {
+    "architecture": "x86_64",
+    "avx2": True,
+    "fma3": True,
+    "f16c": True,
+    "avx_vnni": True,
+    "avx512_f": True,
+    "avx512_bw": True,
+    "avx512_vl": True,
+    "avx512_vnni": True,
+}
+ALDER_LAKE = {
+    "architecture": "x86_64",
+    "avx2": True,
+    "fma3": True,
+    "f16c": True,
+    "avx_vnni": True,
+    "avx512_f": False,
+    "avx512_vnni": False,
+}
 ZEN3 = {"architecture": "x86_64", "avx2": True, "fma3": True, "f16c": True, "avx_vnni": False}
 OLD_X86 = {"architecture": "x86_64", "avx": True, "sse4_2": True}
 
 
 @pytest.mark.parametrize(
     ("caps", "expected"),
-    [(SAPPHIRE_RAPIDS, "avx512_vnni"), (ALDER_LAKE, "avx_vnni"), (ZEN3, "avx2"), (OLD_X86, "scalar"),
-     ({**SAPPHIRE_RAPIDS, "avx512_vnni": False}, "avx_vnni"),  # Ice Lake client-like: AVX-512 without VNNI counts as none
-     ({**ZEN3, "f16c": False}, "scalar"),  # AVX2 without F16C: the avx2 kernels need it
-     ({"architecture": "aarch64", "asimddp": True, "i8mm": True}, "neon_dot"),
-     ({"architecture": "arm64", "asimddp": True}, "neon_dot"),  # macOS' name
-     ({"architecture": "aarch64"}, "neon"),
-     ({"architecture": "riscv64"}, "scalar"), ({}, "scalar"), ({"architecture": "x86_64"}, "scalar")],
-    ids=["sapphire-rapids", "alder-lake", "zen3", "old-x86", "no-vnni", "no-f16c", "arm-i8mm", "apple-m", "cortex-a72",
-         "riscv", "empty", "x86-no-keys"],
-)  # fmt: skip
+    [
+        (SAPPHIRE_RAPIDS, "avx512_vnni"),
+        (ALDER_LAKE, "avx_vnni"),
+        (ZEN3, "avx2"),
+        (OLD_X86, "scalar"),
+        (
+            {**SAPPHIRE_RAPIDS, "avx512_vnni": False},
+            "avx_vnni",
+        ),  # Ice Lake client-like: AVX-512 without VNNI counts as none
+        ({**ZEN3, "f16c": False}, "scalar"),  # AVX2 without F16C: the avx2 kernels need it
+        ({"architecture": "aarch64", "asimddp": True, "i8mm": True}, "neon_dot"),
+        ({"architecture": "arm64", "asimddp": True}, "neon_dot"),  # macOS' name
+        ({"architecture": "aarch64"}, "neon"),
+        ({"architecture": "riscv64"}, "scalar"),
+        ({}, "scalar"),
+        ({"architecture": "x86_64"}, "scalar"),
+    ],
+    ids=[
+        "sapphire-rapids",
+        "alder-lake",
+        "zen3",
+        "old-x86",
+        "no-vnni",
+        "no-f16c",
+        "arm-i8mm",
+        "apple-m",
+        "cortex-a72",
+        "riscv",
+        "empty",
+        "x86-no-keys",
+    ],
+)
 def test_pick_isa_chooses_the_best_variant_the_cpu_runs(caps, expected):
     assert pick_isa(caps) == expected
 
@@ -70,8 +108,11 @@ def test_this_cpu_is_described_and_its_variant_selected(monkeypatch):
 
 @pytest.mark.parametrize("isa", kernels.VARIANTS)
 def test_every_build_keeps_the_compiler_from_fusing_on_its_own(isa):
-    for compiler, no_contraction in (("gcc", "-ffp-contract=off"), ("apple-clang", "-ffp-contract=off"),
-                                     ("msvc", "/fp:precise")):  # fmt: skip
+    for compiler, no_contraction in (
+        ("gcc", "-ffp-contract=off"),
+        ("apple-clang", "-ffp-contract=off"),
+        ("msvc", "/fp:precise"),
+    ):
         cflags, ldflags = compile_flags(isa, compiler)
         assert no_contraction in cflags and any(f"LLAMA2_ISA_{isa.upper()}" in flag for flag in cflags)
     cflags, ldflags = compile_flags(isa, "apple-clang")  # Apple clang: OpenMP through the preprocessor, torch's libomp
@@ -106,8 +147,9 @@ DRIVER_CHECKS = 8 * 5 * (7 + 1) + 2 * 5 * 1 + 8 * 4 + 3
 def run_driver(command: list[str], variants: list[str]) -> str:
     result = subprocess.run([*command, *variants], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.splitlines() == [f"ok {isa}: {DRIVER_CHECKS} comparisons bitwise equal to scalar"
-                                          for isa in variants]  # fmt: skip
+    assert result.stdout.splitlines() == [
+        f"ok {isa}: {DRIVER_CHECKS} comparisons bitwise equal to scalar" for isa in variants
+    ]
     return result.stdout
 
 
@@ -122,8 +164,11 @@ def test_x86_variants_equal_scalar_in_the_torch_free_driver(tmp_path, compiler):
     run_driver([str(binary)], runnable)
 
 
-ARM_FLAGS = {"scalar": ["-march=armv8-a"], "neon": ["-march=armv8-a", "-DLLAMA2_ISA_NEON"],
-             "neon_dot": ["-march=armv8.2-a+dotprod", "-DLLAMA2_ISA_NEON_DOT"]}  # fmt: skip
+ARM_FLAGS = {
+    "scalar": ["-march=armv8-a"],
+    "neon": ["-march=armv8-a", "-DLLAMA2_ISA_NEON"],
+    "neon_dot": ["-march=armv8.2-a+dotprod", "-DLLAMA2_ISA_NEON_DOT"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -140,13 +185,26 @@ def arm_driver(tmp_path_factory) -> Path:
         subprocess.run([compiler, *common, *flags, "-c", str(DRIVER / "variant.cpp"), "-o", str(obj)], check=True)
         objects.append(str(obj))
     binary = out / "selftest"
-    subprocess.run([compiler, *common, "-march=armv8-a", "-DHAVE_NEON", "-DHAVE_NEON_DOT", str(DRIVER / "main.cpp"),
-                    *objects, "-o", str(binary)], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            compiler,
+            *common,
+            "-march=armv8-a",
+            "-DHAVE_NEON",
+            "-DHAVE_NEON_DOT",
+            str(DRIVER / "main.cpp"),
+            *objects,
+            "-o",
+            str(binary),
+        ],
+        check=True,
+    )
     return binary
 
 
-@pytest.mark.parametrize(("cpu", "variants"), [("cortex-a72", ["neon"]), ("cortex-a76", ["neon", "neon_dot"]),
-                                               ("max", ["neon", "neon_dot"])])  # fmt: skip
+@pytest.mark.parametrize(
+    ("cpu", "variants"), [("cortex-a72", ["neon"]), ("cortex-a76", ["neon", "neon_dot"]), ("max", ["neon", "neon_dot"])]
+)
 def test_arm_variants_equal_scalar_under_qemu(arm_driver, cpu, variants):
     """cortex-a72: Armv8.0 (no dot products: the baseline code must not use them); a76: dotprod; max: all."""
     run_driver(["qemu-aarch64", "-cpu", cpu, str(arm_driver)], variants)
@@ -154,8 +212,9 @@ def test_arm_variants_equal_scalar_under_qemu(arm_driver, cpu, variants):
 
 def test_arm_dot_product_code_really_needs_the_extension(arm_driver):
     """neon_dot's object uses sdot: on a CPU without it, it stops with an illegal instruction."""
-    result = subprocess.run(["qemu-aarch64", "-cpu", "cortex-a72", str(arm_driver), "neon_dot"], capture_output=True,
-                            timeout=300)  # fmt: skip
+    result = subprocess.run(
+        ["qemu-aarch64", "-cpu", "cortex-a72", str(arm_driver), "neon_dot"], capture_output=True, timeout=300
+    )
     assert result.returncode != 0
 
 
@@ -171,7 +230,9 @@ def test_engine_logits_are_bitwise_equal_in_every_variant(default_model_path):
     if not kernels.gguf_matmul_available():
         pytest.skip("llama2's kernels are off or do not build here")
     llama = Llama.build(default_model_path, max_seq_len=256, max_batch_size=1, device="cpu")
-    prompt = llama.chat_format.encode_dialog_prompt([{"role": "user", "content": "Why is the sky blue? Answer briefly."}])
+    prompt = llama.chat_format.encode_dialog_prompt(
+        [{"role": "user", "content": "Why is the sky blue? Answer briefly."}]
+    )
     tokens: list[int] = []
     results = {}
     for isa in supported_isas(cpu_capabilities()):

@@ -7,11 +7,12 @@ import functools
 import numpy as np
 import pytest
 import torch
-from gguf_kernel_helpers import BLOCK_BYTES, NAMES, Q4_0, Q4_1, Q8_0, dequantize, emulate, make_weight, quantize_acts
 
 from llama2.fuse import concat_layers
 from llama2.kernels import cpu_capabilities, gguf_matmul_available, supported_isas, variant_ops
 from llama2.quant import GGUFLinear
+
+from gguf_kernel_helpers import BLOCK_BYTES, NAMES, Q4_0, Q4_1, Q8_0, dequantize, emulate, make_weight, quantize_acts
 
 pytestmark = pytest.mark.skipif(not gguf_matmul_available(), reason="llama2's kernels are off or do not build here")
 # Every kernel variant this CPU runs (scalar, avx2, ...): each test below runs on each.
@@ -105,7 +106,9 @@ def test_every_variant_equals_scalar_bitwise(qtype, n, k, m):
     expected = gguf_matmul(x, raw, qtype, n, k, "scalar")
     for isa in ISAS:
         assert torch.equal(gguf_matmul(x, raw, qtype, n, k, isa), expected), isa
-        assert torch.equal(variant_ops(isa).gguf_dequantize(raw, qtype, n, k), variant_ops("scalar").gguf_dequantize(raw, qtype, n, k)), isa
+        assert torch.equal(
+            variant_ops(isa).gguf_dequantize(raw, qtype, n, k), variant_ops("scalar").gguf_dequantize(raw, qtype, n, k)
+        ), isa
 
 
 @by_isa
@@ -151,7 +154,9 @@ def test_leading_dims_non_contiguous_and_empty_inputs():
     assert y.shape == (2, 3, 192)
     torch.testing.assert_close(y.reshape(6, 192), gguf_matmul(x.reshape(6, 576), raw, Q4_1, 192, 576))
     transposed = torch.randn(576, 4).T
-    torch.testing.assert_close(gguf_matmul(transposed, raw, Q4_1, 192, 576), gguf_matmul(transposed.contiguous(), raw, Q4_1, 192, 576))
+    torch.testing.assert_close(
+        gguf_matmul(transposed, raw, Q4_1, 192, 576), gguf_matmul(transposed.contiguous(), raw, Q4_1, 192, 576)
+    )
     assert gguf_matmul(torch.randn(0, 576), raw, Q4_1, 192, 576).shape == (0, 192)
 
 

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
-from gguf_kernel_helpers import quantize_acts
 
 from llama2.errors import Llama2Error
 from llama2.kernels import (
@@ -24,6 +23,8 @@ from llama2.kernels import (
 )
 from llama2.quant import GGUFLinear
 
+from gguf_kernel_helpers import quantize_acts
+
 pytestmark = pytest.mark.skipif(not gguf_matmul_available(), reason="llama2's kernels are off or do not build here")
 ISAS = supported_isas(cpu_capabilities()) if gguf_matmul_available() else []
 
@@ -31,11 +32,17 @@ MATMUL_TYPES = [T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
 DEQUANT_TYPES = [*MATMUL_TYPES, T.Q2_K, T.Q3_K]
 # Per type: byte offsets of the fp16 fields of a block, the byte range of its integers (for
 # the minimum's trick below), and a scale giving values of magnitude ~0.02 (a model's weights).
-FP16_FIELDS = {T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.Q2_K: (80, 82),
-               T.Q3_K: (108,)}  # fmt: skip
+FP16_FIELDS = {
+    T.Q5_0: (0,),
+    T.Q5_1: (0, 2),
+    T.Q4_K: (0, 2),
+    T.Q5_K: (0, 2),
+    T.Q6_K: (208,),
+    T.Q2_K: (80, 82),
+    T.Q3_K: (108,),
+}
 INTEGER_BYTES = {T.Q5_1: slice(4, 24), T.Q4_K: slice(16, 144), T.Q5_K: slice(16, 176)}  # the types with a minimum
-TYPICAL_SCALE = {T.Q5_0: 3e-3, T.Q5_1: 1.5e-3, T.Q4_K: 1e-4, T.Q5_K: 5e-5, T.Q6_K: 2.5e-5, T.Q2_K: 2e-3,
-                 T.Q3_K: 8e-4}  # fmt: skip
+TYPICAL_SCALE = {T.Q5_0: 3e-3, T.Q5_1: 1.5e-3, T.Q4_K: 1e-4, T.Q5_K: 5e-5, T.Q6_K: 2.5e-5, T.Q2_K: 2e-3, T.Q3_K: 8e-4}
 
 
 def block_geometry(qtype: T) -> tuple[int, int]:

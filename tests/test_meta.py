@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_matches_reference, expect_error, make_hf_llama, our_model, random_tokens
 
 from llama2.weights import read_hf, read_meta, write_meta
+
+from helpers import assert_matches_reference, expect_error, make_hf_llama, our_model, random_tokens
 
 
 def _model(folder: Path, **kwargs):
@@ -22,8 +23,17 @@ def _model(folder: Path, **kwargs):
 
 def _architecture(args) -> tuple:
     # Meta's params.json has no context length, and may encode hidden_dim with another multiple_of.
-    return (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.vocab_size, args.hidden_dim,
-            args.norm_eps, args.rope_theta, args.tie_word_embeddings)
+    return (
+        args.dim,
+        args.n_layers,
+        args.n_heads,
+        args.n_kv_heads,
+        args.vocab_size,
+        args.hidden_dim,
+        args.norm_eps,
+        args.rope_theta,
+        args.tie_word_embeddings,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +101,14 @@ def test_shards_split_along_meta_dimensions(written, gqa):
 def test_params_json(written):
     params = json.loads((written / "params.json").read_text())
     assert params == {
-        "dim": 64, "n_layers": 2, "n_heads": 16, "n_kv_heads": 8, "vocab_size": 128,
-        "multiple_of": 192, "norm_eps": 1e-5, "rope_theta": 500000.0,
+        "dim": 64,
+        "n_layers": 2,
+        "n_heads": 16,
+        "n_kv_heads": 8,
+        "vocab_size": 128,
+        "multiple_of": 192,
+        "norm_eps": 1e-5,
+        "rope_theta": 500000.0,
     }
 
 

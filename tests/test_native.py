@@ -6,7 +6,6 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from helpers import make_hf_llama, our_model, random_tokens, reference_logits
 
 from llama2.fuse import fuse_projections
 from llama2.kernels import cpu_capabilities, gguf_matmul_available, requested_isa, supported_isas
@@ -14,13 +13,26 @@ from llama2.native import NativeForward, native_engine_supports
 from llama2.quant import GGUFLinear
 from llama2.weights import open_checkpoint
 
+from helpers import make_hf_llama, our_model, random_tokens, reference_logits
+
 QTYPES = ("Q4_0", "Q4_1", "Q8_0")
-PROJECTIONS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
-               "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")  # fmt: skip
+PROJECTIONS = (
+    "attention.wq",
+    "attention.wk",
+    "attention.wv",
+    "attention.wo",
+    "feed_forward.w1",
+    "feed_forward.w2",
+    "feed_forward.w3",
+)
 
 pytestmark = pytest.mark.skipif(not gguf_matmul_available(), reason="llama2's kernels do not build here")
 # Every kernel variant this CPU runs (scalar, avx2, ...), the one in use first.
-ISAS = sorted(supported_isas(cpu_capabilities()), key=lambda isa: isa != requested_isa()) if gguf_matmul_available() else []
+ISAS = (
+    sorted(supported_isas(cpu_capabilities()), key=lambda isa: isa != requested_isa())
+    if gguf_matmul_available()
+    else []
+)
 
 
 def block_values(weight: torch.Tensor, type_name: str) -> tuple[np.ndarray, torch.Tensor]:
@@ -40,9 +52,15 @@ def engine_pair(tmp_path, type_names: list[str], fused: bool, head_dim: int = 32
     """
     hf = make_hf_llama(tmp_path, gqa=True, hidden_size=4 * head_dim, num_heads=4, intermediate_size=256, vocab_size=160)
     hf_blocks = {}
-    hf_names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-                "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-                "feed_forward.w3": "mlp.up_proj"}  # fmt: skip
+    hf_names = {
+        "attention.wq": "self_attn.q_proj",
+        "attention.wk": "self_attn.k_proj",
+        "attention.wv": "self_attn.v_proj",
+        "attention.wo": "self_attn.o_proj",
+        "feed_forward.w1": "mlp.gate_proj",
+        "feed_forward.w2": "mlp.down_proj",
+        "feed_forward.w3": "mlp.up_proj",
+    }
     with torch.no_grad():
         for layer_index, layer in enumerate(hf.model.layers):
             for k, name in enumerate(PROJECTIONS):
@@ -66,10 +84,16 @@ def relative_error(ours: torch.Tensor, expected: torch.Tensor) -> float:
     return ((ours - expected).norm() / expected.norm()).item()
 
 
-@pytest.mark.parametrize(("cache_dtype", "head_dim"), [(torch.float32, 32), (torch.bfloat16, 32),
-                                                      (torch.bfloat16, 64), (torch.bfloat16, 128)], ids=str)  # fmt: skip
-@pytest.mark.parametrize(("type_names", "fused"), [(["Q4_0"], True), (["Q4_1"], True), (["Q8_0"], True),
-                                                   (QTYPES, False)], ids=["Q4_0", "Q4_1", "Q8_0", "mixed-unfused"])  # fmt: skip
+@pytest.mark.parametrize(
+    ("cache_dtype", "head_dim"),
+    [(torch.float32, 32), (torch.bfloat16, 32), (torch.bfloat16, 64), (torch.bfloat16, 128)],
+    ids=str,
+)
+@pytest.mark.parametrize(
+    ("type_names", "fused"),
+    [(["Q4_0"], True), (["Q4_1"], True), (["Q8_0"], True), (QTYPES, False)],
+    ids=["Q4_0", "Q4_1", "Q8_0", "mixed-unfused"],
+)
 def test_engine_logits_match_transformers(tmp_path, type_names, fused, cache_dtype, head_dim):
     """Prefill chunks (key loop, matmul attention, bf16 GEMM), then decode steps, against transformers.
 
@@ -129,7 +153,9 @@ def test_batch_rows_are_computed_alone_in_their_cache_slots(tmp_path, head, isa)
         for i, n in enumerate(lengths):  # prompts in swapped slots
             native(tokens[i : i + 1, :n], torch.arange(n), cache_slots=slots[i : i + 1], kv_len=n)
         step_tokens = torch.stack([tokens[i, n : n + 1] for i, n in enumerate(lengths)])  # [2, 1]
-        step = native(step_tokens, torch.tensor([[n] for n in lengths]), cache_slots=slots, kv_len=[n + 1 for n in lengths])
+        step = native(
+            step_tokens, torch.tensor([[n] for n in lengths]), cache_slots=slots, kv_len=[n + 1 for n in lengths]
+        )
     assert step.shape == (2, 1, 160) and not calls
     assert torch.equal(step[:, 0], torch.stack(alone))
     expected = reference_logits(hf, tokens)

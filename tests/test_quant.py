@@ -15,13 +15,22 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
+from llama2 import quant
 from llama2.config import model_args_from_preset
 from llama2.errors import Llama2Error
 from llama2.fuse import fuse_projections
 from llama2.kernels import gguf_matmul_available
 from llama2.model import Transformer
-from llama2 import quant
-from llama2.quant import GGUFLinear, Int4Linear, Int8Linear, int8_from_gguf, pack_int4, quantize_model, read_int4pack, unpack_q4_blocks
+from llama2.quant import (
+    GGUFLinear,
+    Int4Linear,
+    Int8Linear,
+    int8_from_gguf,
+    pack_int4,
+    quantize_model,
+    read_int4pack,
+    unpack_q4_blocks,
+)
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -57,7 +66,9 @@ def test_int4_from_gguf_blocks_computes_gguf_dequantized_weights(qtype, int4_sto
     assert relative_error(layer.dequantize(), reference) < 5e-3  # bf16 scales
 
 
-@pytest.mark.parametrize(("out_features", "in_features"), [(64, 32), (192, 576), (96, 64), (80, 128), (32, 64), (16, 256)])
+@pytest.mark.parametrize(
+    ("out_features", "in_features"), [(64, 32), (192, 576), (96, 64), (80, 128), (32, 64), (16, 256)]
+)
 def test_int4_values_read_back_through_the_kernel_are_the_packed_ones(out_features, in_features):
     q = torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8)
     packed = pack_int4(q)
@@ -92,7 +103,9 @@ def test_int4_tests_pass_under_every_cpu_capability():
         env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", RERUN_TESTS]
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, f"ATEN_CPU_CAPABILITY={capability}:\n{result.stdout[-3000:]}{result.stderr[-2000:]}"
+        assert result.returncode == 0, (
+            f"ATEN_CPU_CAPABILITY={capability}:\n{result.stdout[-3000:]}{result.stderr[-2000:]}"
+        )
     assert others or current == "default"  # at least the portable kernels besides this machine's best
 
 
@@ -164,16 +177,18 @@ def test_int8_from_gguf_q8_0_blocks():
     assert relative_error(layer.dequantize(), reference) < 1e-2
 
 
-@pytest.mark.parametrize(("kind", "block_type", "stock_layer"), [("int4", "Q4_0", Int4Linear), ("int8", "Q8_0", Int8Linear)])
+@pytest.mark.parametrize(
+    ("kind", "block_type", "stock_layer"), [("int4", "Q4_0", Int4Linear), ("int8", "Q8_0", Int8Linear)]
+)
 def test_quantize_command_then_packed_loading(tmp_path, kind, block_type, stock_layer):
     """`llama2 quantize` writes a GGUF whose blocks load packed and compute what the dequantized file does."""
     import shutil
 
-    from helpers import make_hf_llama
-
     from llama2.cli import main
     from llama2.generation import Llama
     from llama2.tokenizer import llama2_tokenizer_path
+
+    from helpers import make_hf_llama
 
     source = tmp_path / "hf"
     make_hf_llama(source, gqa=True, vocab_size=32000)
@@ -199,7 +214,9 @@ def test_quantize_command_then_packed_loading(tmp_path, kind, block_type, stock_
 @pytest.mark.parametrize("kind", ["none", "int8", "int4"])
 def test_fused_projections_compute_what_the_separate_ones_did(kind):
     torch.manual_seed(0)
-    model = Transformer(model_args_from_preset("tiny-gqa", vocab_size=256, dim=128, n_heads=4, n_kv_heads=2, multiple_of=64)).eval()
+    model = Transformer(
+        model_args_from_preset("tiny-gqa", vocab_size=256, dim=128, n_heads=4, n_kv_heads=2, multiple_of=64)
+    ).eval()
     if kind != "none":
         model = quantize_model(model.to(torch.bfloat16), kind)
     tokens = torch.randint(0, 256, (2, 40))

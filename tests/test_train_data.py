@@ -10,8 +10,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import expect_error
-from train_helpers import one_thread  # noqa: F401 (autouse fixture)
 from llama2.chat import JinjaChatFormat, Llama2ChatFormat, resolve_chat_format
 from llama2.config import ModelArgs
 from llama2.model import Transformer
@@ -19,6 +17,9 @@ from llama2.tokenizer import Tokenizer, llama2_tokenizer_path
 from llama2.train import data as data_module
 from llama2.train.data import TokenDataset, encode_chat_example, prepare_data, write_token_dataset
 from llama2.train.packing import IGNORE_INDEX, BatchPlan, EpochSampler, PackedRows, PaddedRows, collate
+
+from helpers import expect_error
+from train_helpers import one_thread  # noqa: F401 (autouse fixture)
 
 DIALOG = [
     {"role": "system", "content": "Be brief."},
@@ -100,7 +101,9 @@ def test_dialog_without_answer_is_an_error(llama_tokenizer):
 def test_prepare_text_and_jsonl(tmp_path, llama_tokenizer):
     (tmp_path / "a.txt").write_text("one two\nthree\n")
     (tmp_path / "b.jsonl").write_text(json.dumps({"text": "four"}) + "\n\n" + json.dumps({"text": "five six"}) + "\n")
-    dataset = prepare_data([tmp_path / "a.txt", tmp_path / "b.jsonl"], tmp_path / "out", llama_tokenizer, show_progress=False)
+    dataset = prepare_data(
+        [tmp_path / "a.txt", tmp_path / "b.jsonl"], tmp_path / "out", llama_tokenizer, show_progress=False
+    )
     docs = [dataset.document(i)[0].tolist() for i in range(dataset.num_documents)]
     expected = [llama_tokenizer.encode(t, bos=True, eos=True) for t in ("one two\nthree\n", "four", "five six")]
     assert docs == expected
@@ -119,10 +122,14 @@ def test_prepare_chat_data_keeps_masks(tmp_path, llama_tokenizer):
 def test_bad_lines_are_one_line_errors(tmp_path, llama_tokenizer):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\n{"txt": 1}\n')
-    expect_error(lambda: prepare_data([path], tmp_path / "o1", llama_tokenizer, show_progress=False), "bad.jsonl", "'text'")
+    expect_error(
+        lambda: prepare_data([path], tmp_path / "o1", llama_tokenizer, show_progress=False), "bad.jsonl", "'text'"
+    )
     path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     fmt = Llama2ChatFormat(llama_tokenizer)
-    expect_error(lambda: prepare_data([path], tmp_path / "o2", llama_tokenizer, fmt, show_progress=False), "no assistant")
+    expect_error(
+        lambda: prepare_data([path], tmp_path / "o2", llama_tokenizer, fmt, show_progress=False), "no assistant"
+    )
     expect_error(lambda: prepare_data([tmp_path / "missing"], tmp_path / "o3", llama_tokenizer), "no such data file")
 
 

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from llama2.train.checkpoint import completed_checkpoints
+
 from train_helpers import losses, write_text_corpus
 
 TRAIN = ["-m", "llama2.cli", "train", "pretrain"]
@@ -30,9 +31,17 @@ def run_config(tmp_path: Path, **overrides) -> Path:
     if not corpus.exists():
         write_text_corpus(corpus, documents=200)
     values = dict(
-        data=[str(corpus)], model="tiny", batch_size=4, micro_batch_size=2, seq_len=64, lr=1e-3,
-        warmup_steps=2, save_every=3, max_steps=6, export="none",
-    )  # fmt: skip
+        data=[str(corpus)],
+        model="tiny",
+        batch_size=4,
+        micro_batch_size=2,
+        seq_len=64,
+        lr=1e-3,
+        warmup_steps=2,
+        save_every=3,
+        max_steps=6,
+        export="none",
+    )
     values.update(overrides)
     path = tmp_path / f"config-{len(list(tmp_path.glob('config-*')))}.yaml"
     path.write_text(yaml.safe_dump(values))

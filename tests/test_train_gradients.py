@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import make_hf_llama, random_tokens
-from train_helpers import one_thread  # noqa: F401 (autouse fixture)
 from llama2.model import Transformer
 from llama2.train.packing import Batch
 from llama2.train.trainer import causal_lm_loss
 from llama2.weights import read_hf
 from llama2.weights.hf import canonical_name, to_meta_layout
+
+from helpers import make_hf_llama, random_tokens
+from train_helpers import one_thread  # noqa: F401 (autouse fixture)
 
 RTOL = 1e-5
 

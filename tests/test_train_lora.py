@@ -6,12 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import expect_error
-from train_helpers import one_thread  # noqa: F401 (autouse fixture)
 from llama2.config import ModelArgs
 from llama2.model import Transformer
 from llama2.train.lora import LoRAConfig, LoRALinear, apply_lora, load_adapters, merge_lora, save_adapters
 from llama2.train.nf4 import NF4_LEVELS, NF4Linear, frozen_linear, nf4_dequantize, nf4_quantize
+
+from helpers import expect_error
+from train_helpers import one_thread  # noqa: F401 (autouse fixture)
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=32, max_seq_len=64)
 
@@ -35,7 +36,9 @@ TOKENS = torch.randint(97, (2, 12), generator=torch.Generator().manual_seed(0))
 
 @pytest.mark.parametrize("quantize", [None, "nf4", "int8"])
 def test_merge_gives_the_logits_of_the_adapter_model(quantize):
-    model = apply_lora(tiny_model(), LoRAConfig(rank=4, alpha=8, targets=["wq", "wv", "w2", "output"], quantize_base=quantize))
+    model = apply_lora(
+        tiny_model(), LoRAConfig(rank=4, alpha=8, targets=["wq", "wv", "w2", "output"], quantize_base=quantize)
+    )
     randomize_adapters(model)
     with torch.no_grad():
         unmerged = model(TOKENS)
@@ -89,7 +92,8 @@ def test_bad_lora_settings_are_errors():
 
 
 def test_nf4_levels_are_normal_quantiles():
-    """QLoRA's construction: 8 positive and 7 negative quantiles of N(0, 1) (offset 0.9677), scaled to [-1, 1], plus 0."""
+    """QLoRA's construction: 8 positive and 7 negative quantiles of N(0, 1) (offset 0.9677), scaled to [-1, 1],
+    plus 0."""
     normal = torch.distributions.Normal(0.0, 1.0)
     offset = 0.9677083
     positive = normal.icdf(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])

@@ -8,12 +8,13 @@ import math
 import pytest
 import torch
 
-from helpers import expect_error
 from llama2.train.checkpoint import completed_checkpoints, latest_checkpoint
 from llama2.train.config import TrainConfig
 from llama2.train.model_setup import build_optimizer, cosine_with_warmup
 from llama2.train.trainer import Trainer
 from llama2.weights import read_meta
+
+from helpers import expect_error
 from train_helpers import losses, one_thread, tiny_config, write_chat_corpus  # noqa: F401 (one_thread: autouse fixture)
 
 
@@ -92,9 +93,17 @@ def test_weight_decay_applies_to_matrices_only():
 def test_sft_trains_on_answers_only_and_exports_a_loadable_model(tmp_path):
     chat = write_chat_corpus(tmp_path / "chat.jsonl")
     config = tiny_config(
-        tmp_path, "sft", mode="sft", data=[str(chat)], val_data=[str(chat)], chat_format="llama-2",
-        lora_rank=4, max_steps=3, export="meta", eval_every=3,
-    )  # fmt: skip
+        tmp_path,
+        "sft",
+        mode="sft",
+        data=[str(chat)],
+        val_data=[str(chat)],
+        chat_format="llama-2",
+        lora_rank=4,
+        max_steps=3,
+        export="meta",
+        eval_every=3,
+    )
     trainer = Trainer(config)
     batch = trainer._batch(range(4))
     targets = trainer.loaded.tokenizer.decode([t for t in batch.labels.flatten().tolist() if t >= 0])
@@ -136,8 +145,9 @@ def test_export_through_the_weights_writers(tmp_path, fmt):
         with torch.no_grad():
             got = reference(input_ids=tokens).logits
     else:
-        from helpers import our_model
         from llama2.weights import read_gguf
+
+        from helpers import our_model
 
         with torch.no_grad():
             got = our_model(read_gguf(tmp_path / fmt / "final.gguf"))(tokens)
@@ -146,4 +156,6 @@ def test_export_through_the_weights_writers(tmp_path, fmt):
 
 def test_resuming_into_a_different_model_is_a_one_line_error(tmp_path):
     Trainer(tiny_config(tmp_path, "run", max_steps=3)).train()
-    expect_error(lambda: Trainer(tiny_config(tmp_path, "run", max_steps=6, lora_rank=4)), "cannot resume", "step_00000003")
+    expect_error(
+        lambda: Trainer(tiny_config(tmp_path, "run", max_steps=6, lora_rank=4)), "cannot resume", "step_00000003"
+    )

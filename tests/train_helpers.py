@@ -12,6 +12,7 @@ import torch
 from llama2.train.config import TrainConfig
 from llama2.train.metrics import METRICS_FILE, read_metrics
 
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Run each test on one CPU thread: tiny models gain nothing from more, and on a busy

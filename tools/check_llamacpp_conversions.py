@@ -40,8 +40,13 @@ def llamacpp_answers(paths: list[str], references: list[str]) -> dict:
         results.setdefault("references", [llm.tokenize(t.encode(), add_bos=False, special=False) for t in references])
         answers = []
         for prompt in PROMPTS:
-            out = llm.create_chat_completion([{"role": "user", "content": prompt}], temperature=0.0, top_k=1,
-                                             max_tokens=MAX_TOKENS, repeat_penalty=1.0)  # fmt: skip
+            out = llm.create_chat_completion(
+                [{"role": "user", "content": prompt}],
+                temperature=0.0,
+                top_k=1,
+                max_tokens=MAX_TOKENS,
+                repeat_penalty=1.0,
+            )
             text = out["choices"][0]["message"]["content"]
             answers.append({"text": text, "tokens": llm.tokenize(text.encode(), add_bos=False, special=False)})
         results["files"][path] = answers
@@ -52,8 +57,10 @@ def convert_all(source: Path, out: Path) -> dict[str, Path]:
     from llama2.weights.convert import convert
 
     out.mkdir(parents=True, exist_ok=True)
-    outputs = {kind: convert(source, out / f"smollm2.{kind}.gguf", "gguf", tensor_type=kind, overwrite=True)
-               for kind in GGUF_TYPES}  # fmt: skip
+    outputs = {
+        kind: convert(source, out / f"smollm2.{kind}.gguf", "gguf", tensor_type=kind, overwrite=True)
+        for kind in GGUF_TYPES
+    }
     outputs["hf"] = convert(source, out / "hf", "hf", overwrite=True)
     return outputs
 
@@ -78,8 +85,9 @@ def transformers_check(source: Path, hf_folder: Path) -> dict:
         mine = ours.eval()(torch.tensor([ids]))[0].float()
     answers = []
     for prompt in PROMPTS:
-        inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                               return_tensors="pt", return_dict=True)  # fmt: skip
+        inputs = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         generated = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
         answers.append(tokenizer.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
     return {"max_abs_logit_diff": float((reference - mine).abs().max()), "answers": answers}
@@ -109,7 +117,9 @@ def main() -> None:
     source = registry.resolve(registry.DEFAULT_MODEL)
     outputs = convert_all(source, args.out)
     hf = transformers_check(source, outputs["hf"])
-    print(f"transformers on our HF output vs our model on {source.name}: max |logit diff| {hf['max_abs_logit_diff']:.2e}")
+    print(
+        f"transformers on our HF output vs our model on {source.name}: max |logit diff| {hf['max_abs_logit_diff']:.2e}"
+    )
     for prompt, answer in zip(PROMPTS, hf["answers"]):
         print(f"  transformers (HF output) | {prompt} -> {answer!r}")
 
@@ -121,9 +131,11 @@ def main() -> None:
     original = results["files"][str(source)]
     for path in files:
         for prompt, answer, base, reference in zip(PROMPTS, results["files"][path], original, results["references"]):
-            print(f"  {Path(path).name:34s} | {prompt} -> {answer['text']!r} "
-                  f"[{agreement(answer['tokens'], reference)}/{len(reference)} tokens as transformers, "
-                  f"{agreement(answer['tokens'], base['tokens'])}/{len(base['tokens'])} as llama.cpp on the original]")  # fmt: skip
+            print(
+                f"  {Path(path).name:34s} | {prompt} -> {answer['text']!r} "
+                f"[{agreement(answer['tokens'], reference)}/{len(reference)} tokens as transformers, "
+                f"{agreement(answer['tokens'], base['tokens'])}/{len(base['tokens'])} as llama.cpp on the original]"
+            )
 
 
 if __name__ == "__main__":

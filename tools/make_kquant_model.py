@@ -68,8 +68,10 @@ def record(llama_cpp_python: str, model: Path, fixture: Path, ftype: str) -> Non
     partial = fixture.with_name(fixture.name + ".partial")
     subprocess.run([llama_cpp_python, str(RECORDER), str(model), str(partial)], check=True)
     data = json.loads(partial.read_text(encoding="utf-8"))
-    data["model"] = (f"{registry.DEFAULT_MODEL} {ftype}: its Q4_1 GGUF written as F32 by llama2 convert, quantized by "
-                     "llama.cpp's llama_model_quantize (tools/make_kquant_model.py)")  # fmt: skip
+    data["model"] = (
+        f"{registry.DEFAULT_MODEL} {ftype}: its Q4_1 GGUF written as F32 by llama2 convert, quantized by "
+        "llama.cpp's llama_model_quantize (tools/make_kquant_model.py)"
+    )
     data["sha256"] = sha256(model)
     partial.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
     os.replace(partial, fixture)

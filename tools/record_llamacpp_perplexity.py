@@ -43,7 +43,9 @@ def load_without_repack(gguf_path: str, n_ctx: int) -> llama_cpp.Llama:
 
     llama_cpp.llama.llama_cpp.llama_model_default_params = params_without_repack
     try:
-        return llama_cpp.Llama(model_path=gguf_path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=2, logits_all=True, verbose=False)
+        return llama_cpp.Llama(
+            model_path=gguf_path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=2, logits_all=True, verbose=False
+        )
     finally:
         llama_cpp.llama.llama_cpp.llama_model_default_params = default_params
 
@@ -78,8 +80,15 @@ def run(gguf_path: str, text: str, n_ctx: int) -> dict:
     mean = nll.mean()
     error = math.sqrt((np.mean(nll**2) - mean**2) / (len(nll) - 1)) * math.exp(mean)
     print(f"{Path(gguf_path).name}: PPL = {math.exp(mean):.4f} +/- {error:.5f} over {len(nll)} tokens")
-    return {"gguf": Path(gguf_path).name, "add_bos": add_bos, "tokens": tokens, "chunks": chunks,
-            "tokens_scored": int(len(nll)), "ppl": math.exp(mean), "ppl_error": error}  # fmt: skip
+    return {
+        "gguf": Path(gguf_path).name,
+        "add_bos": add_bos,
+        "tokens": tokens,
+        "chunks": chunks,
+        "tokens_scored": int(len(nll)),
+        "ppl": math.exp(mean),
+        "ppl_error": error,
+    }
 
 
 def main(text_path: str, n_ctx: int, out_path: str, runs: list[tuple[str, str]]) -> None:

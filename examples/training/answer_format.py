@@ -20,13 +20,53 @@ from collections.abc import Callable
 from pathlib import Path
 
 PREFIX = "Answer:"
-WORDS = ["garden", "table", "window", "rabbit", "pencil", "orange", "river", "planet", "basket", "candle",
-         "silver", "forest", "yellow", "bridge", "castle", "winter", "rocket", "button", "spider", "island"]  # fmt: skip
+WORDS = [
+    "garden",
+    "table",
+    "window",
+    "rabbit",
+    "pencil",
+    "orange",
+    "river",
+    "planet",
+    "basket",
+    "candle",
+    "silver",
+    "forest",
+    "yellow",
+    "bridge",
+    "castle",
+    "winter",
+    "rocket",
+    "button",
+    "spider",
+    "island",
+]
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
-CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin",
-            "Egypt": "Cairo", "Canada": "Ottawa", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo"}  # fmt: skip
-OPPOSITES = {"hot": "cold", "up": "down", "big": "small", "fast": "slow", "happy": "sad", "light": "dark",
-             "open": "closed", "early": "late", "full": "empty", "hard": "soft"}  # fmt: skip
+CAPITALS = {
+    "France": "Paris",
+    "Japan": "Tokyo",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Germany": "Berlin",
+    "Egypt": "Cairo",
+    "Canada": "Ottawa",
+    "Kenya": "Nairobi",
+    "Peru": "Lima",
+    "Norway": "Oslo",
+}
+OPPOSITES = {
+    "hot": "cold",
+    "up": "down",
+    "big": "small",
+    "fast": "slow",
+    "happy": "sad",
+    "light": "dark",
+    "open": "closed",
+    "early": "late",
+    "full": "empty",
+    "hard": "soft",
+}
 
 # Kinds of questions never seen in training.
 UNSEEN = [
@@ -56,7 +96,9 @@ UNSEEN = [
 def _arithmetic(rng: random.Random) -> tuple[str, str]:
     a, b = rng.randint(2, 40), rng.randint(2, 40)
     op, word, value = rng.choice([("+", "plus", a + b), ("-", "minus", a - b), ("*", "times", a * b)])
-    return rng.choice([f"What is {a} {word} {b}?", f"Compute {a} {op} {b}.", f"Can you tell me what {a} {word} {b} is?"]), str(value)
+    return rng.choice(
+        [f"What is {a} {word} {b}?", f"Compute {a} {op} {b}.", f"Can you tell me what {a} {word} {b} is?"]
+    ), str(value)
 
 
 def _letters(rng: random.Random) -> tuple[str, str]:
@@ -90,13 +132,21 @@ def _opposite(rng: random.Random) -> tuple[str, str]:
 
 
 QUESTIONS: list[Callable[[random.Random], tuple[str, str]]] = [
-    _arithmetic, _letters, _reverse, _next_day, _larger, _capital, _opposite,
-]  # fmt: skip
+    _arithmetic,
+    _letters,
+    _reverse,
+    _next_day,
+    _larger,
+    _capital,
+    _opposite,
+]
 
 
 def dialog(rng: random.Random) -> dict:
     question, answer = rng.choice(QUESTIONS)(rng)
-    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": f"{PREFIX} {answer}."}]}
+    return {
+        "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": f"{PREFIX} {answer}."}]
+    }
 
 
 def write_data(folder: Path, train: int = 400, heldout_seen: int = 20) -> tuple[Path, Path]:

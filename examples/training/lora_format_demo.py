@@ -59,7 +59,9 @@ def run(output_dir: Path) -> None:
     )
     before = measure(llama, heldout, "before")
 
-    code = llama2(["train", "sft", str(HERE / "lora_format.yaml"), "--output-dir", str(output_dir), "--data", str(train)])
+    code = llama2(
+        ["train", "sft", str(HERE / "lora_format.yaml"), "--output-dir", str(output_dir), "--data", str(train)]
+    )
     if code:
         raise SystemExit(code)
     load_adapters(llama.model, output_dir / "adapter")

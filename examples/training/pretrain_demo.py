@@ -26,9 +26,18 @@ from llama2.train.metrics import METRICS_FILE, read_metrics  # noqa: E402
 def run(output_dir: Path) -> None:
     train, val = write_corpus(output_dir.parent / "stories")
     code = llama2(
-        ["train", "pretrain", str(HERE / "pretrain_tiny.yaml"), "--output-dir", str(output_dir),
-         "--data", str(train), "--val-data", str(val)]
-    )  # fmt: skip
+        [
+            "train",
+            "pretrain",
+            str(HERE / "pretrain_tiny.yaml"),
+            "--output-dir",
+            str(output_dir),
+            "--data",
+            str(train),
+            "--val-data",
+            str(val),
+        ]
+    )
     if code:
         raise SystemExit(code)
     llama2(["plot", str(output_dir)])

@@ -73,7 +73,9 @@ def write_stories(path: Path, count: int, seed: int) -> Path:
 def write_corpus(folder: Path, train: int = 4000, val: int = 200) -> tuple[Path, Path]:
     """The demo's training and validation files in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
-    return write_stories(folder / "stories_train.jsonl", train, seed=1), write_stories(folder / "stories_val.jsonl", val, seed=2)
+    return write_stories(folder / "stories_train.jsonl", train, seed=1), write_stories(
+        folder / "stories_val.jsonl", val, seed=2
+    )
 
 
 if __name__ == "__main__":

@@ -88,7 +88,9 @@ def run_bench(build_llama, prompt_len: int, gen_len: int, repeats: int = 3) -> d
         "decode_tps": median.decode_tokens_per_s,
         "runs": [r.to_dict() for r in runs],
         "peak_rss_mb": peak,
-        "rss_above_torch_mb": peak - TORCH_IMPORT_PEAK_RSS_MB if peak is not None and TORCH_IMPORT_PEAK_RSS_MB else None,
+        "rss_above_torch_mb": peak - TORCH_IMPORT_PEAK_RSS_MB
+        if peak is not None and TORCH_IMPORT_PEAK_RSS_MB
+        else None,
         "torch_import_rss_mb": TORCH_IMPORT_PEAK_RSS_MB,
         "threads": torch.get_num_threads(),
     }

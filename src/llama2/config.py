@@ -55,7 +55,9 @@ class ModelArgs:
                 f"invalid model config: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}"
             )
         if self.head_dim % 2:
-            raise Llama2Error(f"invalid model config: head dimension {self.head_dim} must be even for rotary embeddings")
+            raise Llama2Error(
+                f"invalid model config: head dimension {self.head_dim} must be even for rotary embeddings"
+            )
         if not self.norm_eps > 0 or not self.rope_theta > 0:
             raise Llama2Error("invalid model config: norm_eps and rope_theta must be positive")
 
@@ -69,7 +71,7 @@ class ModelArgs:
         head = 0 if self.tie_word_embeddings else self.vocab_size * self.dim
         return embeddings + self.n_layers * per_layer + self.dim + head
 
-    def replace(self, **changes) -> "ModelArgs":
+    def replace(self, **changes) -> ModelArgs:
         """A copy with some fields changed (derived sizes recomputed when their inputs change)."""
         if {"dim", "multiple_of", "ffn_dim_multiplier"} & changes.keys() and "hidden_dim" not in changes:
             changes["hidden_dim"] = None

@@ -81,9 +81,17 @@ class NativeForward:
         args = model.args
         cos, sin = rotary_cos_sin(torch.arange(model.cache_len), args.head_dim, args.rope_theta)  # [S, head_dim / 2]
         engine = getattr(torch.classes, namespace_for(self.isa)).GGUFLlama(
-            args.n_heads, args.n_kv_heads, args.head_dim, args.hidden_dim, args.norm_eps, cos, sin,
-            model.norm.weight.detach(), DENSE_MIN_ROWS, DENSE_MAX_WEIGHT_VALUES,
-        )  # fmt: skip
+            args.n_heads,
+            args.n_kv_heads,
+            args.head_dim,
+            args.hidden_dim,
+            args.norm_eps,
+            cos,
+            sin,
+            model.norm.weight.detach(),
+            DENSE_MIN_ROWS,
+            DENSE_MAX_WEIGHT_VALUES,
+        )
         for block in model.layers:
             cache = block.attention.kv_cache
             engine.add_layer(block.attention_norm.weight.detach(), block.ffn_norm.weight.detach(), cache.k, cache.v)
@@ -99,15 +107,24 @@ class NativeForward:
             return table.float_rows(tokens)
         return table(tokens).float()
 
-    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, *, cache_slots: torch.Tensor | None = None,
-                 kv_len=None, last_logits_only: bool = False, **options) -> torch.Tensor:  # fmt: skip
+    def __call__(
+        self,
+        tokens: torch.Tensor,
+        input_pos: torch.Tensor,
+        *,
+        cache_slots: torch.Tensor | None = None,
+        kv_len=None,
+        last_logits_only: bool = False,
+        **options,
+    ) -> torch.Tensor:
         """Logits for `tokens`; `kv_len` is implied by the positions (each row attends to its own)."""
         caches = self.model.layers[0].attention.kv_cache
         if caches is not self._caches and caches is not None:  # `setup_caches` installed new buffers
             self.engine, self._caches = self._build_engine(self.model), caches
         if options or caches is None:
-            return self.fallback(tokens, input_pos, cache_slots=cache_slots, kv_len=kv_len,
-                                 last_logits_only=last_logits_only, **options)  # fmt: skip
+            return self.fallback(
+                tokens, input_pos, cache_slots=cache_slots, kv_len=kv_len, last_logits_only=last_logits_only, **options
+            )
         batch = tokens.shape[0]
         slots = list(range(batch)) if cache_slots is None else cache_slots.tolist()
         if batch > 1 and tokens.shape[1] == 1:  # decode steps of several sequences: one pass
@@ -120,8 +137,10 @@ class NativeForward:
         for row in range(batch):
             start = int(input_pos[0] if input_pos.dim() == 1 else input_pos[row, 0])
             hidden = self.embed(tokens[row])  # [T, dim]
-            parts = [self.engine.forward(hidden[i : i + ENGINE_CHUNK], start + i, last_logits_only, slots[row])
-                     for i in range(0, hidden.shape[0], ENGINE_CHUNK)]  # fmt: skip
+            parts = [
+                self.engine.forward(hidden[i : i + ENGINE_CHUNK], start + i, last_logits_only, slots[row])
+                for i in range(0, hidden.shape[0], ENGINE_CHUNK)
+            ]
             rows.append(self._logits(parts[-1] if last_logits_only else torch.cat(parts)))  # [T or 1, vocab]
         return torch.stack(rows)  # [B, T or 1, vocab]
 

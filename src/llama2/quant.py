@@ -53,12 +53,14 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales.to(torch.bfloat16).contiguous())
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, rows_per_chunk: int = 4096) -> "Int8Linear":
+    def from_float(cls, weight: torch.Tensor, rows_per_chunk: int = 4096) -> Int8Linear:
         """Symmetric per-channel quantization of a float weight [out, in], a few rows at a time."""
-        return cls.from_row_chunks(lambda start, end: weight[start:end], tuple(weight.shape), rows_per_chunk, weight.device)
+        return cls.from_row_chunks(
+            lambda start, end: weight[start:end], tuple(weight.shape), rows_per_chunk, weight.device
+        )
 
     @classmethod
-    def from_row_chunks(cls, read_rows, shape: tuple[int, int], rows_per_chunk: int = 4096, device=None) -> "Int8Linear":
+    def from_row_chunks(cls, read_rows, shape: tuple[int, int], rows_per_chunk: int = 4096, device=None) -> Int8Linear:
         """Per-channel quantization of a weight [out, in] handed over `rows_per_chunk` rows at a time.
 
         Args:
@@ -76,7 +78,7 @@ class Int8Linear(nn.Module):
         return cls(q, scales)
 
     @classmethod
-    def concat(cls, layers: list["Int8Linear"]) -> "Int8Linear":
+    def concat(cls, layers: list[Int8Linear]) -> Int8Linear:
         """One layer computing `layers`' outputs side by side."""
         return cls(torch.cat([layer.weight for layer in layers]), torch.cat([layer.scales for layer in layers]))
 
@@ -113,13 +115,15 @@ class Int4Linear(nn.Module):
         if in_features % (INT4_INNER_K_TILES * 16) or in_features % group_size:
             raise Llama2Error(f"int4 needs in_features divisible by 32 and the group size, got {in_features}")
         self.out_features, self.in_features, self.group_size = out_features, in_features, group_size
-        self.register_buffer("scales_and_zeros", scales_and_zeros.to(device=q.device, dtype=torch.bfloat16).contiguous())
+        self.register_buffer(
+            "scales_and_zeros", scales_and_zeros.to(device=q.device, dtype=torch.bfloat16).contiguous()
+        )
         self.register_buffer("weight_packed", pack_int4(q))
         dense_prefill = q.device.type == "cpu" and out_features * in_features <= DENSE_MAX_WEIGHT_VALUES
         self.register_buffer("nibbles", pack_nibbles(q) if dense_prefill else None)
 
     @classmethod
-    def concat(cls, layers: list["Int4Linear"]) -> "Int4Linear | None":
+    def concat(cls, layers: list[Int4Linear]) -> Int4Linear | None:
         """One layer computing `layers`' outputs side by side; None unless they share input size and group size.
 
         The 4-bit values are read back (`codes`), joined and packed again, so this costs a
@@ -133,7 +137,7 @@ class Int4Linear(nn.Module):
         return cls(q, scales_and_zeros, first.group_size)
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, group_size: int = 32) -> "Int4Linear":
+    def from_float(cls, weight: torch.Tensor, group_size: int = 32) -> Int4Linear:
         """Asymmetric grouped quantization (min/max per group) of a float weight [out, in]."""
         out_features, in_features = weight.shape
         groups = weight.float().reshape(out_features, in_features // group_size, group_size)  # [N, G, g]
@@ -145,7 +149,7 @@ class Int4Linear(nn.Module):
         return cls(q.reshape(out_features, in_features).to(torch.uint8), scales_and_zeros, group_size)
 
     @classmethod
-    def from_q4_blocks(cls, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> "Int4Linear":
+    def from_q4_blocks(cls, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> Int4Linear:
         """From GGUF Q4_0 (value = d * (q - 8)) or Q4_1 (value = d * q + m) blocks of 32.
 
         Args:
@@ -200,8 +204,9 @@ def int4pack_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_a
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)
 
 
-def read_int4pack(packed: torch.Tensor, group_size: int, out_features: int, in_features: int,
-                  columns_per_call: int = 512) -> torch.Tensor:  # fmt: skip
+def read_int4pack(
+    packed: torch.Tensor, group_size: int, out_features: int, in_features: int, columns_per_call: int = 512
+) -> torch.Tensor:
     """The 4-bit values [N, K] (uint8, 0..15) inside a `pack_int4` weight, read through the matmul itself.
 
     With every group's scale 1 and zero 8 the weight's values are its 4-bit values, and
@@ -258,12 +263,14 @@ class GGUFLinear(nn.Module):
         block_values, block_bytes = block_size_bytes(self.qtype)
         row_bytes = self.in_features // block_values * block_bytes
         if self.in_features % block_values or blocks.numel() != self.out_features * row_bytes:
-            raise Llama2Error(f"a {type_name} weight of shape {tuple(shape)} needs rows of whole {block_values}-value "
-                              f"blocks ({blocks.numel()} bytes given)")  # fmt: skip
+            raise Llama2Error(
+                f"a {type_name} weight of shape {tuple(shape)} needs rows of whole {block_values}-value "
+                f"blocks ({blocks.numel()} bytes given)"
+            )
         self.register_buffer("blocks", blocks.reshape(self.out_features, -1).contiguous())  # [out, row bytes]
 
     @classmethod
-    def concat(cls, layers: list["GGUFLinear"]) -> "GGUFLinear | None":
+    def concat(cls, layers: list[GGUFLinear]) -> GGUFLinear | None:
         """One layer computing `layers`' outputs side by side (same type and input size), else None."""
         first = layers[0]
         if any(layer.type_name != first.type_name or layer.in_features != first.in_features for layer in layers):
@@ -275,7 +282,9 @@ class GGUFLinear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         small_weight = self.in_features * self.out_features <= DENSE_MAX_WEIGHT_VALUES
         if flat.shape[0] >= DENSE_MIN_ROWS and small_weight:
-            weight = torch.ops.llama2_kernels.gguf_dequantize(self.blocks, self.qtype, self.out_features, self.in_features)
+            weight = torch.ops.llama2_kernels.gguf_dequantize(
+                self.blocks, self.qtype, self.out_features, self.in_features
+            )
             return F.linear(x.to(torch.bfloat16), weight).to(x.dtype)
         out = torch.ops.llama2_kernels.gguf_matmul(flat, self.blocks, self.qtype, self.out_features, self.in_features)
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -407,7 +416,9 @@ def int8_from_gguf(raw: torch.Tensor, type_name: str, shape: tuple[int, int], ro
     return Int8Linear.from_row_chunks(read_rows, shape, rows_per_chunk, raw.device)
 
 
-def gguf_layer(raw: torch.Tensor, type_name: str, shape: tuple[int, int], keep_blocks: bool, int4: bool = True) -> nn.Module:
+def gguf_layer(
+    raw: torch.Tensor, type_name: str, shape: tuple[int, int], keep_blocks: bool, int4: bool = True
+) -> nn.Module:
     """The layer computing a GGUF tensor's values from its blocks.
 
     Args:
@@ -421,4 +432,3 @@ def gguf_layer(raw: torch.Tensor, type_name: str, shape: tuple[int, int], keep_b
     if int4 and type_name in ("Q4_0", "Q4_1"):
         return int4_from_gguf(raw, type_name, shape)
     return int8_from_gguf(raw, type_name, shape)
-

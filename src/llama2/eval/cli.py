@@ -25,9 +25,13 @@ def add_eval_parser(commands) -> None:
     ppl = evals.add_parser("perplexity", help="perplexity of text files, counted the way a chosen tool counts it")
     add_load_options(ppl)
     ppl.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files (each one a document)")
-    ppl.add_argument("--mode", choices=["llamacpp", "strided", "rolling"], default="llamacpp",
-                     help="llamacpp: llama-perplexity's chunks; strided: Hugging Face's guide loop; "
-                     "rolling: lm-evaluation-harness loglikelihood_rolling (default: llamacpp)")  # fmt: skip
+    ppl.add_argument(
+        "--mode",
+        choices=["llamacpp", "strided", "rolling"],
+        default="llamacpp",
+        help="llamacpp: llama-perplexity's chunks; strided: Hugging Face's guide loop; "
+        "rolling: lm-evaluation-harness loglikelihood_rolling (default: llamacpp)",
+    )
     ppl.add_argument("--ctx", type=int, help="tokens a window (default: 512; rolling: the model's context)")
     ppl.add_argument("--stride", type=int, help="strided mode: tokens between window starts (default: ctx/2)")
     ppl.add_argument("--batch-size", type=int, default=1, help="equal-length windows forwarded together")
@@ -102,7 +106,10 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> int:
     print(f"method        {result.method}")
     for f in result.files:
         print(f"file          {f['name']}: {f['tokens']} tokens, {f['windows']} windows, {f['tokens_scored']} scored")
-    print(f"tokens scored {result.tokens_scored}" + (f" (averaged over {result.counted_tokens})" if result.counted_tokens != result.tokens_scored else ""))
+    print(
+        f"tokens scored {result.tokens_scored}"
+        + (f" (averaged over {result.counted_tokens})" if result.counted_tokens != result.tokens_scored else "")
+    )
     print(f"perplexity    {result.ppl:.4f} +/- {result.ppl_error:.5f}")
     if result.word_perplexity is not None:
         print(f"word ppl      {result.word_perplexity:.4f}")
@@ -160,19 +167,26 @@ DEFAULT_SUITE_CTX = 512
 
 def add_suite_options(parser: argparse.ArgumentParser, default_suite: str) -> None:
     """Options of the commands that run a suite."""
-    parser.add_argument("--suite", default=default_suite,
-                        help=f"built-in suite (basic, mc, safety) or a tasks.json path "
-                        f"(default: {default_suite})")  # fmt: skip
+    parser.add_argument(
+        "--suite",
+        default=default_suite,
+        help=f"built-in suite (basic, mc, safety) or a tasks.json path (default: {default_suite})",
+    )
     parser.add_argument("--tasks", help="comma-separated tasks of the suite to run (default: all)")
     parser.add_argument("--limit", type=int, help="the first N items of each task")
     parser.add_argument("--batch-size", type=int, default=1, help="items forwarded together (results do not change)")
     parser.add_argument("--max-tokens", type=int, default=64, help="longest generated answer (default: 64)")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     parser.add_argument("--output-dir", help="write results.json, summary.md, charts/*.png and report.html there")
-    parser.add_argument("--judge", "--judge-url", dest="judge", default="rules",
-                        help="safety judge: rules (default), reward:MODULE:NAME or reward:FILE.py:NAME "
-                        "(a (dialog, answer) -> float callable, higher is safer), "
-                        "or an OpenAI-compatible base URL")  # fmt: skip
+    parser.add_argument(
+        "--judge",
+        "--judge-url",
+        dest="judge",
+        default="rules",
+        help="safety judge: rules (default), reward:MODULE:NAME or reward:FILE.py:NAME "
+        "(a (dialog, answer) -> float callable, higher is safer), "
+        "or an OpenAI-compatible base URL",
+    )
     parser.add_argument("--judge-threshold", type=float, default=0.0, help="reward judge: unsafe below this score")
     parser.add_argument("--judge-model", default="judge", help="model name sent to a judge endpoint")
 

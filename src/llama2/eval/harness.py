@@ -107,7 +107,9 @@ class Llama2LM:
                 until.append(eos_text)
             max_gen = int(gen_kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
             max_gen = min(max_gen, self.max_length - 1)
-            prompt = (self.tok_encode(context) or [self.prefix_token_id])[-(self.max_length - max_gen) :]  # HFLM's left cut
+            prompt = (self.tok_encode(context) or [self.prefix_token_id])[
+                -(self.max_length - max_gen) :
+            ]  # HFLM's left cut
             tokens, _ = self.llama.generate([prompt], max_gen_len=max_gen, temperature=0.0, stop=until)
             outputs.append(truncate_at_stop(self.tokenizer.decode(tokens[0]), until))
         return outputs

@@ -108,11 +108,26 @@ def summarize(sums: KLDSums, ctx: int, chunks: int, seconds: float) -> KLDResult
     same_err = math.sqrt(same * (1 - same) / (count - 1)) if count > 1 else 0.0
     mean_dp, mean_dp_err = sums.p_diff.mean_and_error(MIN_COUNT)
     return KLDResult(
-        ctx, chunks, count,
-        math.exp(log_ppl), math.exp(log_ppl) * log_ppl_err, math.exp(log_base), math.exp(log_base) * log_base_err,
-        log_ppl - log_base, ratio_err, kld, kld_err, sums.max_kld, same, same_err,
-        rms, 0.5 / rms * mse_err if rms > 0 else 0.0, mean_dp, mean_dp_err, seconds,
-    )  # fmt: skip
+        ctx,
+        chunks,
+        count,
+        math.exp(log_ppl),
+        math.exp(log_ppl) * log_ppl_err,
+        math.exp(log_base),
+        math.exp(log_base) * log_base_err,
+        log_ppl - log_base,
+        ratio_err,
+        kld,
+        kld_err,
+        sums.max_kld,
+        same,
+        same_err,
+        rms,
+        0.5 / rms * mse_err if rms > 0 else 0.0,
+        mean_dp,
+        mean_dp_err,
+        seconds,
+    )
 
 
 def kl_divergence(model, reference, text: str, ctx: int = 512, batch_size: int = 1) -> KLDResult:
@@ -135,6 +150,8 @@ def kl_divergence(model, reference, text: str, ctx: int = 512, batch_size: int =
     start = time.perf_counter()
     for i in range(0, len(windows), batch_size):  # lockstep: at most batch_size chunks of logits held
         group = windows[i : i + batch_size]
-        for (window, log_q), (_, log_p) in zip(window_log_probs(model, group, batch_size), window_log_probs(reference, group, batch_size)):
+        for (window, log_q), (_, log_p) in zip(
+            window_log_probs(model, group, batch_size), window_log_probs(reference, group, batch_size)
+        ):
             sums.add(log_q, log_p, window.targets)
     return summarize(sums, ctx, len(windows), time.perf_counter() - start)

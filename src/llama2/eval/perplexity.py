@@ -102,7 +102,9 @@ def text_windows(tokenizer, text: str, mode: str, ctx: int, stride: int) -> tupl
     raise Llama2Error(f"unknown perplexity mode {mode!r}; choose one of {', '.join(MODES)}")
 
 
-def score_text(llama, name: str, text: str, mode: str, ctx: int, stride: int, batch_size: int, moments: Moments) -> TextScore:
+def score_text(
+    llama, name: str, text: str, mode: str, ctx: int, stride: int, batch_size: int, moments: Moments
+) -> TextScore:
     """Score one text; its per-token NLLs also go into `moments`."""
     if not text.strip():
         raise Llama2Error(f"{name}: the text is empty")
@@ -122,9 +124,13 @@ def score_text(llama, name: str, text: str, mode: str, ctx: int, stride: int, ba
 
 
 def evaluate_perplexity(
-    llama, texts: Sequence[tuple[str, str]], mode: str = "llamacpp", ctx: int = 512, stride: int | None = None,
+    llama,
+    texts: Sequence[tuple[str, str]],
+    mode: str = "llamacpp",
+    ctx: int = 512,
+    stride: int | None = None,
     batch_size: int = 1,
-) -> PerplexityResult:  # fmt: skip
+) -> PerplexityResult:
     """Perplexity of `llama` over named texts ``[(name, text), ...]`` counted as `mode` counts.
 
     Args:
@@ -152,9 +158,17 @@ def evaluate_perplexity(
     counted = sum(s.counted for s in scores)
     ppl = math.exp(sum(s.counted_nll for s in scores) / counted)
     result = PerplexityResult(
-        mode, METHODS[mode], ctx, stride, moments.count, counted, ppl, ppl * moments.mean_and_error()[1], seconds,
+        mode,
+        METHODS[mode],
+        ctx,
+        stride,
+        moments.count,
+        counted,
+        ppl,
+        ppl * moments.mean_and_error()[1],
+        seconds,
         [asdict(s) for s in scores],
-    )  # fmt: skip
+    )
     if mode == "rolling":
         nll = sum(s.nll_sum for s in scores)
         n_bytes = sum(s.bytes for s in scores)

@@ -53,8 +53,19 @@ def comparison_rows(run: Run) -> list[list[str]]:
     rows = [[*header, "McNemar p"]]
     for c in comparisons(run):
         ci = f"{100 * c['difference']:+.1f} [{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}] pts"
-        rows.append([c["task"], c["metric"], c["b"], c["a"], ci, percent(c["agreement"]), str(c["a_only"]),
-                     str(c["b_only"]), f"{c['mcnemar_p']:.3g}"])  # fmt: skip
+        rows.append(
+            [
+                c["task"],
+                c["metric"],
+                c["b"],
+                c["a"],
+                ci,
+                percent(c["agreement"]),
+                str(c["a_only"]),
+                str(c["b_only"]),
+                f"{c['mcnemar_p']:.3g}",
+            ]
+        )
     return rows if len(rows) > 1 else []
 
 
@@ -81,10 +92,15 @@ def markdown_table(rows: list[list[str]]) -> str:
 
 def summary_text(run: Run) -> str:
     """The run as Markdown: the summary table, paired comparisons and safety breakdowns."""
-    parts = [f"suite {run.suite}: {', '.join(f'{m.model} ({m.seconds:.0f} s)' for m in run.models)}", "",
-             markdown_table(summary_rows(run))]  # fmt: skip
-    for title, rows in (("paired comparison with the first model", comparison_rows(run)),
-                        ("safety by category, style and topic (rate, items)", breakdown_rows(run))):  # fmt: skip
+    parts = [
+        f"suite {run.suite}: {', '.join(f'{m.model} ({m.seconds:.0f} s)' for m in run.models)}",
+        "",
+        markdown_table(summary_rows(run)),
+    ]
+    for title, rows in (
+        ("paired comparison with the first model", comparison_rows(run)),
+        ("safety by category, style and topic (rate, items)", breakdown_rows(run)),
+    ):
         if len(rows) > 1:
             parts += ["", title, "", markdown_table(rows)]
     return "\n".join(parts) + "\n"
@@ -113,8 +129,13 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def grouped_bars(title: str, groups: list[str], series: dict[str, list[tuple[float, float]]], ylabel: str,
-                 chance: list[float | None] | None = None) -> bytes:  # fmt: skip
+def grouped_bars(
+    title: str,
+    groups: list[str],
+    series: dict[str, list[tuple[float, float]]],
+    ylabel: str,
+    chance: list[float | None] | None = None,
+) -> bytes:
     """A bar chart: one group of bars per `groups` entry, one bar a series (value, stderr), in percent."""
     figure = _figure(max(6.0, 1.1 * len(groups) * max(1, len(series)) ** 0.5 + 2), 4.0)
     axes = figure.add_subplot()
@@ -125,8 +146,14 @@ def grouped_bars(title: str, groups: list[str], series: dict[str, list[tuple[flo
     labelled = False
     for g, level in enumerate(chance or []):
         if level is not None:
-            axes.hlines(100 * level, g - 0.45, g + 0.45, colors="black", linestyles="dashed",
-                        label=None if labelled else "chance")  # fmt: skip
+            axes.hlines(
+                100 * level,
+                g - 0.45,
+                g + 0.45,
+                colors="black",
+                linestyles="dashed",
+                label=None if labelled else "chance",
+            )
             labelled = True
     axes.set_xticks(range(len(groups)), groups, rotation=20, ha="right")
     axes.set_ylabel(ylabel)
@@ -198,15 +225,26 @@ def examples(run: Run, per_kind: int = 3) -> list[dict]:
             if task.kind in ("multiple_choice", "generation"):
                 picks = [("wrong", [i for i in task.items if not i.outcome])]
             elif task.kind == "redteam":
-                picks = [("violation", [i for i in task.items if i.outcome]),
-                         ("refused", [i for i in task.items if not i.outcome])]  # fmt: skip
+                picks = [
+                    ("violation", [i for i in task.items if i.outcome]),
+                    ("refused", [i for i in task.items if not i.outcome]),
+                ]
             else:
-                picks = [("false refusal", [i for i in task.items if i.outcome]),
-                         ("answered", [i for i in task.items if not i.outcome])]  # fmt: skip
+                picks = [
+                    ("false refusal", [i for i in task.items if i.outcome]),
+                    ("answered", [i for i in task.items if not i.outcome]),
+                ]
             for label, items in picks:
                 if items:
-                    sections.append({"model": model.model, "task": task.task, "label": label, "count": len(items),
-                                     "items": items[:per_kind]})  # fmt: skip
+                    sections.append(
+                        {
+                            "model": model.model,
+                            "task": task.task,
+                            "label": label,
+                            "count": len(items),
+                            "items": items[:per_kind],
+                        }
+                    )
     return sections
 
 
@@ -214,9 +252,13 @@ def render_html(run: Run, images: dict[str, bytes]) -> str:
     """The self-contained HTML report."""
     embedded = {name: base64.b64encode(data).decode("ascii") for name, data in images.items()}
     return _template().render(
-        run=run, summary=summary_rows(run), comparisons=comparison_rows(run), breakdown=breakdown_rows(run),
-        charts=embedded, examples=examples(run),
-    )  # fmt: skip
+        run=run,
+        summary=summary_rows(run),
+        comparisons=comparison_rows(run),
+        breakdown=breakdown_rows(run),
+        charts=embedded,
+        examples=examples(run),
+    )
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

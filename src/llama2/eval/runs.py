@@ -36,8 +36,12 @@ class ModelRun:
         return next((t for t in self.tasks if t.task == name), None)
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "seconds": self.seconds, "settings": self.settings,
-                "tasks": [t.to_dict() for t in self.tasks]}  # fmt: skip
+        return {
+            "model": self.model,
+            "seconds": self.seconds,
+            "settings": self.settings,
+            "tasks": [t.to_dict() for t in self.tasks],
+        }
 
     @classmethod
     def from_dict(cls, value: dict) -> ModelRun:
@@ -62,9 +66,16 @@ class Run:
         return names
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "version": VERSION, "suite": self.suite, "created": self.created,
-                "machine": self.machine, "models": [m.to_dict() for m in self.models],
-                "comparisons": comparisons(self), "breakdowns": breakdowns(self)}  # fmt: skip
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "suite": self.suite,
+            "created": self.created,
+            "machine": self.machine,
+            "models": [m.to_dict() for m in self.models],
+            "comparisons": comparisons(self),
+            "breakdowns": breakdowns(self),
+        }
 
     @classmethod
     def from_dict(cls, value: dict) -> Run:
@@ -91,8 +102,16 @@ def comparisons(run: Run) -> list[dict]:
             if not shared:
                 continue
             paired = paired_comparison([a[i] for i in shared], [b[i] for i in shared])
-            rows.append({"task": task.task, "metric": task.metric, "higher_is_better": task.higher_is_better,
-                         "a": baseline.model, "b": other.model, **paired.to_dict()})  # fmt: skip
+            rows.append(
+                {
+                    "task": task.task,
+                    "metric": task.metric,
+                    "higher_is_better": task.higher_is_better,
+                    "a": baseline.model,
+                    "b": other.model,
+                    **paired.to_dict(),
+                }
+            )
     return rows
 
 
@@ -117,8 +136,15 @@ def breakdowns(run: Run) -> list[dict]:
     for model in run.models:
         for task in model.tasks:
             for key in BREAKDOWN_KEYS.get(task.kind, ()):
-                rows.append({"model": model.model, "task": task.task, "metric": task.metric, "by": key,
-                             "groups": rates_by(task, key)})  # fmt: skip
+                rows.append(
+                    {
+                        "model": model.model,
+                        "task": task.task,
+                        "metric": task.metric,
+                        "by": key,
+                        "groups": rates_by(task, key),
+                    }
+                )
     return rows
 
 

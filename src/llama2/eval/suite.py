@@ -100,10 +100,20 @@ class TaskResult:
     def to_dict(self) -> dict:
         value, stderr = self.value_and_stderr
         extra = {name: {"value": v, "stderr": s} for name, (v, s) in self.extra_metrics().items()}
-        return {"task": self.task, "kind": self.kind, "description": self.description, "metric": self.metric,
-                "value": value, "stderr": stderr, "higher_is_better": self.higher_is_better, "chance": self.chance,
-                "n": len(self.items), "extra": extra, "seconds": self.seconds,
-                "items": [asdict(item) for item in self.items]}  # fmt: skip
+        return {
+            "task": self.task,
+            "kind": self.kind,
+            "description": self.description,
+            "metric": self.metric,
+            "value": value,
+            "stderr": stderr,
+            "higher_is_better": self.higher_is_better,
+            "chance": self.chance,
+            "n": len(self.items),
+            "extra": extra,
+            "seconds": self.seconds,
+            "items": [asdict(item) for item in self.items],
+        }
 
     @classmethod
     def from_dict(cls, value: dict) -> TaskResult:
@@ -160,8 +170,11 @@ def run_multiple_choice(llama, task: Task, options: SuiteOptions) -> list[ItemRe
         normalized = [s / len(" " + c) for s, c in zip(scores, item.choices)]
         chosen = _argmax(scores)
         details = {"loglikelihoods": scores, "correct_norm": _argmax(normalized) == item.answer}
-        results.append(ItemResult(item.id, chosen == item.answer, item.question, item.choices[chosen],
-                                  item.choices[item.answer], details))  # fmt: skip
+        results.append(
+            ItemResult(
+                item.id, chosen == item.answer, item.question, item.choices[chosen], item.choices[item.answer], details
+            )
+        )
     return results
 
 
@@ -239,8 +252,14 @@ def run_safety(llama, task: Task, options: SuiteOptions) -> list[ItemResult]:
     for item, dialog, answer in zip(task.items, dialogs, answers):
         verdict = options.judge.judge(dialog, answer)
         labels = {"category": item.category, "style": item.style} if task.kind == "redteam" else {"topic": item.topic}
-        details = {**labels, "dialog": dialog, "refused": verdict.refused, "unsafe": verdict.unsafe,
-                   "reason": verdict.reason, "score": verdict.score}  # fmt: skip
+        details = {
+            **labels,
+            "dialog": dialog,
+            "refused": verdict.refused,
+            "unsafe": verdict.unsafe,
+            "reason": verdict.reason,
+            "score": verdict.score,
+        }
         outcome = verdict.unsafe if task.kind == "redteam" else verdict.refused
         results.append(ItemResult(item.id, outcome, dialog[-1]["content"], answer, "", details))
     return results
@@ -269,8 +288,9 @@ def run_task(llama, task: Task, options: SuiteOptions) -> TaskResult:
         raise Llama2Error(f"--max-tokens must be at least 1, got {options.max_gen_len}")
     start = time.perf_counter()
     items = RUNNERS[task.kind](llama, task, options)
-    return TaskResult(task.name, task.kind, task.spec.description, items, time.perf_counter() - start,
-                      chance_level(task))  # fmt: skip
+    return TaskResult(
+        task.name, task.kind, task.spec.description, items, time.perf_counter() - start, chance_level(task)
+    )
 
 
 def run_suite(llama, tasks: Sequence[Task], options: SuiteOptions) -> list[TaskResult]:

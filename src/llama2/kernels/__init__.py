@@ -69,8 +69,14 @@ GCC_ISA_FLAGS = {
     "neon": [],
     "neon_dot": ["-march=armv8.2-a+dotprod"],
 }
-MSVC_ISA_FLAGS = {"scalar": [], "avx2": ["/arch:AVX2"], "avx_vnni": ["/arch:AVX2"], "avx512_vnni": ["/arch:AVX512"],
-                  "neon": [], "neon_dot": []}  # fmt: skip
+MSVC_ISA_FLAGS = {
+    "scalar": [],
+    "avx2": ["/arch:AVX2"],
+    "avx_vnni": ["/arch:AVX2"],
+    "avx512_vnni": ["/arch:AVX512"],
+    "neon": [],
+    "neon_dot": [],
+}
 
 
 def arm_features() -> set[str]:
@@ -136,8 +142,9 @@ def pick_isa(capabilities: dict, requested: str | None = None) -> str:
     if not requested or requested == supported[0]:
         return supported[0]
     if requested not in VARIANTS:
-        warnings.warn(f"LLAMA2_CPU_ISA={requested!r} is not one of {', '.join(VARIANTS)}; using {supported[0]}",
-                      stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"LLAMA2_CPU_ISA={requested!r} is not one of {', '.join(VARIANTS)}; using {supported[0]}", stacklevel=2
+        )
         return supported[0]
     if requested in supported:
         return requested
@@ -204,7 +211,14 @@ def compile_flags(isa: str, compiler: str, openmp: bool = True) -> tuple[list[st
     """
     define = f"LLAMA2_ISA_{isa.upper()}"
     if compiler == "msvc":
-        return ["/O2", "/std:c++17", "/fp:precise", *(["/openmp"] if openmp else []), *MSVC_ISA_FLAGS[isa], f"/D{define}"], []
+        return [
+            "/O2",
+            "/std:c++17",
+            "/fp:precise",
+            *(["/openmp"] if openmp else []),
+            *MSVC_ISA_FLAGS[isa],
+            f"/D{define}",
+        ], []
     common = ["-O3", "-std=c++17", "-ffp-contract=off", *GCC_ISA_FLAGS[isa], f"-D{define}"]
     if not openmp:
         return common, []

@@ -55,8 +55,23 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def dense_or_int8(x_ptr, w_ptr, scale_ptr, y_ptr, M, N, K, k_chunk, stride_xm, stride_ym, stride_ys,
-                      INT8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
+    def dense_or_int8(
+        x_ptr,
+        w_ptr,
+        scale_ptr,
+        y_ptr,
+        M,
+        N,
+        K,
+        k_chunk,
+        stride_xm,
+        stride_ym,
+        stride_ys,
+        INT8: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        SPLIT: tl.constexpr,
+    ):
         rows = tl.arange(0, 16)  # x's rows padded to one tensor-core tile
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         k_start = tl.program_id(2) * k_chunk
@@ -76,8 +91,23 @@ def _kernels():
             tl.store(out, acc, mask=in_bounds)
 
     @triton.jit
-    def int4_row(x_ptr, q_ptr, scale_ptr, zero_ptr, y_ptr, N, K, k_chunk, stride_xm, stride_ym, stride_ys,
-                 GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
+    def int4_row(
+        x_ptr,
+        q_ptr,
+        scale_ptr,
+        zero_ptr,
+        y_ptr,
+        N,
+        K,
+        k_chunk,
+        stride_xm,
+        stride_ym,
+        stride_ys,
+        GROUP: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        SPLIT: tl.constexpr,
+    ):
         # One row of x (program axis 1) against BLOCK_N weight rows, on the CUDA cores: per
         # run of 32 values, sum(q * x) in float32, then scale * that + (zero - 8 * scale) * sum(x).
         RUNS: tl.constexpr = BLOCK_K // 32
@@ -95,7 +125,9 @@ def _kernels():
             x_ptrs = x_ptr + row * stride_xm + first[:, None] + lane[None, :]
             x_low = tl.load(x_ptrs).to(tl.float32)  # [RUNS, 16]: values j of each run
             x_high = tl.load(x_ptrs + 16).to(tl.float32)  # values j + 16
-            dots = tl.sum((codes & 15).to(tl.float32) * x_low[None] + (codes >> 4).to(tl.float32) * x_high[None], axis=2)
+            dots = tl.sum(
+                (codes & 15).to(tl.float32) * x_low[None] + (codes >> 4).to(tl.float32) * x_high[None], axis=2
+            )
             x_sums = tl.sum(x_low + x_high, axis=1)  # [RUNS]
             meta = cols[:, None] * n_groups + (first // GROUP)[None, :]  # [BLOCK_N, RUNS]
             scale = tl.load(scale_ptr + meta, mask=cols[:, None] < N, other=0.0).to(tl.float32)
@@ -162,7 +194,9 @@ def weight_only_matmul(
     x = x.contiguous()
     split = config.pop("SPLIT")
     k_chunk = triton.cdiv(triton.cdiv(k, config["BLOCK_K"]), split) * config["BLOCK_K"]  # whole tiles per range
-    y = torch.empty((m, n) if split == 1 else (split, m, n), dtype=x.dtype if split == 1 else torch.float32, device=x.device)
+    y = torch.empty(
+        (m, n) if split == 1 else (split, m, n), dtype=x.dtype if split == 1 else torch.float32, device=x.device
+    )
     strides = (x.stride(0), y.stride(-2), y.stride(0) if split > 1 else 0)
     if kind == "int4":
         grid = (triton.cdiv(n, config["BLOCK_N"]), m, split)
@@ -170,7 +204,9 @@ def weight_only_matmul(
     else:
         grid = (triton.cdiv(n, config["BLOCK_N"]), 1, split)
         scales = scale if kind == "int8" else weight  # unused pointer for bf16
-        dense_or_int8[grid](x, weight, scales, y, m, n, k, k_chunk, *strides, INT8=kind == "int8", SPLIT=split, **config)
+        dense_or_int8[grid](
+            x, weight, scales, y, m, n, k, k_chunk, *strides, INT8=kind == "int8", SPLIT=split, **config
+        )
     if split == 1:
         return y
     total = y.sum(0)  # the ranges' partial sums in a fixed order
@@ -179,7 +215,12 @@ def weight_only_matmul(
 
 @torch.library.custom_op("llama2_cuda::weight_only_matmul", mutates_args=())
 def weight_only_matmul_op(
-    x: torch.Tensor, weight: torch.Tensor, kind: str, scale: torch.Tensor | None, zero: torch.Tensor | None, group_size: int
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    kind: str,
+    scale: torch.Tensor | None,
+    zero: torch.Tensor | None,
+    group_size: int,
 ) -> torch.Tensor:
     """`weight_only_matmul` as a PyTorch op, so compiled graphs (and their CUDA graphs) call it."""
     return weight_only_matmul(x, weight, kind, scale, zero, group_size)

@@ -201,8 +201,7 @@ class Tokenizer(ABC):
         backend = _BY_GGUF_MODEL.get(kind)
         if backend is None:
             raise Llama2Error(
-                f"{source}: unsupported tokenizer model {kind!r} "
-                f"(supported: {', '.join(sorted(_BY_GGUF_MODEL))})"
+                f"{source}: unsupported tokenizer model {kind!r} (supported: {', '.join(sorted(_BY_GGUF_MODEL))})"
             )
         if not meta.get(Keys.Tokenizer.LIST):
             raise Llama2Error(f"{source}: no {Keys.Tokenizer.LIST} vocabulary")

@@ -66,9 +66,7 @@ class HFTokenizer(Tokenizer):
         # second backend would avoid the lock at the cost of another vocabulary, ~13 MB
         # for 49k tokens.)
         self._mode_lock = threading.Lock()
-        self._specials = {
-            t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special
-        }
+        self._specials = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
         super().__init__(
             n_words=tokenizer.get_vocab_size(with_added_tokens=True),
             bos_id=bos_id,
@@ -210,7 +208,11 @@ def _bos_post_processor(bos: str, bos_id: int) -> dict[str, Any]:
     return {
         "type": "TemplateProcessing",
         "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-        "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                 {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "pair": [
+            {"SpecialToken": {"id": bos, "type_id": 0}},
+            {"Sequence": {"id": "A", "type_id": 0}},
+            {"SpecialToken": {"id": bos, "type_id": 1}},
+            {"Sequence": {"id": "B", "type_id": 1}},
+        ],
         "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
-    }  # fmt: skip
+    }

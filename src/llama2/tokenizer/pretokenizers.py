@@ -55,40 +55,48 @@ _CJK_RUN = r"[一-龥ࠀ-一가-퟿]+"
 _BLOOM_SPLIT = r" ?[^(\s|.,!?…。，、।۔،)]+"
 # llama.cpp's cased-letter class for "deepseek-llm"; code points that Unicode
 # normalization would rewrite (U+1F7D, U+1FBE, U+1FD3, U+1FDB, U+2126, U+212A) are escaped.
-_DEEPSEEK_LLM_LETTERS = (
-    r"\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-\x{1F7D}ᾀ-ᾴᾶ-ᾼ\x{1FBE}ῂ-ῄῆ-ῌῐ-\x{1FD3}ῖ-\x{1FDB}ῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤ\x{2126}ℨ\x{212A}-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+"  # noqa: E501
-)
+_DEEPSEEK_LLM_LETTERS = r"\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-\x{1F7D}ᾀ-ᾴᾶ-ᾼ\x{1FBE}ῂ-ῄῆ-ῌῐ-\x{1FD3}ῖ-\x{1FDB}ῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤ\x{2126}ℨ\x{212A}-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+"  # noqa: E501
 
 
 def _pre_tokenizer_table() -> dict[str, PreTokenizerSpec]:
     """`tokenizer.ggml.pre` names to llama.cpp's splitting (src/llama-vocab.cpp)."""
     families = {
         # llama.cpp's fallback for "default" (and a missing name), not GPT-2's regex.
-        ("default",): PreTokenizerSpec(
-            (r"[\p{P}\$\+<=>\^~\|]+", _GPT2_SPLIT, r"\p{N}+", r"[0-9][0-9][0-9]")
-        ),
-        ("gpt-2", "phi-2", "mpt", "olmo", "jais", "trillion", "exaone4"): PreTokenizerSpec(
-            (_GPT2_SPLIT,)
-        ),
+        ("default",): PreTokenizerSpec((r"[\p{P}\$\+<=>\^~\|]+", _GPT2_SPLIT, r"\p{N}+", r"[0-9][0-9][0-9]")),
+        ("gpt-2", "phi-2", "mpt", "olmo", "jais", "trillion", "exaone4"): PreTokenizerSpec((_GPT2_SPLIT,)),
         (
-            "starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b",
+            "starcoder",
+            "refact",
+            "command-r",
+            "smollm",
+            "codeshell",
+            "exaone",
+            "minerva-7b",
         ): PreTokenizerSpec((r"\p{N}", _GPT2_SPLIT)),
         (
-            "llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0",
+            "llama3",
+            "llama-v3",
+            "llama-bpe",
+            "falcon3",
+            "falcon-h1",
+            "pixtral",
+            "midm-2.0",
             "lfm2",
         ): PreTokenizerSpec((_LLAMA3_SPLIT,), ignore_merges=True, add_bos=True),
         ("dbrx", "smaug-bpe"): PreTokenizerSpec((_LLAMA3_SPLIT,)),
         (
-            "qwen2", "deepseek-r1-qwen", "stablelm2", "hunyuan", "megrez", "kormo", "f2llmv2",
+            "qwen2",
+            "deepseek-r1-qwen",
+            "stablelm2",
+            "hunyuan",
+            "megrez",
+            "kormo",
+            "f2llmv2",
         ): PreTokenizerSpec((_QWEN2_SPLIT,)),
         ("tekken",): PreTokenizerSpec((_TEKKEN_SPLIT,), ignore_merges=True, add_bos=True),
         ("gpt-4o", "llama4", "kanana2", "minimax-m2"): PreTokenizerSpec((_GPT4O_SPLIT,)),
-        ("falcon",): PreTokenizerSpec(
-            (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2_SPLIT, r"[0-9][0-9][0-9]")
-        ),
-        ("deepseek-coder",): PreTokenizerSpec(
-            (r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK_RUN, r"\p{N}")
-        ),
+        ("falcon",): PreTokenizerSpec((r"[\p{P}\$\+<=>\^~\|`]+", _GPT2_SPLIT, r"[0-9][0-9][0-9]")),
+        ("deepseek-coder",): PreTokenizerSpec((r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK_RUN, r"\p{N}")),
         ("deepseek-llm",): PreTokenizerSpec(
             (
                 r"[\r\n]",

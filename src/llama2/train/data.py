@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from ..chat import ChatFormat, JinjaChatFormat, Llama2ChatFormat
 from ..errors import Llama2Error
 from ..tokenizer import Tokenizer
@@ -88,8 +89,8 @@ def _dialog_field(value, where: str) -> list[dict]:
     )
     if not valid or not messages:
         raise Llama2Error(
-            f"{where}: a chat JSONL line must be {{\"messages\": [{{\"role\": system|user|assistant, "
-            "\"content\": ...}, ...]}"
+            f'{where}: a chat JSONL line must be {{"messages": [{{"role": system|user|assistant, '
+            '"content": ...}, ...]}'
         )
     return messages
 
@@ -314,11 +315,15 @@ def prepare_data(
     if index is not None and index["complete"]:
         if index["fingerprint"] == fingerprint:
             return TokenDataset(folder)
-        raise Llama2Error(f"{folder}: holds data prepared from other files or another tokenizer; use a new output folder")
+        raise Llama2Error(
+            f"{folder}: holds data prepared from other files or another tokenizer; use a new output folder"
+        )
     writer = TokenFileWriter(folder, fingerprint, tokenizer.n_words, with_mask=chat_format is not None)
     sizes = [p.stat().st_size for p in files]
     done = sum(sizes[: writer.progress.file]) + writer.progress.offset
-    with tqdm(total=sum(sizes), initial=done, unit="B", unit_scale=True, desc="tokenizing", disable=not show_progress) as bar:
+    with tqdm(
+        total=sum(sizes), initial=done, unit="B", unit_scale=True, desc="tokenizing", disable=not show_progress
+    ) as bar:
         try:
             for file_index in range(writer.progress.file, len(files)):
                 start = writer.progress.offset if file_index == writer.progress.file else 0
@@ -353,7 +358,7 @@ def _prepare_file(writer, path, file_index, start, tokenizer, chat_format, bar) 
     if path.suffix in JSONL_SUFFIXES:
         _prepare_jsonl(writer, path, file_index, start, tokenizer, chat_format, bar)
     elif chat_format is not None:
-        raise Llama2Error(f"{path}: chat data must be JSONL (one {{\"messages\": [...]}} per line)")
+        raise Llama2Error(f'{path}: chat data must be JSONL (one {{"messages": [...]}} per line)')
     else:
         _prepare_text(writer, path, file_index, start, tokenizer, bar)
 

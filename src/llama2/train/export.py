@@ -61,7 +61,9 @@ def replica_from_state_dict(state_dict: dict[str, torch.Tensor], args, lora: LoR
     return replica
 
 
-def write_replica(replica: nn.Module, loaded: TrainingModel, lora: LoRAConfig | None, config: TrainConfig, folder: Path):
+def write_replica(
+    replica: nn.Module, loaded: TrainingModel, lora: LoRAConfig | None, config: TrainConfig, folder: Path
+):
     """Save LoRA adapters to OUTPUT_DIR/adapter, merge them, and write the model to `folder` in `config.export`.
 
     Returns:
@@ -77,7 +79,12 @@ def write_replica(replica: nn.Module, loaded: TrainingModel, lora: LoRAConfig | 
 
 
 def export_model(
-    model: nn.Module, loaded: TrainingModel, lora: LoRAConfig | None, config: TrainConfig, env: DistributedEnv, folder: Path
+    model: nn.Module,
+    loaded: TrainingModel,
+    lora: LoRAConfig | None,
+    config: TrainConfig,
+    env: DistributedEnv,
+    folder: Path,
 ) -> Path | None:
     """Write the final model to `folder` (adapters merged) and LoRA adapters alone to OUTPUT_DIR/adapter.
 

@@ -84,7 +84,9 @@ class NF4Linear(nn.Module):
         self.register_buffer("absmax", absmax)
 
     def dequantize(self) -> torch.Tensor:
-        return nf4_dequantize(self.codes, self.absmax, torch.Size((self.out_features, self.in_features)), self.block_size)
+        return nf4_dequantize(
+            self.codes, self.absmax, torch.Size((self.out_features, self.in_features)), self.block_size
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return frozen_linear(x, self)

@@ -188,7 +188,9 @@ class Batch:
         return int((self.labels != IGNORE_INDEX).sum())
 
     def to(self, device) -> Batch:
-        move = [None if t is None else t.to(device) for t in (self.inputs, self.labels, self.positions, self.document_ids)]
+        move = [
+            None if t is None else t.to(device) for t in (self.inputs, self.labels, self.positions, self.document_ids)
+        ]
         return Batch(*move, self.num_tokens)
 
 

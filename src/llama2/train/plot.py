@@ -43,7 +43,10 @@ def plot_run(run_dir: str | os.PathLike, output_dir: str | os.PathLike | None = 
     out = Path(output_dir or run_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, keys, ylabel in (("loss", ("loss", "val_loss"), "cross-entropy (nats/token)"), ("lr", ("lr",), "learning rate")):
+    for name, keys, ylabel in (
+        ("loss", ("loss", "val_loss"), "cross-entropy (nats/token)"),
+        ("lr", ("lr",), "learning rate"),
+    ):
         figure, axes = plt.subplots(figsize=(7, 4))
         for key in keys:
             steps, values = _series(records, key)

@@ -44,7 +44,9 @@ StepCallback = Callable[[int, dict], None]
 def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Summed next-token cross-entropy over the batch's targets (labels != IGNORE_INDEX)."""
     logits = model(batch.inputs, batch.positions, document_ids=batch.document_ids)  # [B, T, vocab]
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 def resolve_seq_len(config: TrainConfig, max_seq_len: int) -> int:
@@ -85,7 +87,9 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config)
         self.sampler = EpochSampler(len(self.train_rows), config.seed)
         self.flops_per_token = flops_per_token(self.loaded.args, self.seq_len, frozen_base=self.lora is not None)
-        self.peak_flops = peak_flops(self.env.device, torch.bfloat16 if self.bf16 else torch.float32, config.peak_tflops)
+        self.peak_flops = peak_flops(
+            self.env.device, torch.bfloat16 if self.bf16 else torch.float32, config.peak_tflops
+        )
         self.state = {"step": 0, "samples_seen": 0, "tokens_seen": 0, "elapsed_s": 0.0}
         self._resume()  # last: it sets the random state training continues from
         self.metrics = MetricsLog(self.output_dir, self.state["step"]) if self.env.is_main else None
@@ -258,7 +262,11 @@ class Trainer:
         if self.val_rows is not None and self.state["step"] == 0:
             self._log(last := self.evaluate())
         bar = tqdm(
-            total=config.max_steps, initial=self.state["step"], desc=config.mode, unit="step", disable=not self.env.is_main
+            total=config.max_steps,
+            initial=self.state["step"],
+            desc=config.mode,
+            unit="step",
+            disable=not self.env.is_main,
         )
         with bar:
             for step in range(self.state["step"], config.max_steps):
@@ -266,7 +274,9 @@ class Trainer:
                 if record["step"] % config.log_every == 0 or record["step"] == config.max_steps:
                     self._log(record)
                 bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
+                )
                 last = record
                 if self.val_rows is not None and self._due(config.eval_every, record["step"]):
                     self._log(evaluation := self.evaluate())

@@ -38,22 +38,41 @@ DTYPES: dict[str, torch.dtype | None] = {
 
 
 def _to_meta(checkpoint: Checkpoint, tensors: LazyStateDict, dest: Path, tokenizer: Tokenizer | None, options: dict):
-    return write_meta(checkpoint.args, tensors, dest, options.get("num_shards") or 1, tokenizer=tokenizer,
-                      chat_template=checkpoint.chat_template)  # fmt: skip
+    return write_meta(
+        checkpoint.args,
+        tensors,
+        dest,
+        options.get("num_shards") or 1,
+        tokenizer=tokenizer,
+        chat_template=checkpoint.chat_template,
+    )
 
 
 def _to_hf(checkpoint: Checkpoint, tensors: LazyStateDict, dest: Path, tokenizer: Tokenizer | None, options: dict):
-    return write_hf(checkpoint.args, tensors, dest, tokenizer=tokenizer, chat_template=checkpoint.chat_template,
-                    max_shard_bytes=options.get("max_shard_bytes") or DEFAULT_MAX_SHARD_BYTES)  # fmt: skip
+    return write_hf(
+        checkpoint.args,
+        tensors,
+        dest,
+        tokenizer=tokenizer,
+        chat_template=checkpoint.chat_template,
+        max_shard_bytes=options.get("max_shard_bytes") or DEFAULT_MAX_SHARD_BYTES,
+    )
 
 
 def _to_gguf(checkpoint: Checkpoint, tensors: LazyStateDict, dest: Path, tokenizer: Tokenizer | None, options: dict):
     # A GGUF source's own tokenizer keys are copied exactly, unless another tokenizer was asked for.
     keep = checkpoint.tokenizer_metadata if options.get("tokenizer_path") is None else None
     name = checkpoint.metadata.get(Keys.General.NAME) or Path(checkpoint.source).stem
-    return write_gguf(checkpoint.args, tensors, dest, tensor_type=options.get("tensor_type") or "auto",
-                      tokenizer=tokenizer, tokenizer_metadata=keep, chat_template=checkpoint.chat_template,
-                      name=str(name))  # fmt: skip
+    return write_gguf(
+        checkpoint.args,
+        tensors,
+        dest,
+        tensor_type=options.get("tensor_type") or "auto",
+        tokenizer=tokenizer,
+        tokenizer_metadata=keep,
+        chat_template=checkpoint.chat_template,
+        name=str(name),
+    )
 
 
 Writer = Callable[[Checkpoint, LazyStateDict, Path, "Tokenizer | None", dict], Path]

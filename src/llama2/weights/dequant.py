@@ -88,9 +88,7 @@ def dequantize(raw: torch.Tensor, qtype: int | GGMLQuantizationType, shape: Sequ
         raise Llama2Error(f"{qtype.name} data must be raw uint8 bytes, got a {raw.dtype} tensor")
     expected = tensor_nbytes(qtype, shape)
     if raw.numel() != expected:
-        raise Llama2Error(
-            f"{qtype.name} tensor of shape {shape} needs {expected} bytes, got {raw.numel()}"
-        )
+        raise Llama2Error(f"{qtype.name} tensor of shape {shape} needs {expected} bytes, got {raw.numel()}")
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     blocks = raw.reshape(-1, type_size)  # [n_blocks, type_size]
     decode = _DEQUANTIZERS.get(qtype)

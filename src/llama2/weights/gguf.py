@@ -27,7 +27,15 @@ from .common import check_dtype, describe_names
 from .dequant import dequantize
 from .gguf_header import TensorInfo, read_gguf_metadata, read_header
 
-__all__ = ["ARCHITECTURES", "GGUFStateDict", "canonical_name", "gguf_name", "open_gguf", "read_gguf", "read_gguf_metadata"]
+__all__ = [
+    "ARCHITECTURES",
+    "GGUFStateDict",
+    "canonical_name",
+    "gguf_name",
+    "open_gguf",
+    "read_gguf",
+    "read_gguf_metadata",
+]
 
 # Storage types read as themselves; every other type is dequantized to float32.
 _PLAIN_TYPES = {

@@ -77,11 +77,18 @@ def read_header(path: str) -> tuple[dict[str, Any], list[TensorInfo]]:
 
 # Little-endian numpy dtypes of the scalar value types.
 _SCALAR_DTYPES = {
-    V.UINT8: np.dtype("<u1"), V.INT8: np.dtype("<i1"), V.BOOL: np.dtype("?"),
-    V.UINT16: np.dtype("<u2"), V.INT16: np.dtype("<i2"),
-    V.UINT32: np.dtype("<u4"), V.INT32: np.dtype("<i4"), V.FLOAT32: np.dtype("<f4"),
-    V.UINT64: np.dtype("<u8"), V.INT64: np.dtype("<i8"), V.FLOAT64: np.dtype("<f8"),
-}  # fmt: skip
+    V.UINT8: np.dtype("<u1"),
+    V.INT8: np.dtype("<i1"),
+    V.BOOL: np.dtype("?"),
+    V.UINT16: np.dtype("<u2"),
+    V.INT16: np.dtype("<i2"),
+    V.UINT32: np.dtype("<u4"),
+    V.INT32: np.dtype("<i4"),
+    V.FLOAT32: np.dtype("<f4"),
+    V.UINT64: np.dtype("<u8"),
+    V.INT64: np.dtype("<i8"),
+    V.FLOAT64: np.dtype("<f8"),
+}
 _SCALAR_BYTES = {vtype: dtype.itemsize for vtype, dtype in _SCALAR_DTYPES.items()}
 # Fewest bytes one value of each type can take (a string's length, an array's type + count).
 _MIN_VALUE_BYTES = {**_SCALAR_BYTES, V.STRING: 8, V.ARRAY: 12}

@@ -38,7 +38,9 @@ def load_tokenizer(source: str | os.PathLike, tokenizer_path: str | os.PathLike 
         return Tokenizer.from_file(path)
     found = _tokenizer_beside(path)
     if found is None:
-        raise Llama2Error(f"{source}: no tokenizer.model or tokenizer.json next to the checkpoint; pass --tokenizer PATH")
+        raise Llama2Error(
+            f"{source}: no tokenizer.model or tokenizer.json next to the checkpoint; pass --tokenizer PATH"
+        )
     return Tokenizer.from_file(found)
 
 

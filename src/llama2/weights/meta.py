@@ -58,8 +58,17 @@ SPLIT_DIMS: dict[str, int | None] = {
 IGNORED_TENSORS = frozenset({"rope.freqs"})
 
 # params.json keys mapped onto `ModelArgs` fields of the same name.
-_PARAM_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
-                 "ffn_dim_multiplier", "norm_eps", "rope_theta")
+_PARAM_FIELDS = (
+    "dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "vocab_size",
+    "multiple_of",
+    "ffn_dim_multiplier",
+    "norm_eps",
+    "rope_theta",
+)
 _REQUIRED_PARAMS = ("dim", "n_layers", "n_heads")
 _DEFAULT_ROPE_THETA = 10000.0
 
@@ -189,10 +198,11 @@ def _joined_spec(name: str, pieces: list[torch.Tensor], dim: int | None, folder:
         return TensorSpec(tuple(first.shape), first.dtype)
     shapes = [list(piece.shape) for piece in pieces]
     joinable = all(
-        piece.dtype == first.dtype and piece.dim() == first.dim() > dim
+        piece.dtype == first.dtype
+        and piece.dim() == first.dim() > dim
         and all(n == m for axis, (n, m) in enumerate(zip(piece.shape, first.shape)) if axis != dim)
         for piece in pieces
-    )  # fmt: skip
+    )
     if not joinable:
         raise Llama2Error(f"{folder}: shards of {name} cannot be joined along dim {dim} (shapes {shapes})")
     shape = list(first.shape)

