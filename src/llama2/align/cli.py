@@ -9,46 +9,16 @@ import json
 
 def add_align_parser(commands) -> None:
     """Register `llama2 align` and its subcommands on the top-level subparsers."""
-    from .config import (
-        DISTILL_FLAGS,
-        DPO_FLAGS,
-        GATT_FLAGS,
-        PPO_FLAGS,
-        REJECTION_FLAGS,
-        REWARD_FLAGS,
-        add_stage_arguments,
-    )
+    from . import config
+    from .config import add_stage_arguments
 
     align = commands.add_parser("align", help="RLHF: reward models, rejection sampling, PPO, GAtt, DPO")
     stages = align.add_subparsers(dest="stage", required=True, metavar="STAGE")
 
-    rm = stages.add_parser("rm", help="train a reward model on preference pairs (rerun to resume)")
-    add_stage_arguments(rm, REWARD_FLAGS)
-    rm.set_defaults(handler=stage_handler("RewardConfig", "rm", "run_reward_training", report_accuracy))
-
-    rejection = stages.add_parser(
-        "rejection-sampling", help="best-of-K answers by a reward model, then SFT on them (rerun to resume)"
-    )
-    add_stage_arguments(rejection, REJECTION_FLAGS)
-    rejection.set_defaults(handler=stage_handler("RejectionConfig", "rejection", "run_rejection_sampling"))
-
-    ppo = stages.add_parser("ppo", help="PPO on Llama 2's reward (R_c, KL penalty); rerun to resume")
-    add_stage_arguments(ppo, PPO_FLAGS)
-    ppo.set_defaults(handler=stage_handler("PPOConfig", "ppo", "run_ppo"))
-
-    gatt = stages.add_parser("gatt", help="Ghost Attention: multi-turn instruction data, SFT, adherence per turn")
-    add_stage_arguments(gatt, GATT_FLAGS)
-    gatt.set_defaults(handler=stage_handler("GattConfig", "gatt", "run_gatt", report_adherence))
-
-    distill = stages.add_parser(
-        "distill", help="safety context distillation (preprompted answers the safety RM prefers)"
-    )
-    add_stage_arguments(distill, DISTILL_FLAGS)
-    distill.set_defaults(handler=stage_handler("DistillConfig", "distill", "run_distillation"))
-
-    dpo = stages.add_parser("dpo", help="direct preference optimization on preference pairs (rerun to resume)")
-    add_stage_arguments(dpo, DPO_FLAGS)
-    dpo.set_defaults(handler=stage_handler("DPOConfig", "dpo", "run_dpo", report_accuracy))
+    for name, help_text, flags, config_name, module, runner, report in STAGES:
+        stage = stages.add_parser(name, help=help_text)
+        add_stage_arguments(stage, getattr(config, flags))
+        stage.set_defaults(handler=stage_handler(config_name, module, runner, report))
 
     score = stages.add_parser("score", help="accuracy of a reward model on preference pairs")
     score.add_argument("--model", required=True, help="a reward model run folder (llama2 align rm --output-dir)")
@@ -112,3 +82,22 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     for path in write_synthetic(args.output_dir, args.pairs, args.seed):
         print(path)
     return 0
+
+
+# The training stages: (subcommand, help, flags in .config, config class, module, runner, report function).
+# fmt: off
+STAGES = (
+    ("rm", "train a reward model on preference pairs (rerun to resume)",
+     "REWARD_FLAGS", "RewardConfig", "rm", "run_reward_training", report_accuracy),
+    ("rejection-sampling", "best-of-K answers by a reward model, then SFT on them (rerun to resume)",
+     "REJECTION_FLAGS", "RejectionConfig", "rejection", "run_rejection_sampling", None),
+    ("ppo", "PPO on Llama 2's reward (R_c, KL penalty); rerun to resume",
+     "PPO_FLAGS", "PPOConfig", "ppo", "run_ppo", None),
+    ("gatt", "Ghost Attention: multi-turn instruction data, SFT, adherence per turn",
+     "GATT_FLAGS", "GattConfig", "gatt", "run_gatt", report_adherence),
+    ("distill", "safety context distillation (preprompted answers the safety RM prefers)",
+     "DISTILL_FLAGS", "DistillConfig", "distill", "run_distillation", None),
+    ("dpo", "direct preference optimization on preference pairs (rerun to resume)",
+     "DPO_FLAGS", "DPOConfig", "dpo", "run_dpo", report_accuracy),
+)
+# fmt: on
