@@ -42,7 +42,7 @@ def policy_sampler(
     model's training mode restored after it."""
     was_training = model.training
     model.eval()
-    llama = Llama(model, tokenizer, chat_format, max_seq_len, max_batch_size, seed, native=False)
+    llama = Llama(model, tokenizer, chat_format, max_seq_len, max_batch_size, seed=seed, native=False)
     try:
         yield llama
     finally:
