@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..commands.options import add_load_options, build_llama
 from ..errors import Llama2Error
 
 DEFAULT_CTX = 512
@@ -17,8 +18,6 @@ DEFAULT_CTX = 512
 
 def add_eval_parser(commands) -> None:
     """Register `llama2 eval perplexity` and `llama2 eval kld` under the top-level subparsers."""
-    from ..cli import add_load_options
-
     group = commands.add_parser("eval", help="evaluate: perplexity as llama.cpp / HF / lm-eval count it, KL divergence")
     evals = group.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
 
@@ -79,8 +78,6 @@ def check_positive(name: str, value: int | None) -> None:
 
 def load(args: argparse.Namespace, model: str, ctx: int | None):
     """Build a `Llama` for `model` with the command's load options, context `ctx` and batch size."""
-    from ..cli import build_llama
-
     try:
         return build_llama(argparse.Namespace(**{**vars(args), "model": model, "max_seq_len": ctx}), args.batch_size)
     except Llama2Error as err:
@@ -193,8 +190,6 @@ def add_suite_options(parser: argparse.ArgumentParser, default_suite: str) -> No
 
 def add_suite_parsers(evals) -> None:
     """Register `llama2 eval suite`, `safety`, `compare` and `report`."""
-    from ..cli import add_load_options
-
     suite = evals.add_parser("suite", help="the built-in offline suite: multiple choice and short answers")
     add_load_options(suite)
     add_suite_options(suite, "basic")
