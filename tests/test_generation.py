@@ -240,8 +240,8 @@ def test_compiled_single_stream_decode_without_guard_checks_stays_exact(tokenize
             if logprobs:
                 assert actual_logprobs[0] == pytest.approx(expected_logprobs[0], abs=1e-4)
     assert max(compiled.steps.decode_step.warm_calls.values()) >= compiled.steps.decode_step.WARM_CALLS
-    # An input no compiled graph fits (a contiguous token tensor, unlike generate's slices) is compiled, not refused.
-    token, position = torch.tensor([[5]]), torch.tensor([3])
+    # An input no compiled graph fits (other strides than generate's views) is compiled, not refused.
+    token, position = torch.tensor([[0, 5, 0]])[:, 1:2], torch.tensor([3])
     with torch.inference_mode():
         actual = compiled.steps.decode_step(token, position, kv_len=4, last_logits_only=True)
         expected = eager.model(token, position, kv_len=4, last_logits_only=True)

@@ -3,8 +3,8 @@
 `ModelSteps` installs a model's caches, picks the execution backend by asking the model
 (`native_engine_supports`: every projection GGUF blocks on the CPU, kernels built) or, on
 request, compiles it, and is the one way generation (`Llama`) and the server's engine
-call a forward: prompt chunks (`prefill`), one-token rows (`decode`) and Meta's padded
-batch steps (`step`).
+call a forward: prompt chunks (`prefill`), one-token rows (`decode`) and rows that share
+positions (`step`: scoring, perplexity).
 """
 
 from __future__ import annotations
@@ -71,15 +71,21 @@ class ModelSteps:
         kv_len = min(-(-end // self.kv_len_bucket) * self.kv_len_bucket, self.max_seq_len)  # end rounded up
         return self.decode_step(tokens, positions, kv_len=kv_len, last_logits_only=not all_logits)
 
-    def prefill(self, tokens: Sequence[int], start: int, slot: int) -> torch.Tensor:
-        """Feed one sequence's prompt tokens at positions start.. into cache slot `slot`; logits [vocab] of the last."""
+    def prefill(self, tokens: Sequence[int], start: int, slot: int, all_logits: bool = False) -> torch.Tensor:
+        """Feed one sequence's prompt tokens at positions start.. into cache slot `slot`.
+
+        Returns:
+            float logits [T, vocab] with `all_logits`, else [vocab] of the last position.
+        """
         chunk = torch.tensor([tokens], dtype=torch.long, device=self.device)  # [1, T]
         if slot == 0:
-            return self.step(chunk, start)[0, -1]
-        end = start + len(tokens)
-        positions = torch.arange(start, end, device=self.device)
-        slots = torch.tensor([slot], device=self.device)
-        return self.rows(chunk, positions, cache_slots=slots, kv_len=end, last_logits_only=True)[0, -1]
+            logits = self.step(chunk, start, all_logits)[0]  # [T or 1, vocab]
+        else:
+            end = start + len(tokens)
+            positions = torch.arange(start, end, device=self.device)
+            slots = torch.tensor([slot], device=self.device)
+            logits = self.rows(chunk, positions, cache_slots=slots, kv_len=end, last_logits_only=not all_logits)[0]
+        return logits if all_logits else logits[-1]
 
     def decode(self, tokens: Sequence[int], positions: Sequence[int], slots: Sequence[int]) -> torch.Tensor:
         """One token per row (at most `rows_per_pass` rows), each at its own position and cache slot.
@@ -87,7 +93,9 @@ class ModelSteps:
         Every row attends over its own cache length only, so its logits do not depend on the
         other rows. Returns float logits [B, vocab].
         """
-        ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.device)  # [B, 1]
+        # [B, 1] as a view of [B, 2]: on torch 2.13 the CPU-compiled step crashed (heap corruption) on a
+        # contiguous [1, 1] input after graphs for strided ones (`Llama.stream_tokens` with compile=True)
+        ids = torch.tensor([[t, 0] for t in tokens], dtype=torch.long, device=self.device)[:, :1]
         if list(slots) == [0]:  # a single sequence: the plain step (compiled or CUDA graphs where enabled)
             return self.step(ids, positions[0])[:, -1]
         where = torch.tensor([[p] for p in positions], device=self.device)  # [B, 1]

@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .backends import ModelSteps
 from .errors import Llama2Error
@@ -73,6 +72,8 @@ class GenerationRequest:
         top_logprobs: None for no log-probabilities; k >= 0 for the chosen token's
             log-probability plus the k most likely alternatives at every step.
         index: the choice index echoed in the sequence's events.
+        prompt_logprobs: also score the prompt (`DecodingSequence.prompt_logprobs`; the
+            prefill then computes the logits of every prompt position).
     """
 
     prompt_ids: Sequence[int]
@@ -83,6 +84,7 @@ class GenerationRequest:
     stop: Sequence[str] = ()
     top_logprobs: int | None = None
     index: int = 0
+    prompt_logprobs: bool = False
 
 
 def check_request(request: GenerationRequest, vocab_size: int, max_seq_len: int) -> None:
@@ -153,6 +155,7 @@ class DecodingSequence:
         self.generated = 0  # tokens generated (a stop token not counted)
         self.accepted = 0  # tokens sampled (a stop token counted)
         self.finish_reason: str | None = None
+        self.prompt_logprobs = [0.0]  # with request.prompt_logprobs: each prompt token's (the first has none)
 
     @property
     def prompt_len(self) -> int:
@@ -162,6 +165,19 @@ class DecodingSequence:
     def decoding(self) -> bool:
         """Whether the whole prompt is in the cache (the next forward is a decode step)."""
         return self.prefilled == self.prompt_len and self.finish_reason is None
+
+    @property
+    def answer(self) -> list[int]:
+        """The generated tokens (without a stop token)."""
+        return self.tokens[self.prompt_len :]
+
+    def score_prompt(self, logits: torch.Tensor, start: int) -> None:
+        """Record the log-probabilities of the prompt tokens predicted by the logits of positions start..
+        ([T, vocab]; the last position may predict the answer's first token, not the prompt's)."""
+        targets = self.request.prompt_ids[start + 1 : start + 1 + logits.shape[0]]
+        index = torch.tensor(targets, dtype=torch.long, device=logits.device)[:, None]  # [T', 1]
+        log_probs = torch.log_softmax(logits[: len(targets)].float(), dim=-1).gather(1, index)  # [T', 1]
+        self.prompt_logprobs.extend(log_probs[:, 0].tolist())
 
     def accept(self, logits: torch.Tensor) -> Output:
         """Sample the next token from its logits ([vocab]) and say what it did."""
@@ -260,37 +276,27 @@ class DecodeBatch:
             end = min(seq.prompt_len, start + self.prefill_chunk)
             if end - start > budget:
                 break  # the next step has room for the whole chunk
-            logits = self.steps.prefill(seq.tokens[start:end], start, seq.slot)
+            scoring = seq.request.prompt_logprobs
+            logits = self.steps.prefill(seq.tokens[start:end], start, seq.slot, all_logits=scoring)
+            if scoring:  # logits [T, vocab]
+                seq.score_prompt(logits, start)
+                logits = logits[-1]
             seq.prefilled, budget = end, budget - (end - start)
             if seq.prefilled == seq.prompt_len:
                 report(seq, seq.accept(logits))
         return self.prefill_chunk - budget
 
 
-def stream_alone(steps: ModelSteps, sequence: DecodingSequence, stats: GenerationStats) -> Iterator[str]:
-    """Run one sequence in cache slot 0 to its finish, yielding its text pieces; `stats` gets the timings."""
-    batch, pieces = DecodeBatch(steps, PREFILL_CHUNK), []
-    sequence.slot, stats.prompt_tokens = 0, sequence.prompt_len
-    start = first_token_at = time.perf_counter()
-
-    def collect(_: DecodingSequence, output: Output) -> None:
-        nonlocal first_token_at
-        if sequence.accepted == 1:  # the prompt's time: up to its first token
-            first_token_at = time.perf_counter()
-            stats.prefill_s = first_token_at - start
-        pieces.append(output.text)
-
-    with torch.inference_mode():
-        while sequence.finish_reason is None:
-            batch.step([sequence], collect)
-            stats.decode_s, stats.generated_tokens = time.perf_counter() - first_token_at, sequence.accepted
-            yield from (piece for piece in pieces if piece)
-            pieces.clear()
-
-
 @dataclass
 class GenerationStats:
-    """Timings of the last generation call (for `llama2 generate --verbose` and benchmarks)."""
+    """Timings of the last generation call (for `llama2 generate --verbose` and benchmarks).
+
+    Attributes:
+        prompt_tokens: the prompts' tokens, all together.
+        generated_tokens: tokens sampled for the longest answer (a stop token counted).
+        prefill_s: seconds until every sequence had its first token.
+        decode_s: seconds from then to the last token.
+    """
 
     prompt_tokens: int = 0
     generated_tokens: int = 0
@@ -299,66 +305,43 @@ class GenerationStats:
 
     @property
     def decode_tokens_per_s(self) -> float:
+        """Decode steps a second (tokens a second of each sequence)."""
         steps = max(self.generated_tokens - 1, 0)
         return steps / self.decode_s if self.decode_s > 0 else 0.0
 
 
-def padded_batch_steps(
-    steps: ModelSteps,
-    prompt_tokens: Sequence[Sequence[int]],
-    max_gen_len: int,
-    sampling: SamplingParams,
-    generator: torch.Generator,
-    stop_ids: frozenset[int],
-    want_logprobs: bool,
-    stats: GenerationStats,
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """Meta's generation loop for a batch of checked prompts (`Llama.generate`), as a generator.
+def run_in_slots(
+    steps: ModelSteps, sequences: Sequence[DecodingSequence], stats: GenerationStats
+) -> Iterator[list[tuple[DecodingSequence, Output]]]:
+    """Run `sequences` in cache slots 0, 1, ... to their finish; yield each step's outputs.
 
-    Prompts are right-padded in cache slots 0..B-1 and share positions (so compiled steps
-    and CUDA graphs serve every batch); every step feeds the tokens from the previous
-    position to the current one, rows still inside their prompt take the prompt token
-    instead of the sample, and the whole batch samples from one generator. Yields
-    (cur_pos, tokens [B, total_len], finished [B], token_logprobs [B, total_len] or None)
-    after every step; `stats` gets the timings.
+    The decode step is the server's (`DecodeBatch`, prompt chunks of `PREFILL_CHUNK`), so
+    each sequence's tokens are those it gets alone. `stats` gets the timings.
     """
-    min_len, max_len = min(len(p) for p in prompt_tokens), max(len(p) for p in prompt_tokens)
-    total_len, pad = min(steps.max_seq_len, max_gen_len + max_len), -1
-    tokens = torch.full((len(prompt_tokens), total_len), pad, dtype=torch.long, device=steps.device)
-    for row, prompt in enumerate(prompt_tokens):
-        tokens[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=steps.device)
-    in_prompt = tokens != pad
-    token_logprobs = torch.zeros(tokens.shape, device=steps.device) if want_logprobs else None
-    finished = torch.zeros(len(prompt_tokens), dtype=torch.bool, device=steps.device)
-    stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=steps.device)
-    stats.prompt_tokens = max_len
-    prev_pos, start = 0, time.perf_counter()
-    while min_len - prev_pos > PREFILL_CHUNK:  # long prompts: prefill in chunks
-        logits = steps.step(tokens[:, prev_pos : prev_pos + PREFILL_CHUNK], prev_pos, want_logprobs)
-        if want_logprobs:
-            _record_logprobs(token_logprobs, logits, tokens, prev_pos, prev_pos + PREFILL_CHUNK, pad)
-        prev_pos += PREFILL_CHUNK
-    for cur_pos in range(min_len, total_len):
-        logits = steps.step(tokens[:, prev_pos:cur_pos], prev_pos, want_logprobs)
-        next_token = sample_next(logits[:, -1], sampling, generator, tokens[:, :cur_pos])
-        tokens[:, cur_pos] = next_token = torch.where(in_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
-        if want_logprobs:
-            _record_logprobs(token_logprobs, logits, tokens, prev_pos, cur_pos, pad)
-        finished |= ~in_prompt[:, cur_pos] & torch.isin(next_token, stop_tensor)
-        if cur_pos == min_len:
-            if steps.device.type == "cuda":
-                torch.cuda.synchronize()  # the prompt's time, not only the time to queue it
-            stats.prefill_s, start = time.perf_counter() - start, time.perf_counter()
-        else:
-            stats.decode_s = time.perf_counter() - start
-        stats.generated_tokens, prev_pos = cur_pos + 1 - max_len, cur_pos
-        yield cur_pos, tokens, finished, token_logprobs
-        if bool(finished.all()):
-            break
+    batch = DecodeBatch(steps, PREFILL_CHUNK)
+    for slot, sequence in enumerate(sequences):
+        sequence.slot = slot
+    stats.prompt_tokens = sum(s.prompt_len for s in sequences)
+    start = first_tokens_at = time.perf_counter()
+    outputs: list[tuple[DecodingSequence, Output]] = []
+
+    def collect(sequence: DecodingSequence, output: Output) -> None:
+        nonlocal first_tokens_at
+        outputs.append((sequence, output))
+        if sequence.accepted == 1 and all(s.accepted for s in sequences):  # the prompts' time
+            first_tokens_at = time.perf_counter()
+            stats.prefill_s = first_tokens_at - start
+
+    with torch.inference_mode():
+        while running := [s for s in sequences if s.finish_reason is None]:
+            batch.step(running, collect)
+            stats.decode_s = time.perf_counter() - first_tokens_at
+            stats.generated_tokens = max(s.accepted for s in sequences)
+            yield list(outputs)
+            outputs.clear()
 
 
-def _record_logprobs(token_logprobs, logits, tokens, start: int, end: int, pad: int) -> None:
-    """Log-probabilities of tokens[:, start+1:end+1] under the logits of positions start..end-1."""
-    token_logprobs[:, start + 1 : end + 1] = -F.cross_entropy(
-        logits.transpose(1, 2), tokens[:, start + 1 : end + 1], reduction="none", ignore_index=pad
-    )
+def stream_alone(steps: ModelSteps, sequence: DecodingSequence, stats: GenerationStats) -> Iterator[str]:
+    """Run one sequence in cache slot 0 to its finish, yielding its text pieces; `stats` gets the timings."""
+    for outputs in run_in_slots(steps, [sequence], stats):
+        yield from (output.text for _, output in outputs if output.text)

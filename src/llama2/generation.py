@@ -26,14 +26,14 @@ from .decode import (
     GenerationStats,
     check_max_tokens,
     check_prompts,
-    padded_batch_steps,
+    run_in_slots,
     stream_alone,
 )
 from .errors import Llama2Error
 from .loader import LoadedModel, load_model
 from .model import Transformer
 from .sampling import SamplingParams
-from .text_stream import StopStringWatcher, TextStreamer, first_stop_index, truncate_at_stop
+from .text_stream import TextStreamer, truncate_at_stop
 from .tokenizer import Tokenizer
 from .weights.registry import DEFAULT_MODEL
 
@@ -190,30 +190,32 @@ class Llama:
         check_prompts(prompt_tokens, self.model.args.vocab_size, self.max_seq_len)
         check_max_tokens(max_gen_len)
         sampling = SamplingParams(temperature, top_p, top_k, repetition_penalty)
-        stop_ids = self.tokenizer.stop_ids if stop_ids is None else stop_ids
-        stopper = StopStringWatcher(self.tokenizer, stop, [len(p) for p in prompt_tokens])
+        want = {"top_logprobs": 0 if logprobs else None, "prompt_logprobs": logprobs and echo}
+        sequences = self._sequences(prompt_tokens, max_gen_len, sampling, stop_ids, stop, seed, **want)
         self.last_stats = GenerationStats()
-        steps = padded_batch_steps(
-            self.steps,
-            prompt_tokens,
-            max_gen_len,
-            sampling,
-            self._sampling_context(seed),
-            stop_ids,
-            logprobs,
-            self.last_stats,
-        )
-        for cur_pos, tokens, finished, token_logprobs in steps:  # noqa: B007 (the last step's tensors are read below)
-            stopper.update(tokens, cur_pos, finished)
-        out_tokens, out_logprobs = [], []
-        for row, prompt in enumerate(prompt_tokens):
-            first = 0 if echo else len(prompt)
-            toks = [t for t in tokens[row, first : len(prompt) + max_gen_len].tolist() if t >= 0]
-            cut = min(first_stop_index(toks, stop_ids, skip=len(prompt) - first), stopper.token_cut(row, first))
-            out_tokens.append(toks[:cut])
-            if logprobs:
-                out_logprobs.append(token_logprobs[row, first : first + cut].tolist())
-        return out_tokens, (out_logprobs if logprobs else None)
+        answer_logprobs = [[] for _ in sequences]
+        for outputs in run_in_slots(self.steps, sequences, self.last_stats):
+            for sequence, output in outputs:
+                answer_logprobs[sequence.request.index].extend(entry.logprob for entry in output.logprobs)
+        out_tokens = [s.tokens if echo else s.answer for s in sequences]
+        if not logprobs:
+            return out_tokens, None
+        return out_tokens, [(s.prompt_logprobs if echo else []) + lp for s, lp in zip(sequences, answer_logprobs)]
+
+    def _sequences(self, prompts, max_gen_len, sampling, stop_ids, stop, seed, **request) -> list[DecodingSequence]:
+        """One `DecodingSequence` a prompt, all sampling from one generator (as Meta's batches);
+        `request`: `GenerationRequest`'s log-probability options."""
+        generator = self._sampling_context(seed)
+        stop_ids = self.tokenizer.stop_ids if stop_ids is None else stop_ids
+        return [
+            DecodingSequence(
+                GenerationRequest(prompt, max_gen_len, sampling, stop_ids=stop_ids, stop=stop, index=i, **request),
+                self.tokenizer,
+                generator,
+                self.max_seq_len,
+            )
+            for i, prompt in enumerate(prompts)
+        ]
 
     def text_completion(
         self,
@@ -296,10 +298,8 @@ class Llama:
         check_prompts([prompt_tokens], self.model.args.vocab_size, self.max_seq_len)
         max_gen_len = max_gen_len or self.max_seq_len - len(prompt_tokens)
         check_max_tokens(max_gen_len)
-        stop_ids = self.tokenizer.stop_ids if stop_ids is None else stop_ids
         sampling = SamplingParams(temperature, top_p, top_k, repetition_penalty)
-        request = GenerationRequest(prompt_tokens, max_gen_len, sampling, stop_ids=stop_ids, stop=stop)
-        sequence = DecodingSequence(request, self.tokenizer, self._sampling_context(seed), self.max_seq_len)
+        (sequence,) = self._sequences([prompt_tokens], max_gen_len, sampling, stop_ids, stop, seed)
         self.last_stats = GenerationStats()
         return stream_alone(self.steps, sequence, self.last_stats)
 

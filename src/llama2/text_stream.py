@@ -1,15 +1,12 @@
 """Generated token ids to text: incremental detokenization and stop strings.
 
 `TextStreamer` turns ids into text pieces one token at a time with constant work per
-token; `StopStringWatcher` ends rows of a batch whose text contains a stop string;
-`truncate_at_stop` cuts a finished text at the first one.
+token, stopping at stop strings; `truncate_at_stop` cuts a finished text at the first one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import torch
 
 from .tokenizer import Tokenizer
 
@@ -18,14 +15,6 @@ def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
     """`text` up to the earliest occurrence of any stop string."""
     cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
     return text[:cut]
-
-
-def first_stop_index(tokens: list[int], stop_ids: frozenset[int], skip: int) -> int:
-    """Index of the first stop token at or after `skip` (len(tokens) when none)."""
-    for i in range(max(skip, 0), len(tokens)):
-        if tokens[i] in stop_ids:
-            return i
-    return len(tokens)
 
 
 class TextStreamer:
@@ -94,31 +83,3 @@ class TextStreamer:
                     longest = max(longest, n)
                     break
         return longest
-
-
-class StopStringWatcher:
-    """Ends rows of a batch whose generated text contains a stop string."""
-
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], prompt_lens: list[int]):
-        self.tokenizer = tokenizer
-        self.stop = [s for s in stop if s]
-        self.prompt_lens = prompt_lens
-        self.cut_at: dict[int, int] = {}  # row -> absolute position after the token completing a stop string
-        # Enough trailing tokens to contain any stop string plus a token of slack.
-        self.window = max((len(s.encode()) for s in self.stop), default=0) + 2
-
-    def update(self, tokens: torch.Tensor, cur_pos: int, finished: torch.Tensor) -> None:
-        """Mark rows finished whose text up to `cur_pos` ends in a stop string."""
-        if not self.stop:
-            return
-        for row, prompt_len in enumerate(self.prompt_lens):
-            if cur_pos < prompt_len or bool(finished[row]) or row in self.cut_at:
-                continue
-            tail = tokens[row, max(prompt_len, cur_pos + 1 - self.window) : cur_pos + 1].tolist()
-            if any(s in self.tokenizer.decode(tail) for s in self.stop):
-                self.cut_at[row] = cur_pos + 1
-                finished[row] = True
-
-    def token_cut(self, row: int, first: int) -> int:
-        """Output-relative index after which row's tokens are dropped (text is cut exactly later)."""
-        return self.cut_at[row] - first if row in self.cut_at else 1 << 62
