@@ -10,7 +10,9 @@ step) for M = 1, 2, 4, 8, 16 rows, per kernel variant this CPU runs, rounds inte
 and prints the median time per step and the ratio time(M) / time(1).
 
     python benchmarks/decode_rows.py [--variants scalar,avx2,avx512_vnni] [--rows 1,2,4,8,16]
-        [--threads 2] [--rounds 5] [--layers 30]
+        [--threads 2] [--rounds 5] [--layers 30] [--weights all|layers|head]
+
+`--weights layers` times the Q4_1 layers only, `--weights head` the Q8_0 head only.
 """
 
 from __future__ import annotations
@@ -41,11 +43,12 @@ def random_blocks(qtype: int, n: int, k: int, rng: np.random.Generator) -> torch
     return torch.from_numpy(raw.reshape(-1))
 
 
-def step_weights(layers: int) -> list[tuple[torch.Tensor, int, int, int]]:
-    """(blocks, qtype, n, k) of every matmul of one decode step."""
+def step_weights(layers: int, which: str = "all") -> list[tuple[torch.Tensor, int, int, int]]:
+    """(blocks, qtype, n, k) of every matmul of one decode step (`which`: all, the layers or the head)."""
     rng = np.random.default_rng(0)
     weights = [(random_blocks(Q4_1, n, k, rng), Q4_1, n, k) for _ in range(layers) for n, k in LAYER_SHAPES]
-    return [*weights, (random_blocks(Q8_0, *HEAD_SHAPE, rng), Q8_0, *HEAD_SHAPE)]
+    head = [(random_blocks(Q8_0, *HEAD_SHAPE, rng), Q8_0, *HEAD_SHAPE)]
+    return {"all": weights + head, "layers": weights, "head": head}[which]
 
 
 def time_step(ops, weights, inputs: dict[int, torch.Tensor], repeats: int) -> float:
@@ -67,12 +70,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=5, help="steps timed per round (median)")
     parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--weights", choices=("all", "layers", "head"), default="all")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     variants = [v for v in args.variants.split(",") if v]
     row_counts = [int(m) for m in args.rows.split(",")]
-    weights = step_weights(args.layers)
+    weights = step_weights(args.layers, args.weights)
     ops = {isa: variant_ops(isa) for isa in variants}
     rng = torch.Generator().manual_seed(0)
     inputs = {m: {k: torch.randn(m, k, generator=rng) for k in {576, 1536}} for m in row_counts}
