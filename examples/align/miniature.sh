@@ -21,9 +21,9 @@ tail -n 6 "$RUN/data/prompts.jsonl" >"$RUN/data/heldout_prompts.jsonl"
 
 # 2. Reward models (held-out accuracy per rating printed and logged).
 stage rm-helpful $LLAMA2 align rm --data "$RUN/data/helpfulness.jsonl" --output-dir "$RUN/rm-helpful" \
-    --batch-size 8 --epochs 1 --lr 3e-4 --export none "${COMMON[@]}"
+    --batch-size 8 --max-steps 16 --lr 3e-4 --export none "${COMMON[@]}"
 stage rm-safety $LLAMA2 align rm --data "$RUN/data/safety.jsonl" --output-dir "$RUN/rm-safety" \
-    --batch-size 8 --max-steps 10 --lr 3e-4 --export none "${COMMON[@]}"
+    --batch-size 8 --max-steps 4 --lr 3e-4 --export none "${COMMON[@]}"
 REWARDS=(--reward-model "$RUN/rm-helpful" --safety-reward-model "$RUN/rm-safety")
 
 # 3. The base model's held-out greedy reward: step 0 of a one-iteration PPO run.
@@ -41,7 +41,8 @@ stage ppo $LLAMA2 align ppo --model "$RUN/rs/final" --data "$RUN/data/train_prom
     --max-gen-len 32 --max-steps 6 --batch-size 6 --eval-every 3 --lr 1e-4 --export meta "${COMMON[@]}"
 
 # 6. The safety report (rule judge) of the base model and the final one.
-stage safety-base $LLAMA2 eval safety --output-dir "$RUN/safety-base" --max-tokens 48 --batch-size 8 --json
+[ -f "$RUN/safety-base/results.json" ] ||
+    stage safety-base $LLAMA2 eval safety --output-dir "$RUN/safety-base" --max-tokens 48 --batch-size 8 --json
 stage safety-final $LLAMA2 eval safety --model "$RUN/ppo/final" --output-dir "$RUN/safety-final" \
     --max-tokens 48 --batch-size 8 --json
 

@@ -45,21 +45,10 @@ def greedy_rewards(run: Path) -> dict:
 
 
 def safety_figures(folder: Path) -> dict:
+    """{task: {"metric", "value", "stderr"}} of a `llama2 eval safety --output-dir` folder."""
     results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
-    found = {}
-
-    def walk(value, path=()):
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if key in ("violation_rate", "false_refusal_rate") and isinstance(item, (int, float)):
-                    found.setdefault(key, item)
-                walk(item, (*path, key))
-        elif isinstance(value, list):
-            for item in value:
-                walk(item, path)
-
-    walk(results)
-    return found
+    tasks = results["models"][0]["tasks"]
+    return {t["task"]: {"metric": t["metric"], "value": t["value"], "stderr": t.get("stderr")} for t in tasks}
 
 
 def summarize(run: Path) -> dict:
