@@ -27,13 +27,13 @@ stage rm-safety $LLAMA2 align rm --data "$RUN/data/safety.jsonl" --output-dir "$
 REWARDS=(--reward-model "$RUN/rm-helpful" --safety-reward-model "$RUN/rm-safety")
 
 # 3. The base model's held-out greedy reward: step 0 of a one-iteration PPO run.
-stage base-reward $LLAMA2 align ppo --data "$RUN/data/train_prompts.jsonl" --val-data "$RUN/data/heldout_prompts.jsonl" \
-    --output-dir "$RUN/base-reward" "${REWARDS[@]}" --max-gen-len 32 --max-steps 1 --batch-size 4 \
-    --eval-every 1 --export none "${COMMON[@]}"
+stage base-reward $LLAMA2 align ppo --data "$RUN/data/train_prompts.jsonl" \
+    --val-data "$RUN/data/heldout_prompts.jsonl" --output-dir "$RUN/base-reward" "${REWARDS[@]}" \
+    --max-gen-len 32 --max-steps 1 --batch-size 4 --eval-every 1 --export none "${COMMON[@]}"
 
 # 4. Rejection sampling: best of 4 answers per prompt by R_c, then SFT on them.
-stage rs $LLAMA2 align rejection-sampling --data "$RUN/data/train_prompts.jsonl" --output-dir "$RUN/rs" "${REWARDS[@]}" \
-    --samples 4 --max-gen-len 32 --max-steps 8 --batch-size 8 --lr 2e-4 --export meta "${COMMON[@]}"
+stage rs $LLAMA2 align rejection-sampling --data "$RUN/data/train_prompts.jsonl" --output-dir "$RUN/rs" \
+    "${REWARDS[@]}" --samples 4 --max-gen-len 32 --max-steps 8 --batch-size 8 --lr 2e-4 --export meta "${COMMON[@]}"
 
 # 5. PPO from the rejection-sampled policy; val_reward at step 0 is the RS policy's, at the end PPO's.
 stage ppo $LLAMA2 align ppo --model "$RUN/rs/final" --data "$RUN/data/train_prompts.jsonl" \
