@@ -38,7 +38,7 @@ stage rs $LLAMA2 align rejection-sampling --data "$RUN/data/train_prompts.jsonl"
 # 5. PPO from the rejection-sampled policy; val_reward at step 0 is the RS policy's, at the end PPO's.
 stage ppo $LLAMA2 align ppo --model "$RUN/rs/final" --data "$RUN/data/train_prompts.jsonl" \
     --val-data "$RUN/data/heldout_prompts.jsonl" --output-dir "$RUN/ppo" "${REWARDS[@]}" \
-    --max-gen-len 32 --max-steps 6 --batch-size 6 --eval-every 3 --lr 1e-4 --export meta "${COMMON[@]}"
+    --max-gen-len 32 --max-steps 6 --batch-size 8 --eval-every 3 --lr 1e-4 --export meta "${COMMON[@]}"
 
 # 6. The safety report (rule judge) of the base model and the final one.
 [ -f "$RUN/safety-base/results.json" ] ||
