@@ -201,24 +201,44 @@ def test_cli_bad_input_is_one_line(capsys, tiny, tmp_path, monkeypatch, argv, ne
 
 
 @pytest.mark.model
-@pytest.mark.parametrize(("run", "quant", "tolerance"), [("f32", "none", 0.005), ("q4_1", "auto", 0.01)])
-def test_llamacpp_mode_matches_llama_cpp_on_the_default_model(default_model_path, run, quant, tolerance):
+@pytest.mark.parametrize(
+    ("run", "quant", "arithmetic", "tolerance"),
+    [("f32", "none", "native", 0.005), ("q4_1", "auto", "native", 0.01), ("q4_1", "none", "llamacpp", 0.005)],
+)
+def test_llamacpp_mode_matches_llama_cpp_on_the_default_model(default_model_path, run, quant, arithmetic, tolerance):
     """`--mode llamacpp` against llama.cpp's own evaluation (tools/record_llamacpp_perplexity.py).
 
     f32: llama.cpp on the F32 conversion of the default model against ours computing the
     same weights in float32 (`quant="none"`). q4_1: llama.cpp on the Q4_1 file itself, whose
     dot products quantize activations to 8 bits (Q8_1), against ours as users run it
-    (packed Q4_1 blocks, bfloat16 activations): the two kernels' roundings differ by ~0.7%.
+    (packed Q4_1 blocks, bfloat16 activations): the two kernels' roundings differ by ~0.7%;
+    with `--arithmetic llamacpp` (dequantized weights, activations rounded to Q8 blocks as
+    llama.cpp rounds them) the gap closes to ~0.3%.
     """
+    from llama2.eval.cli import arithmetic_context
+
     fixture = json.loads((FIXTURES / "llamacpp_perplexity_smollm2.json").read_text(encoding="utf-8"))
     reference = fixture["runs"][run]
     llama = Llama.build(default_model_path, max_seq_len=fixture["n_ctx"], quant=quant)
     text = (FIXTURES / fixture["text"]).read_text(encoding="utf-8")
     assert llama.tokenizer.encode(text, bos=llama.tokenizer.add_bos, eos=False) == reference["tokens"]
-    result = evaluate_perplexity(llama, [("text", text)], "llamacpp", fixture["n_ctx"])
+    with arithmetic_context(llama, arithmetic):
+        result = evaluate_perplexity(llama, [("text", text)], "llamacpp", fixture["n_ctx"])
     assert result.tokens_scored == reference["tokens_scored"] == sum(c["tokens_scored"] for c in reference["chunks"])
     assert abs(result.ppl / reference["ppl"] - 1) < tolerance, (result.ppl, reference["ppl"])
     assert abs(result.ppl_error / reference["ppl_error"] - 1) < 2 * tolerance
+
+
+def test_q8_roundtrip_matches_gguf_q8_0():
+    """Our activation rounding equals gguf's Q8_0 quantize + dequantize (the same blocks as Q8_1's values)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, dequantize, quantize
+
+    from llama2.eval.llamacpp_arithmetic import quantize_q8_roundtrip
+
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(0)) * 3
+    expected = dequantize(quantize(x.numpy(), GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0)
+    assert np.array_equal(quantize_q8_roundtrip(x).numpy(), expected)
 
 
 def harness_requests(*args_list):

@@ -34,6 +34,13 @@ def add_eval_parser(commands) -> None:
     ppl.add_argument("--ctx", type=int, help="tokens a window (default: 512; rolling: the model's context)")
     ppl.add_argument("--stride", type=int, help="strided mode: tokens between window starts (default: ctx/2)")
     ppl.add_argument("--batch-size", type=int, default=1, help="equal-length windows forwarded together")
+    ppl.add_argument(
+        "--arithmetic",
+        choices=["native", "llamacpp"],
+        default="native",
+        help="native: our kernels; llamacpp: dequantized float32 weights with llama.cpp's 8-bit rounding of "
+        "activations before each product, as its CPU backend computes quantized files (default: native)",
+    )
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
     ppl.set_defaults(handler=cmd_eval_perplexity)
 
@@ -86,6 +93,15 @@ def load(args: argparse.Namespace, model: str, ctx: int | None):
         raise
 
 
+def arithmetic_context(llama, arithmetic: str):
+    """A context in which `llama` computes as `arithmetic` says ("native": unchanged)."""
+    from contextlib import nullcontext
+
+    from .llamacpp_arithmetic import llamacpp_activations
+
+    return llamacpp_activations(llama.model) if arithmetic == "llamacpp" else nullcontext()
+
+
 def cmd_eval_perplexity(args: argparse.Namespace) -> int:
     from .perplexity import evaluate_perplexity
 
@@ -93,14 +109,18 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> int:
         check_positive(name, value)
     texts = [(path, read_text(path)) for path in args.files]
     ctx = args.ctx or (None if args.mode == "rolling" else DEFAULT_CTX)
+    if args.arithmetic == "llamacpp":
+        args.quant, args.dtype = "none", "float32"
     llama = load(args, args.model, ctx)
-    result = evaluate_perplexity(llama, texts, args.mode, ctx or llama.max_seq_len, args.stride, args.batch_size)
+    with arithmetic_context(llama, args.arithmetic):
+        result = evaluate_perplexity(llama, texts, args.mode, ctx or llama.max_seq_len, args.stride, args.batch_size)
     if args.json:
-        print(json.dumps({"model": args.model, **result.to_dict()}))
+        print(json.dumps({"model": args.model, "arithmetic": args.arithmetic, **result.to_dict()}))
         return 0
     windowing = f"ctx {result.ctx}" + (f", stride {result.stride}" if result.stride else "")
     print(f"mode          {result.mode} ({windowing})")
     print(f"method        {result.method}")
+    print(f"arithmetic    {args.arithmetic}")
     for f in result.files:
         print(f"file          {f['name']}: {f['tokens']} tokens, {f['windows']} windows, {f['tokens_scored']} scored")
     print(
