@@ -1,5 +1,5 @@
 """llama2's kernels on Q5_0 / Q5_1 / Q4_K / Q5_K / Q6_K (and Q2_K / Q3_K dequantization) against
-gguf's numpy dequantizer, on random valid blocks (gguf has no K-quant quantizer; none is needed)."""
+gguf's numpy dequantizer, on random valid blocks; end to end on llama2's Q4_K_M of the default model."""
 
 from __future__ import annotations
 
@@ -196,29 +196,48 @@ def test_native_engine_runs_k_quant_models_like_the_modules(tmp_path, monkeypatc
 # --- end to end: a Q4_K_M of the default model made by llama.cpp's quantizer ------------------
 
 KQUANT_FIXTURE = Path(__file__).parent / "fixtures" / "llamacpp_greedy_smollm2_q4_k_m.json"
+TENSOR_HASHES = Path(__file__).parent / "fixtures" / "llamacpp_smollm2_q4_k_m_tensors.json"
+
+
+def tensor_digests(path: Path) -> dict[str, dict[str, str]]:
+    """GGUF tensor name -> {"type", "sha256" of its data}, as tools/make_kquant_model.py records them."""
+    return {
+        t.name: {"type": t.tensor_type.name, "sha256": hashlib.sha256(memoryview(t.data).cast("B")).hexdigest()}
+        for t in gguf.GGUFReader(path).tensors
+    }
 
 
 @pytest.fixture(scope="module")
-def q4_k_m_model() -> tuple[Path, dict]:
-    """(the Q4_K_M file tools/make_kquant_model.py made, llama.cpp's greedy tokens recorded on it).
+def q4_k_m_model(default_model_path, tmp_path_factory) -> tuple[Path, dict]:
+    """(llama2's own Q4_K_M of the default model, llama.cpp's greedy tokens on llama.cpp's Q4_K_M of it).
 
-    The file needs llama-cpp-python's quantizer (not a test dependency): it is taken from
-    LLAMA2_KQUANT_GGUF and must be the very file of the fixture (its SHA-256).
+    The file is written by `llama2 quantize --type q4_k_m` (the default model's Q4_1 values
+    quantized by llama2's K-quant quantizer) and must hold, tensor for tensor, the types and
+    bytes of the file llama.cpp's quantizer made (recorded hashes), so llama.cpp's tokens
+    recorded on that file apply to it. LLAMA2_KQUANT_GGUF names another file to use instead
+    (llama.cpp's own, checked by its SHA-256).
     """
+    from llama2.weights.convert import convert
+
     fixture = json.loads(KQUANT_FIXTURE.read_text(encoding="utf-8"))
-    path = Path(os.environ.get("LLAMA2_KQUANT_GGUF", ""))
-    if not path.is_file():
-        pytest.skip("set LLAMA2_KQUANT_GGUF to the file `tools/make_kquant_model.py OUT.gguf` makes")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != fixture["sha256"]:
-        pytest.skip(f"{path} is not the fixture's file (another llama.cpp quantizes differently)")
+    override = os.environ.get("LLAMA2_KQUANT_GGUF")
+    if override:
+        path = Path(override)
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == fixture["sha256"], f"{path} is not the fixture's file"
+        return path, fixture
+    path = convert(default_model_path, tmp_path_factory.mktemp("kquant") / "q4_k_m.gguf", "gguf", tensor_type="q4_k_m")
+    recorded = json.loads(TENSOR_HASHES.read_text(encoding="utf-8"))["tensors"]
+    ours = tensor_digests(path)
+    assert ours.keys() == recorded.keys()
+    differ = [name for name in recorded if ours[name] != recorded[name]]
+    assert not differ, f"tensors whose type or bytes differ from llama.cpp's Q4_K_M: {differ}"
     return path, fixture
 
 
 @pytest.mark.model
 def test_q4_k_m_greedy_agrees_with_llama_cpp_in_every_variant(q4_k_m_model):
     """Teacher-forced decode steps through the native engine on every variant this CPU runs: >= 95%
-    of llama.cpp's greedy tokens on the same file, and the same logits, bitwise, in every variant."""
+    of llama.cpp's greedy tokens on the same blocks, and the same logits, bitwise, in every variant."""
     from test_default_model import stepwise_logits
 
     from llama2.generation import Llama
@@ -228,7 +247,7 @@ def test_q4_k_m_greedy_agrees_with_llama_cpp_in_every_variant(q4_k_m_model):
     llama = Llama.build(str(path), max_seq_len=1024, max_batch_size=1, device="cpu")
     kinds = {type(m).__name__ + ":" + getattr(m, "type_name", "") for m in llama.model.layers.modules()}
     assert {"GGUFLinear:Q4_K", "GGUFLinear:Q6_K", "GGUFLinear:Q5_0"} <= kinds  # the blocks as stored
-    assert isinstance(llama.decode_step, NativeForward)
+    assert isinstance(llama.steps.decode_step, NativeForward)
     reference = None
     for isa in ISAS:
         llama.model.setup_caches(1, 1024)

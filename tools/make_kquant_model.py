@@ -6,6 +6,7 @@ naming a Python that has `llama_cpp`:
 
     python tools/make_kquant_model.py OUT.gguf --llama-cpp-python /path/to/python [--ftype Q4_K_M]
         [--fixture tests/fixtures/llamacpp_greedy_smollm2_q4_k_m.json]
+        [--tensor-hashes tests/fixtures/llamacpp_smollm2_q4_k_m_tensors.json]
 
 1. The default model (SmolLM2-135M-Instruct Q4_1) is written as an F32 GGUF by llama2's own
    converter (`llama2.weights.convert`; the Q4_1 values exactly, with the tokenizer).
@@ -17,8 +18,11 @@ naming a Python that has `llama_cpp`:
    and the fixture is stamped with the file's name and SHA-256 (the quantizer is
    deterministic: the same llama.cpp makes the same bytes).
 
-tests/test_kquant_kernels.py measures llama2's agreement with the fixture when the file
-is at LLAMA2_KQUANT_GGUF (skipped otherwise).
+4. With --tensor-hashes, each tensor's type and the SHA-256 of its data are recorded.
+
+tests/test_kquant_kernels.py writes llama2's own Q4_K_M of the default model (`llama2 quantize
+--type q4_k_m`), checks its tensors against the recorded hashes, and measures llama2's
+agreement with the greedy fixture on it (or on the file at LLAMA2_KQUANT_GGUF).
 """
 
 from __future__ import annotations
@@ -77,12 +81,28 @@ def record(llama_cpp_python: str, model: Path, fixture: Path, ftype: str) -> Non
     os.replace(partial, fixture)
 
 
+def record_tensor_hashes(model: Path, out: Path) -> None:
+    """GGUF tensor name -> {"type", "sha256" of its data} of `model`, into `out` (JSON)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(model)
+    tensors = {
+        t.name: {"type": t.tensor_type.name, "sha256": hashlib.sha256(memoryview(t.data).cast("B")).hexdigest()}
+        for t in reader.tensors
+    }
+    partial = out.with_name(out.name + ".partial")
+    data = {"model": model.name, "file_sha256": sha256(model), "tensors": tensors}
+    partial.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    os.replace(partial, out)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="the K-quant GGUF to write")
     parser.add_argument("--llama-cpp-python", required=True, help="a Python interpreter with llama_cpp installed")
     parser.add_argument("--ftype", choices=sorted(FTYPES), default="Q4_K_M")
     parser.add_argument("--fixture", type=Path, help="also record llama.cpp's greedy tokens on the result here")
+    parser.add_argument("--tensor-hashes", type=Path, help="also record each tensor's type and data SHA-256 here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         f32 = Path(tmp) / "f32.gguf"
@@ -91,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.out}: {args.ftype}, sha256 {sha256(args.out)}")
     if args.fixture:
         record(args.llama_cpp_python, args.out, args.fixture, args.ftype)
+    if args.tensor_hashes:
+        record_tensor_hashes(args.out, args.tensor_hashes)
 
 
 if __name__ == "__main__":

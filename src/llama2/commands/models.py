@@ -54,11 +54,11 @@ def add_model_file_parsers(commands) -> None:
     list_.set_defaults(handler=cmd_list)
 
     quantize = commands.add_parser(
-        "quantize", help="write a quantized GGUF (int8 = Q8_0, int4 = Q4_0) of any checkpoint"
+        "quantize", help="write a quantized GGUF (int8 = Q8_0, int4 = Q4_0, Q4_K_M, Q5_K_M) of any checkpoint"
     )
     quantize.add_argument("source", help="model name, GGUF file, HF or Meta folder")
     quantize.add_argument("dest", help="output .gguf file")
-    quantize.add_argument("--type", required=True, choices=sorted(QUANTIZE_TYPES), help="int8 or int4 (groups of 32)")
+    quantize.add_argument("--type", required=True, choices=sorted(QUANTIZE_TYPES), help="int8, int4 or a K-quant mix")
     quantize.add_argument("--force", action="store_true", help="replace an existing destination")
     quantize.set_defaults(handler=cmd_quantize)
 
@@ -113,7 +113,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-QUANTIZE_TYPES = {"int8": "q8_0", "int4": "q4_0"}
+QUANTIZE_TYPES = {"int8": "q8_0", "int4": "q4_0", "q4_k_m": "q4_k_m", "q5_k_m": "q5_k_m"}
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

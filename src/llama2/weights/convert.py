@@ -23,7 +23,7 @@ from ..errors import Llama2Error, Llama2Warning
 from ..tokenizer import Tokenizer
 from . import open_checkpoint
 from .checkpoint import Checkpoint, LazyStateDict
-from .gguf_writer import TENSOR_TYPES, write_gguf
+from .gguf_writer import TYPE_CHOICES, write_gguf
 from .hf import DEFAULT_MAX_SHARD_BYTES, write_hf
 from .inspect import find_tokenizer
 from .meta import write_meta
@@ -104,7 +104,7 @@ def convert(
         dest: the output: a folder for "meta" and "hf", a file for "gguf".
         to: "meta", "hf" or "gguf".
         num_shards: Meta model-parallel shards (1, 2, 8 as Llama 2 7B/13B/70B ship).
-        tensor_type: GGUF tensor type, a key of `gguf_writer.TENSOR_TYPES`.
+        tensor_type: GGUF tensor type or mix, one of `gguf_writer.TYPE_CHOICES`.
         max_shard_bytes: Hugging Face safetensors shard size limit.
         dtype: a key of `DTYPES`: cast float weights (Meta and HF outputs).
         tokenizer_path: a tokenizer to ship instead of the source's own.
@@ -144,8 +144,8 @@ def _check_options(to: str, dtype: str, **options) -> dict:
     for option, value in options.items():
         if value is not None and _FORMAT_OPTIONS[option] != to:
             raise Llama2Error(f"{option} applies to {_FORMAT_OPTIONS[option]} output only, not {to}")
-    if options["tensor_type"] is not None and options["tensor_type"] not in TENSOR_TYPES:
-        choices = ", ".join(TENSOR_TYPES)
+    if options["tensor_type"] is not None and options["tensor_type"] not in TYPE_CHOICES:
+        choices = ", ".join(TYPE_CHOICES)
         raise Llama2Error(f"unknown GGUF tensor type {options['tensor_type']!r} (choose from {choices})")
     return options
 

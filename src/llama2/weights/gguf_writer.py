@@ -9,7 +9,8 @@ Per-tensor types follow llama.cpp: 1-D tensors (norms) stay F32; the requested t
 applies to 2-D weights whose rows are a whole number of its blocks (others fall back to
 F16); for Q4_0/Q4_1 files the output projection (or, with tied embeddings, the token
 embeddings that serve as it) is kept at Q8_0 where llama.cpp would use Q6_K, which the
-`gguf` package cannot produce.
+`gguf` package cannot produce. The mixes "q4_k_m" and "q5_k_m" choose each tensor's type
+as llama.cpp does (`quant_mix`) and quantize K types with `kquants`, llama.cpp's bytes.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import numpy as np
 import torch
 from gguf import GGUFWriter, LlamaFileType
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, Keys
-from gguf.quants import quantize
 
 from ..config import ModelArgs
 from ..errors import Llama2Error
@@ -31,6 +31,8 @@ from .checkpoint import LazyStateDict, TensorSpec, lazy
 from .common import atomic_output, check_state_dict
 from .dequant import tensor_nbytes
 from .gguf import gguf_name
+from .kquants import quantize
+from .quant_mix import MIXES, mixed_type
 from .tokenizer_files import gguf_tokenizer_metadata
 
 T = GGMLQuantizationType
@@ -45,6 +47,9 @@ TENSOR_TYPES: dict[str, T | None] = {
     "q4_1": T.Q4_1,
 }
 """`--type` names -> GGML types a GGUF file can be written in."""
+
+TYPE_CHOICES = (*TENSOR_TYPES, *MIXES)
+"""Every `tensor_type` name: one type for all tensors, or one of llama.cpp's mixes (`quant_mix.MIXES`)."""
 
 _FILE_TYPES = {
     T.F32: LlamaFileType.ALL_F32,
@@ -79,7 +84,7 @@ def write_gguf(
         args: the architecture.
         state_dict: canonical weights matching `args` (a dict or a `LazyStateDict`).
         path: the ``.gguf`` file to write.
-        tensor_type: a key of `TENSOR_TYPES` (see the module docstring for the
+        tensor_type: one of `TYPE_CHOICES` (see the module docstring for the
             per-tensor choice).
         tokenizer: a `llama2.tokenizer.Tokenizer` to describe in the metadata.
         tokenizer_metadata: ``tokenizer.*`` keys to write as they are (from a GGUF
@@ -95,17 +100,28 @@ def write_gguf(
             a vocabulary whose size differs from the embeddings'.
     """
     path = Path(path)
-    if tensor_type not in TENSOR_TYPES:
-        raise Llama2Error(f"unknown GGUF tensor type {tensor_type!r} (choose from {', '.join(TENSOR_TYPES)})")
+    if tensor_type not in TYPE_CHOICES:
+        raise Llama2Error(f"unknown GGUF tensor type {tensor_type!r} (choose from {', '.join(TYPE_CHOICES)})")
     tensors = lazy(state_dict)
     check_state_dict(tensors, args, "state dict")
-    types = {n: choose_type(n, tensors.spec(n), TENSOR_TYPES[tensor_type], args.tie_word_embeddings) for n in tensors}
+    types = tensor_types(args, tensors, tensor_type)
+    file_type = MIXES[tensor_type][1] if tensor_type in MIXES else _file_type(types)
     if tokenizer_metadata is None and tokenizer is not None:
         tokenizer_metadata = gguf_tokenizer_metadata(tokenizer, chat_template)
-    metadata = {**model_metadata(args, _file_type(types), name), **_checked_vocabulary(tokenizer_metadata, args, path)}
+    metadata = {**model_metadata(args, file_type, name), **_checked_vocabulary(tokenizer_metadata, args, path)}
     with atomic_output(path) as temp:
         _write(temp, metadata, tensors, types)
     return path
+
+
+def tensor_types(args: ModelArgs, tensors: LazyStateDict, tensor_type: str) -> dict[str, T]:
+    """Canonical name -> the GGML type it is written in, for `tensor_type` (one of `TYPE_CHOICES`)."""
+    tied = args.tie_word_embeddings
+    if tensor_type in MIXES:
+        options = dict(tied=tied, grouped_query=args.n_kv_heads != args.n_heads)
+        layers = args.n_layers
+        return {n: mixed_type(gguf_name(n), tensors.spec(n).shape, tensor_type, layers, **options) for n in tensors}
+    return {n: choose_type(n, tensors.spec(n), TENSOR_TYPES[tensor_type], tied) for n in tensors}
 
 
 def choose_type(name: str, spec: TensorSpec, requested: T | None, tied: bool) -> T:
@@ -123,7 +139,7 @@ def choose_type(name: str, spec: TensorSpec, requested: T | None, tied: bool) ->
 
 
 def encode(tensor: torch.Tensor, qtype: T) -> np.ndarray:
-    """`tensor`'s data in GGML type `qtype`, by `gguf.quants.quantize` (uint8 blocks for quantized types)."""
+    """`tensor`'s data in GGML type `qtype`, by `kquants.quantize` (uint8 blocks for quantized types)."""
     return quantize(tensor.detach().cpu().float().numpy(), qtype)
 
 
@@ -146,7 +162,7 @@ def model_metadata(args: ModelArgs, file_type: LlamaFileType, name: str | None =
         Keys.General.FILE_TYPE: int(file_type),
         **{template.format(arch=_ARCH): value for template, value in values.items()},
     }
-    if file_type in {_FILE_TYPES[t] for t in _QUANTIZED}:
+    if file_type in {_FILE_TYPES[t] for t in _QUANTIZED} | {file_type for _, file_type in MIXES.values()}:
         metadata[Keys.General.QUANTIZATION_VERSION] = _QUANTIZATION_VERSION
     return metadata
 
