@@ -124,10 +124,6 @@ class Llama:
         max_seq_len = max_seq_len or min(loaded.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
         return Llama(loaded.model, loaded.tokenizer, loaded.chat_format, max_seq_len, max_batch_size, **options)
 
-    def _forward(self, tokens: torch.Tensor, start: int, end: int, all_logits: bool) -> torch.Tensor:
-        """tokens[:, start:end] fed at their positions (kept for `eval.scoring`; new code calls `steps.step`)."""
-        return self.steps.step(tokens[:, start:end], start, all_logits)
-
     def _sampling_context(self, seed: int | None) -> torch.Generator:
         return self.generator if seed is None else torch.Generator(device=self.device).manual_seed(seed)
 

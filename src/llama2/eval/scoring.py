@@ -28,7 +28,7 @@ def _batches(windows: Sequence[Window], batch_size: int) -> Iterator[list[Window
 def window_log_probs(llama, windows: Sequence[Window], batch_size: int = 1) -> Iterator[tuple[Window, torch.Tensor]]:
     """Yield every window with the float64 log-softmax of its scored positions, [len(targets), vocab].
 
-    Windows are fed from position 0 through the model's cached forward (`Llama._forward`,
+    Windows are fed from position 0 through the model's cached forward (`Llama.steps.step`,
     the path generation prefills with), equal-length neighbours `batch_size` at a time.
     """
     if batch_size < 1:
@@ -40,7 +40,7 @@ def window_log_probs(llama, windows: Sequence[Window], batch_size: int = 1) -> I
         if length > llama.max_seq_len:
             raise Llama2Error(f"a window of {length} tokens exceeds the context of {llama.max_seq_len}")
         inputs = torch.tensor([w.inputs for w in group], dtype=torch.long, device=llama.device)
-        logits = llama._forward(inputs, 0, length, all_logits=True)
+        logits = llama.steps.step(inputs, 0, all_logits=True)
         for row, window in enumerate(group):
             scored = logits[row, window.offset : window.offset + len(window.targets)]
             yield window, torch.log_softmax(scored.double(), dim=-1)
