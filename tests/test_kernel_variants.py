@@ -139,9 +139,10 @@ def build_driver(out: Path, compiler: str, variants: dict[str, list[str]], extra
     return binary
 
 
-# Comparisons the driver makes per variant: per block type and shape, 5 matmuls (M = 1, 2, 3, 7, 17;
-# not for Q2_K / Q3_K) and a dequantization; then 4 row-math results at 8 sizes and 3 attention sums.
-DRIVER_CHECKS = 8 * 5 * (7 + 1) + 2 * 5 * 1 + 8 * 4 + 3
+# Comparisons the driver makes per variant: per block type and shape (7 shapes of blocks of 32 for
+# Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; 5 for the K-quants), 7 matmuls (M = 1, 2, 3, 5, 7, 16, 17; not for
+# Q2_K / Q3_K) and a dequantization; then 4 row-math results at 8 sizes and 3 attention sums.
+DRIVER_CHECKS = 5 * 7 * (7 + 1) + 3 * 5 * (7 + 1) + 2 * 5 * 1 + 8 * 4 + 3
 
 
 def run_driver(command: list[str], variants: list[str]) -> str:

@@ -96,10 +96,13 @@ def test_half_precision_activations_and_prefill_rows(isa, qtype, m, dtype):
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 16, 17, 64])
-@pytest.mark.parametrize("n,k", [(192, 576), (61, 1056), (7, 96), (33, 544), (5, 32), (64, 4096)], ids=str)
+@pytest.mark.parametrize(
+    "n,k", [(192, 576), (61, 1056), (7, 96), (3, 192), (5, 416), (33, 544), (5, 32), (64, 4096)], ids=str
+)
 @pytest.mark.parametrize("qtype", QTYPES, ids=NAMES.get)
 def test_every_variant_equals_scalar_bitwise(qtype, n, k, m):
-    """The same bits from every variant: exact integer block sums, one float order (k: 1 to 128 blocks)."""
+    """The same bits from every variant: exact integer block sums, one float order (k: 1 to 128 blocks,
+    last groups of every size class: 1, 2, 3, 6, 13 and 16 blocks)."""
     _, raw, _ = weight(qtype, n, k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     x[0, :32] = 0  # an all-zero activation block

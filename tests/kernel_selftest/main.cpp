@@ -118,7 +118,8 @@ bool same(const char* what, const std::vector<T>& a, const std::vector<T>& b, co
 }
 
 using Shapes = std::vector<std::pair<int64_t, int64_t>>;
-const Shapes kShapes32 = {{5, 32}, {7, 96}, {33, 544}, {61, 1056}, {9, 4096}};   // blocks of 32 values
+// Blocks of 32 values: 1 to 128 a row, with last groups of 1, 3, 6 and 13 blocks.
+const Shapes kShapes32 = {{5, 32}, {7, 96}, {3, 192}, {5, 416}, {33, 544}, {61, 1056}, {9, 4096}};
 const Shapes kShapes256 = {{5, 256}, {7, 512}, {6, 1536}, {3, 2816}, {9, 4096}};  // K-quant super-blocks
 
 bool check_variant(const KernelApi& ref, const KernelApi& api) {

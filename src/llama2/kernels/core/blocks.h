@@ -15,6 +15,15 @@
 
 #include "isa_name.h"
 
+// Forced inlining for the kernels' hot helpers (GCC, clang; MSVC decides alone).
+#if defined(__GNUC__)
+#define GGUF_INLINE inline __attribute__((always_inline))
+#define GGUF_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define GGUF_INLINE inline
+#define GGUF_LAMBDA_INLINE
+#endif
+
 namespace llama2 {
 inline namespace LLAMA2_ISA_NS {  // per variant: see isa_name.h
 

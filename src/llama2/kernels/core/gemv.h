@@ -25,7 +25,9 @@
 // for a batch of rows (M >= BATCHED_MIN_M: a decode step of several sequences), decodes
 // each group once (prepare_group; AVX2 also transposes it against transposed activations)
 // and computes every row from it (group_isums_prepared). AVX-512 VNNI has its own kernels
-// (simd/avx512_vnni_gemv.h) with the same arithmetic. Included inside namespace
+// (simd/avx512_vnni_gemv.h) with the same arithmetic. On AVX2 / AVX-VNNI the generic kernel
+// also takes Q5_0 / Q5_1 (unsigned values nibble | 5th bit << 4, Q5_0's 16 taken off with
+// sumq, Q5_1's minimum as Q4_1's), which elsewhere go through kquant_gemv.h. Included inside namespace
 // llama2::LLAMA2_ISA_NS (see core/isa.h).
 #pragma once
 
@@ -38,14 +40,6 @@
 #include "blocks.h"
 #include "isa.h"
 #include "kquant_blocks.h"
-
-#if defined(__GNUC__)
-#define GGUF_INLINE inline __attribute__((always_inline))
-#define GGUF_LAMBDA_INLINE __attribute__((always_inline))
-#else
-#define GGUF_INLINE inline
-#define GGUF_LAMBDA_INLINE
-#endif
 
 namespace llama2 {
 namespace LLAMA2_ISA_NS {
@@ -61,6 +55,13 @@ constexpr int MB = 2;  // activation rows per pass in the AVX-512 prefill path
 // Generic kernel: from this many activation rows each decoded weight group serves them all
 // (dot_tile_batched); below, two activation rows per pass with the sums in registers.
 constexpr int64_t BATCHED_MIN_M = 3;
+// Q5_0 / Q5_1 through the generic kernel, decoded in registers, where the ISA's primitives
+// take them (simd/avx2.h: AVX2, AVX-VNNI); elsewhere through kquant_gemv.h's decoded tiles.
+#if defined(LLAMA2_ISA_AVX2) || defined(LLAMA2_ISA_AVX_VNNI)
+constexpr bool kGenericQ5 = true;
+#else
+constexpr bool kGenericQ5 = false;
+#endif
 // Software prefetch distance of the weight stream, rounded up to whole tiles.
 constexpr int64_t PREFETCH_BYTES = 8 << 10;
 // Minimum weight bytes per parallel task: the matmuls of a 135M model are 70 KB..1 MB and
@@ -251,7 +252,7 @@ void quantize_row(const T* x, const QuantActs& a, int64_t m, int32_t offset) {
 // R weight rows against MD activation rows a[0..MD): out[md][r].
 template <int64_t QT, int R, int MD>
 void dot_tile(const uint8_t* w, int64_t row_bytes, int64_t nb, int64_t pf, const ActRow* a, float (*out)[ROWS]) {
-  constexpr int64_t BS = block_bytes(QT);
+  constexpr int64_t BS = block32_bytes(QT);
   V::F16 acc[MD][R];
   for (int md = 0; md < MD; ++md)
     for (int r = 0; r < R; ++r) acc[md][r] = V::zero();
@@ -274,7 +275,7 @@ void dot_tile(const uint8_t* w, int64_t row_bytes, int64_t nb, int64_t pf, const
       V::F16 dw, mw;
       V::group_scales<QT>(blk, cnt, dw, mw);
       for (int md = 0; md < MD; ++md) {
-        if (QT == Q4_1) acc[md][r] = V::fmadd(mw, V::load(a[md].xs + g), acc[md][r]);
+        if (block32_has_min(QT)) acc[md][r] = V::fmadd(mw, V::load(a[md].xs + g), acc[md][r]);
         acc[md][r] = V::fmadd(V::to_float(isum[md]), V::mul(dw, V::load(a[md].d + g)), acc[md][r]);
       }
     }
@@ -322,7 +323,7 @@ void dot_tile_all(const uint8_t* w, int64_t row_bytes, int rows, int64_t pf, con
 template <int64_t QT>
 void dot_tile_batched(const uint8_t* w, int64_t row_bytes, int rows, const QuantActs& acts, int64_t m_rows,
                       V::F16* acc, float (*out)[ROWS]) {
-  constexpr int64_t BS = block_bytes(QT);
+  constexpr int64_t BS = block32_bytes(QT);
   const int64_t nb = acts.nb;
   for (int64_t i = 0; i < m_rows * ROWS; ++i) acc[i] = V::zero();
   for (int r = 0; r < rows; ++r) {
@@ -337,7 +338,7 @@ void dot_tile_batched(const uint8_t* w, int64_t row_bytes, int rows, const Quant
         const int8_t* qT = V::kTransposedActs ? acts.qT(m) + g * QK : nullptr;
         const V::I16 isum = V::group_isums_prepared<QT>(gw, acts.q(m) + g * QK, qT, acts.sumq(m) + g);
         V::F16& sum = acc[m * ROWS + r];
-        if (QT == Q4_1) sum = V::fmadd(mw, V::load(acts.xs(m) + g), sum);
+        if (block32_has_min(QT)) sum = V::fmadd(mw, V::load(acts.xs(m) + g), sum);
         sum = V::fmadd(V::to_float(isum), V::mul(dw, V::load(acts.d(m) + g)), sum);
       }
     }
@@ -349,7 +350,7 @@ void dot_tile_batched(const uint8_t* w, int64_t row_bytes, int rows, const Quant
 template <int64_t QT, class ParallelFor>
 void run_tiles(const uint8_t* w, const QuantActs& acts, int64_t m_rows, int64_t n, float* y, int64_t grain,
                const ParallelFor& parallel_for) {
-  const int64_t nb = acts.nb, row_bytes = nb * block_bytes(QT), tiles = (n + ROWS - 1) / ROWS;
+  const int64_t nb = acts.nb, row_bytes = nb * block32_bytes(QT), tiles = (n + ROWS - 1) / ROWS;
   const int64_t tile_bytes = ROWS * row_bytes;
   const int64_t pf = m_rows <= 2 ? (PREFETCH_BYTES + tile_bytes - 1) / tile_bytes * tile_bytes : 0;
   const bool batched = m_rows >= BATCHED_MIN_M;
@@ -407,13 +408,20 @@ template <typename T, class ParallelFor>
 void matmul(const T* x, int64_t m_rows, const uint8_t* w, int64_t qtype, int64_t n, int64_t k, float* y,
             const ParallelFor& parallel_for) {
   if (m_rows == 0 || n == 0) return;
-  if (kquant_matmul_type(qtype)) return matmul_kquant(x, m_rows, w, qtype, n, k, y, parallel_for);
+  const bool generic_q5 = kGenericQ5 && (qtype == Q5_0 || qtype == Q5_1);
+  if (kquant_matmul_type(qtype) && !generic_q5) return matmul_kquant(x, m_rows, w, qtype, n, k, y, parallel_for);
   const QuantActs acts = quantize_acts(x, m_rows, k, acts_offset(qtype), parallel_for);
-  const int64_t tile_bytes = ROWS * (k / QK) * block_bytes(qtype);
+  const int64_t tile_bytes = ROWS * (k / QK) * block32_bytes(qtype);
   const int64_t grain = std::max<int64_t>(1, TASK_MIN_BYTES / (tile_bytes * std::min<int64_t>(m_rows, 4)));
   switch (qtype) {
     case Q4_0: run_tiles<Q4_0>(w, acts, m_rows, n, y, grain, parallel_for); break;
     case Q4_1: run_tiles<Q4_1>(w, acts, m_rows, n, y, grain, parallel_for); break;
+    case Q5_0:
+      if constexpr (kGenericQ5) run_tiles<Q5_0>(w, acts, m_rows, n, y, grain, parallel_for);
+      break;
+    case Q5_1:
+      if constexpr (kGenericQ5) run_tiles<Q5_1>(w, acts, m_rows, n, y, grain, parallel_for);
+      break;
     default: run_tiles<Q8_0>(w, acts, m_rows, n, y, grain, parallel_for); break;
   }
 }

@@ -104,6 +104,19 @@ constexpr int64_t kquant_block_bytes(int64_t qtype) {
                          : 0;
 }
 
+// The blocks of 32 values as gemv.h's generic kernel reads them: Q4_0 / Q4_1 / Q8_0 and, in
+// the AVX2 and AVX-VNNI variants, Q5_0 / Q5_1 (their qh is the 4 bytes before the nibbles).
+constexpr int64_t block32_bytes(int64_t qtype) {
+  return qtype == Q5_0 || qtype == Q5_1 ? kquant_block_bytes(qtype) : block_bytes(qtype);
+}
+constexpr int64_t block32_qs_offset(int64_t qtype) {
+  return qtype == Q5_0 ? offsetof(block_q5_0, qs) : qtype == Q5_1 ? offsetof(block_q5_1, qs) : qs_offset(qtype);
+}
+// The integer the generic kernel takes off each unsigned weight value (times the block's sumq).
+constexpr int32_t block32_offset(int64_t qtype) { return qtype == Q5_0 ? 16 : weight_offset(qtype); }
+// Types with an additive minimum (the m * xs term).
+constexpr bool block32_has_min(int64_t qtype) { return qtype == Q4_1 || qtype == Q5_1; }
+
 // Values per block of any type the kernels take (32 or 256; 0: not one of them).
 constexpr int64_t values_per_block(int64_t qtype) {
   return kquant_type(qtype) ? (qtype == Q5_0 || qtype == Q5_1 ? QK : QK_K) : block_bytes(qtype) ? QK : 0;

@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "../core/blocks.h"
+#include "../core/kquant_blocks.h"
 
 namespace llama2 {
 #if defined(LLAMA2_AVX_VNNI)
@@ -139,7 +140,8 @@ inline __m256i dot_u8s8(__m256i u, __m256i s) {
 
 // One block's weights (at qs) as the unsigned operand of dot_u8s8, and what the signed
 // activations are multiplied by: Q4: the nibbles 0..15 (natural order: byte j = value j; the
-// Q4_0 -8 is taken off afterwards with sumq). Q8_0: signed weights, so the sign trick:
+// Q4_0 -8 is taken off afterwards with sumq); Q5: nibble | 5th bit << 4, 0..31 (Q5_0's -16
+// likewise). Q8_0: signed weights, so the sign trick:
 // |w| (unsigned) times x * sign(w) (signed).
 template <int64_t QT>
 inline __m256i block_weights(const uint8_t* qs, __m256i& sign) {
@@ -147,8 +149,21 @@ inline __m256i block_weights(const uint8_t* qs, __m256i& sign) {
     sign = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs));
     return _mm256_sign_epi8(sign, sign);
   }
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0F));
+  // The 16 bytes in both halves (a load, no shuffle), the high half shifted by 4.
+  const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
+  const __m256i nibbles =
+      _mm256_and_si256(_mm256_srlv_epi32(b, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), _mm256_set1_epi8(0x0F));
+  if (QT != Q5_0 && QT != Q5_1) return nibbles;
+  // Q5: lane l (values 4l .. 4l + 3) takes bits 4l .. 4l + 3 of qh, each moved to bit 4 of
+  // its byte by one product (kquant_blocks.h's q5_high_bits).
+  uint32_t qh;
+  std::memcpy(&qh, qs - 4, 4);
+  const __m256i bits = _mm256_and_si256(
+      _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(qh)), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+      _mm256_set1_epi32(0x0F));
+  const __m256i high = _mm256_and_si256(_mm256_mullo_epi32(bits, _mm256_set1_epi32(0x02040810)),
+                                        _mm256_set1_epi32(0x10101010));
+  return _mm256_or_si256(nibbles, high);
 }
 
 // [sum(p[0]), ..., sum(p[7])] of 8 vectors of 8 int32.
@@ -164,13 +179,14 @@ inline __m256i sum8x8(const __m256i* p) {
 // offset not yet taken off. Q4 with vpmaddubsw: each int16 is 2 products of a nibble
 // (<= 15) and an int8 (|x| <= 127), so any 8 of them add up within int16 (8 * 3810 <=
 // 32767): the 16 int16 of each 128-bit half of the 8 blocks are summed by 3 levels of
-// vphaddw, and only the two halves' sums are widened. Q8_0 (products up to 2 * 128 * 127)
-// and AVX-VNNI (int32 from vpdpbusd) sum int32 lanes.
+// vphaddw, and only the two halves' sums are widened. Q8_0 (products up to 2 * 128 * 127),
+// Q5 (up to 2 * 31 * 127: 8 of them overflow int16) and AVX-VNNI (int32 from vpdpbusd)
+// sum int32 lanes.
 template <int64_t QT>
 inline __m256i block_sums8(const __m256i* w, const __m256i* sign, const int8_t* q) {
   __m256i p[8];
 #if !defined(LLAMA2_AVX_VNNI)
-  if (QT != Q8_0) {
+  if (QT == Q4_0 || QT == Q4_1) {
     for (int i = 0; i < 8; ++i) {
       p[i] = _mm256_maddubs_epi16(w[i], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * QK)));
     }
@@ -227,7 +243,7 @@ struct GroupWeights {
 // lanes come out 0.
 template <int64_t QT>
 inline void half_group_weights(const uint8_t* blk, int cnt, int h, __m256i* w, __m256i* sign) {
-  constexpr int64_t BS = block_bytes(QT), OFF = qs_offset(QT);
+  constexpr int64_t BS = block32_bytes(QT), OFF = block32_qs_offset(QT);
   for (int i = 0; i < 8; ++i) {
     const int b = 8 * h + i;
     w[i] = block_weights<QT>(blk + (b < cnt ? b : cnt - 1) * BS + OFF, sign[i]);
@@ -244,26 +260,26 @@ inline void prepare_group(const uint8_t* blk, int cnt, GroupWeights<QT>& gw) {
   }
 }
 
-// Q4_0: nibble = value + 8, so 8 * sumq comes off.
+// Q4_0: nibble = value + 8, so 8 * sumq comes off (Q5_0: 16 * sumq).
 template <int64_t QT>
 inline __m256i take_offset(__m256i sums, const int32_t* sumq) {
-  if (QT != Q4_0) return sums;
+  if (QT != Q4_0 && QT != Q5_0) return sums;
   const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sumq));
-  return _mm256_sub_epi32(sums, _mm256_slli_epi32(s, 3));
+  return _mm256_sub_epi32(sums, _mm256_slli_epi32(s, QT == Q4_0 ? 3 : 4));
 }
 
 // group_isums<QT, 1> of a prepared group for one activation row, from its transposed
 // blocks qT (the group's 8 x 64 bytes). Q4 with vpmaddubsw: each int16 holds 2 products
 // of a nibble (<= 15) and an int8 (|x| <= 127), so the 8 columns add up within int16
 // (16 * 15 * 127 <= 32767) before one vpmaddwd; Q8_0's products (up to 2 * 128 * 127 a
-// pair) and AVX-VNNI's vpdpbusd add as int32.
+// pair), Q5's (2 * 31 * 127) and AVX-VNNI's vpdpbusd add as int32.
 template <int64_t QT>
 inline I16 group_isums_prepared(const GroupWeights<QT>& gw, const int8_t*, const int8_t* qT, const int32_t* sumq) {
   __m256i sums[2];
   for (int h = 0; h < 2; ++h) {
     auto x = [&](int c) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(qT + c * 64 + h * 32)); };
 #if !defined(LLAMA2_AVX_VNNI)
-    if (QT != Q8_0) {
+    if (QT == Q4_0 || QT == Q4_1) {
       __m256i acc = _mm256_maddubs_epi16(gw.col[h][0], x(0));
       for (int c = 1; c < 8; ++c) acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(gw.col[h][c], x(c)));
       sums[h] = take_offset<QT>(_mm256_madd_epi16(acc, _mm256_set1_epi16(1)), sumq + 8 * h);
@@ -280,29 +296,96 @@ inline I16 group_isums_prepared(const GroupWeights<QT>& gw, const int8_t*, const
   return {sums[0], sums[1]};
 }
 
-// See scalar.h.
+// block_sums8 of 4 blocks w[0..3] (their sums in lanes 0..3, 0 in lanes 4..7): a row's last
+// group when it holds at most 4 blocks (K = 576: 18 blocks a row, the last group 2).
+template <int64_t QT>
+inline __m256i block_sums4(const __m256i* w, const __m256i* sign, const int8_t* q) {
+  __m256i p[4];
+#if !defined(LLAMA2_AVX_VNNI)
+  if (QT == Q4_0 || QT == Q4_1) {
+    for (int i = 0; i < 4; ++i) {
+      p[i] = _mm256_maddubs_epi16(w[i], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * QK)));
+    }
+    const __m256i ab = _mm256_hadd_epi16(_mm256_hadd_epi16(p[0], p[1]), _mm256_hadd_epi16(p[2], p[3]));
+    const __m256i s = _mm256_hadd_epi16(ab, _mm256_setzero_si256());  // half h of block i: word 8h + i, i < 4
+    return _mm256_add_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(s)),
+                            _mm256_cvtepi16_epi32(_mm256_extracti128_si256(s, 1)));
+  }
+#endif
+  for (int i = 0; i < 4; ++i) {
+    __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * QK));
+    if (QT == Q8_0) x = _mm256_sign_epi8(x, sign[i]);
+    p[i] = dot_u8s8(w[i], x);
+  }
+  const __m256i zero = _mm256_setzero_si256();
+  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+  // a: [block 0..3 of lanes 0..3 | block 0..3 of lanes 4..7]
+  return _mm256_permute2x128_si256(_mm256_add_epi32(a, _mm256_permute2x128_si256(a, a, 0x01)), zero, 0x20);
+}
+
+// See scalar.h. Halves past cnt are not computed (their sums are 0), nor blocks 4..7 of a
+// half holding at most 4.
 template <int64_t QT, int MD>
-inline void group_isums(const uint8_t* blk, const int8_t* const* q, const int32_t* const* sumq, int cnt, I16* out) {
+GGUF_INLINE void group_isums(const uint8_t* blk, const int8_t* const* q, const int32_t* const* sumq, int cnt, I16* out) {
+  constexpr int64_t BS = block32_bytes(QT), OFF = block32_qs_offset(QT);
   for (int h = 0; h < 2; ++h) {
+    const int in_half = cnt - 8 * h;
+    if (in_half <= 0) {
+      for (int md = 0; md < MD; ++md) out[md].hi = _mm256_setzero_si256();
+      continue;
+    }
     __m256i w[8], sign[8];
-    half_group_weights<QT>(blk, cnt, h, w, sign);
+    if (in_half >= 8) {  // a whole half: fixed offsets
+      for (int i = 0; i < 8; ++i) w[i] = block_weights<QT>(blk + (8 * h + i) * BS + OFF, sign[i]);
+    } else if (in_half <= 4) {
+      for (int i = 0; i < 4; ++i) w[i] = block_weights<QT>(blk + (8 * h + std::min(i, in_half - 1)) * BS + OFF, sign[i]);
+    } else {
+      half_group_weights<QT>(blk, cnt, h, w, sign);
+    }
     for (int md = 0; md < MD; ++md) {
-      const __m256i sums = take_offset<QT>(block_sums8<QT>(w, sign, q[md] + 8 * h * QK), sumq[md] + 8 * h);
+      const int8_t* x = q[md] + 8 * h * QK;
+      const __m256i sums = take_offset<QT>(in_half <= 4 ? block_sums4<QT>(w, sign, x) : block_sums8<QT>(w, sign, x),
+                                           sumq[md] + 8 * h);
       (h == 0 ? out[md].lo : out[md].hi) = sums;
     }
   }
 }
 
-// See scalar.h: d (and Q4_1's m) of cnt blocks as fp32, 0 past cnt. One 32-bit load per
-// block (d and m, or d and 2 bytes of the block's values) straight into vector lanes.
+// See scalar.h: d (and Q4_1's or Q5_1's m) of cnt blocks as fp32, 0 past cnt. One 32-bit load per
+// block (d and m, or d and 2 bytes of the block's values) into its vector lane.
 template <int64_t QT>
-inline void group_scales(const uint8_t* blk, int cnt, F16& dw, F16& mw) {
-  constexpr int64_t BS = block_bytes(QT);
+GGUF_INLINE void group_scales(const uint8_t* blk, int cnt, F16& dw, F16& mw) {
+  constexpr int64_t BS = block32_bytes(QT);
   auto word = [&](int i) {
     int32_t v;
     std::memcpy(&v, blk + (i < cnt ? i : cnt - 1) * BS, 4);
     return v;
   };
+  auto halves = [](__m256i v) {  // the low 16 bits of 8 lanes, as 8 fp32
+    const __m256i low = _mm256_and_si256(v, _mm256_set1_epi32(0xFFFF));
+    return _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(low), _mm256_extracti128_si256(low, 1)));
+  };
+  if (cnt == 16) {  // a whole group: broadcast loads blended into place, no shuffles
+    auto words8 = [&](const uint8_t* p) {
+      auto at = [&](int i) {
+        int32_t v;
+        std::memcpy(&v, p + i * BS, 4);
+        return _mm256_set1_epi32(v);
+      };
+      __m256i v = at(0);
+      v = _mm256_blend_epi32(v, at(1), 0x02);
+      v = _mm256_blend_epi32(v, at(2), 0x04);
+      v = _mm256_blend_epi32(v, at(3), 0x08);
+      v = _mm256_blend_epi32(v, at(4), 0x10);
+      v = _mm256_blend_epi32(v, at(5), 0x20);
+      v = _mm256_blend_epi32(v, at(6), 0x40);
+      return _mm256_blend_epi32(v, at(7), 0x80);
+    };
+    const __m256i v0 = words8(blk), v1 = words8(blk + 8 * BS);
+    dw = {halves(v0), halves(v1)};
+    mw = block32_has_min(QT) ? F16{halves(_mm256_srli_epi32(v0, 16)), halves(_mm256_srli_epi32(v1, 16))} : zero();
+    return;
+  }
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i v0 = _mm256_and_si256(_mm256_setr_epi32(word(0), word(1), word(2), word(3), word(4), word(5),
                                                         word(6), word(7)),
@@ -310,12 +393,8 @@ inline void group_scales(const uint8_t* blk, int cnt, F16& dw, F16& mw) {
   const __m256i v1 = _mm256_and_si256(_mm256_setr_epi32(word(8), word(9), word(10), word(11), word(12), word(13),
                                                         word(14), word(15)),
                                       _mm256_cmpgt_epi32(_mm256_set1_epi32(cnt - 8), lane));
-  auto halves = [](__m256i v) {  // the low 16 bits of 8 lanes, as 8 fp32
-    const __m256i low = _mm256_and_si256(v, _mm256_set1_epi32(0xFFFF));
-    return _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(low), _mm256_extracti128_si256(low, 1)));
-  };
   dw = {halves(v0), halves(v1)};
-  mw = QT == Q4_1 ? F16{halves(_mm256_srli_epi32(v0, 16)), halves(_mm256_srli_epi32(v1, 16))} : zero();
+  mw = block32_has_min(QT) ? F16{halves(_mm256_srli_epi32(v0, 16)), halves(_mm256_srli_epi32(v1, 16))} : zero();
 }
 
 }  // namespace simd_avx2 / simd_avx_vnni
