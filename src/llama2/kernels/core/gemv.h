@@ -27,7 +27,9 @@
 // and computes every row from it (group_isums_prepared). AVX-512 VNNI has its own kernels
 // (simd/avx512_vnni_gemv.h) with the same arithmetic. On AVX2 / AVX-VNNI the generic kernel
 // also takes Q5_0 / Q5_1 (unsigned values nibble | 5th bit << 4, Q5_0's 16 taken off with
-// sumq, Q5_1's minimum as Q4_1's), which elsewhere go through kquant_gemv.h. Included inside namespace
+// sumq, Q5_1's minimum as Q4_1's) and Q4_K (nibbles, each block of 32 of a super-block with
+// its fp32 d * scale and -(dmin * min) as Q4_1's d and m: kquant_gemv.h's terms), which
+// elsewhere go through kquant_gemv.h. Included inside namespace
 // llama2::LLAMA2_ISA_NS (see core/isa.h).
 #pragma once
 
@@ -55,13 +57,17 @@ constexpr int MB = 2;  // activation rows per pass in the AVX-512 prefill path
 // Generic kernel: from this many activation rows each decoded weight group serves them all
 // (dot_tile_batched); below, two activation rows per pass with the sums in registers.
 constexpr int64_t BATCHED_MIN_M = 3;
-// Q5_0 / Q5_1 through the generic kernel, decoded in registers, where the ISA's primitives
-// take them (simd/avx2.h: AVX2, AVX-VNNI); elsewhere through kquant_gemv.h's decoded tiles.
+// Q5_0 / Q5_1 / Q4_K through the generic kernel, decoded in registers, where the ISA's
+// primitives take them (simd/avx2.h: AVX2, AVX-VNNI); elsewhere through kquant_gemv.h's
+// decoded tiles.
 #if defined(LLAMA2_ISA_AVX2) || defined(LLAMA2_ISA_AVX_VNNI)
-constexpr bool kGenericQ5 = true;
+constexpr bool kGenericKQuants = true;
 #else
-constexpr bool kGenericQ5 = false;
+constexpr bool kGenericKQuants = false;
 #endif
+constexpr bool generic_kernel_type(int64_t qtype) {
+  return !kquant_matmul_type(qtype) || (kGenericKQuants && (qtype == Q5_0 || qtype == Q5_1 || qtype == Q4_K));
+}
 // Software prefetch distance of the weight stream, rounded up to whole tiles.
 constexpr int64_t PREFETCH_BYTES = 8 << 10;
 // Minimum weight bytes per parallel task: the matmuls of a 135M model are 70 KB..1 MB and
@@ -408,8 +414,7 @@ template <typename T, class ParallelFor>
 void matmul(const T* x, int64_t m_rows, const uint8_t* w, int64_t qtype, int64_t n, int64_t k, float* y,
             const ParallelFor& parallel_for) {
   if (m_rows == 0 || n == 0) return;
-  const bool generic_q5 = kGenericQ5 && (qtype == Q5_0 || qtype == Q5_1);
-  if (kquant_matmul_type(qtype) && !generic_q5) return matmul_kquant(x, m_rows, w, qtype, n, k, y, parallel_for);
+  if (!generic_kernel_type(qtype)) return matmul_kquant(x, m_rows, w, qtype, n, k, y, parallel_for);
   const QuantActs acts = quantize_acts(x, m_rows, k, acts_offset(qtype), parallel_for);
   const int64_t tile_bytes = ROWS * (k / QK) * block32_bytes(qtype);
   const int64_t grain = std::max<int64_t>(1, TASK_MIN_BYTES / (tile_bytes * std::min<int64_t>(m_rows, 4)));
@@ -417,10 +422,13 @@ void matmul(const T* x, int64_t m_rows, const uint8_t* w, int64_t qtype, int64_t
     case Q4_0: run_tiles<Q4_0>(w, acts, m_rows, n, y, grain, parallel_for); break;
     case Q4_1: run_tiles<Q4_1>(w, acts, m_rows, n, y, grain, parallel_for); break;
     case Q5_0:
-      if constexpr (kGenericQ5) run_tiles<Q5_0>(w, acts, m_rows, n, y, grain, parallel_for);
+      if constexpr (kGenericKQuants) run_tiles<Q5_0>(w, acts, m_rows, n, y, grain, parallel_for);
       break;
     case Q5_1:
-      if constexpr (kGenericQ5) run_tiles<Q5_1>(w, acts, m_rows, n, y, grain, parallel_for);
+      if constexpr (kGenericKQuants) run_tiles<Q5_1>(w, acts, m_rows, n, y, grain, parallel_for);
+      break;
+    case Q4_K:
+      if constexpr (kGenericKQuants) run_tiles<Q4_K>(w, acts, m_rows, n, y, grain, parallel_for);
       break;
     default: run_tiles<Q8_0>(w, acts, m_rows, n, y, grain, parallel_for); break;
   }

@@ -106,8 +106,12 @@ constexpr int64_t kquant_block_bytes(int64_t qtype) {
 
 // The blocks of 32 values as gemv.h's generic kernel reads them: Q4_0 / Q4_1 / Q8_0 and, in
 // the AVX2 and AVX-VNNI variants, Q5_0 / Q5_1 (their qh is the 4 bytes before the nibbles).
+// Q4_K: a super-block's 8 blocks of 32 share its bytes (the generic kernel's groups of 16
+// blocks start on super-blocks and read them whole, simd/avx2.h).
 constexpr int64_t block32_bytes(int64_t qtype) {
-  return qtype == Q5_0 || qtype == Q5_1 ? kquant_block_bytes(qtype) : block_bytes(qtype);
+  return qtype == Q5_0 || qtype == Q5_1 ? kquant_block_bytes(qtype)
+         : qtype == Q4_K                ? sizeof(block_q4_K) / (QK_K / QK)
+                                        : block_bytes(qtype);
 }
 constexpr int64_t block32_qs_offset(int64_t qtype) {
   return qtype == Q5_0 ? offsetof(block_q5_0, qs) : qtype == Q5_1 ? offsetof(block_q5_1, qs) : qs_offset(qtype);
@@ -115,7 +119,7 @@ constexpr int64_t block32_qs_offset(int64_t qtype) {
 // The integer the generic kernel takes off each unsigned weight value (times the block's sumq).
 constexpr int32_t block32_offset(int64_t qtype) { return qtype == Q5_0 ? 16 : weight_offset(qtype); }
 // Types with an additive minimum (the m * xs term).
-constexpr bool block32_has_min(int64_t qtype) { return qtype == Q4_1 || qtype == Q5_1; }
+constexpr bool block32_has_min(int64_t qtype) { return qtype == Q4_1 || qtype == Q5_1 || qtype == Q4_K; }
 
 // Values per block of any type the kernels take (32 or 256; 0: not one of them).
 constexpr int64_t values_per_block(int64_t qtype) {

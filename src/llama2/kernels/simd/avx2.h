@@ -186,7 +186,7 @@ template <int64_t QT>
 inline __m256i block_sums8(const __m256i* w, const __m256i* sign, const int8_t* q) {
   __m256i p[8];
 #if !defined(LLAMA2_AVX_VNNI)
-  if (QT == Q4_0 || QT == Q4_1) {
+  if (QT == Q4_0 || QT == Q4_1 || QT == Q4_K) {
     for (int i = 0; i < 8; ++i) {
       p[i] = _mm256_maddubs_epi16(w[i], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * QK)));
     }
@@ -241,8 +241,32 @@ struct GroupWeights {
 // block_weights of blocks 8h .. 8h + 7 of a group of cnt blocks. Blocks past cnt re-read
 // block cnt - 1 (never past the row); their activation blocks are zero padding, so their
 // lanes come out 0.
+// The weights of half h of a group (blocks 8h .. 8h + 7, all in the row) as block_weights
+// gives them. Q4_K: half h is super-block h, whose 32-byte chunk c holds block 2c in its low
+// nibbles and block 2c + 1 in its high ones.
+template <int64_t QT>
+GGUF_INLINE void whole_half_weights(const uint8_t* blk, int h, __m256i* w, __m256i* sign) {
+  if constexpr (QT == Q4_K) {
+    const uint8_t* qs = blk + h * sizeof(block_q4_K) + offsetof(block_q4_K, qs);
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    for (int c = 0; c < 4; ++c) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
+      w[2 * c] = _mm256_and_si256(v, mask);
+      w[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+    }
+  } else {
+    constexpr int64_t BS = block32_bytes(QT), OFF = block32_qs_offset(QT);
+    for (int i = 0; i < 8; ++i) w[i] = block_weights<QT>(blk + (8 * h + i) * BS + OFF, sign[i]);
+  }
+}
+
 template <int64_t QT>
 inline void half_group_weights(const uint8_t* blk, int cnt, int h, __m256i* w, __m256i* sign) {
+  if constexpr (QT == Q4_K) {  // whole super-blocks: a half is in the row or past its end
+    if (8 * h < cnt) return whole_half_weights<QT>(blk, h, w, sign);
+    for (int i = 0; i < 8; ++i) w[i] = _mm256_setzero_si256();
+    return;
+  }
   constexpr int64_t BS = block32_bytes(QT), OFF = block32_qs_offset(QT);
   for (int i = 0; i < 8; ++i) {
     const int b = 8 * h + i;
@@ -279,7 +303,7 @@ inline I16 group_isums_prepared(const GroupWeights<QT>& gw, const int8_t*, const
   for (int h = 0; h < 2; ++h) {
     auto x = [&](int c) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(qT + c * 64 + h * 32)); };
 #if !defined(LLAMA2_AVX_VNNI)
-    if (QT == Q4_0 || QT == Q4_1) {
+    if (QT == Q4_0 || QT == Q4_1 || QT == Q4_K) {
       __m256i acc = _mm256_maddubs_epi16(gw.col[h][0], x(0));
       for (int c = 1; c < 8; ++c) acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(gw.col[h][c], x(c)));
       sums[h] = take_offset<QT>(_mm256_madd_epi16(acc, _mm256_set1_epi16(1)), sumq + 8 * h);
@@ -302,7 +326,7 @@ template <int64_t QT>
 inline __m256i block_sums4(const __m256i* w, const __m256i* sign, const int8_t* q) {
   __m256i p[4];
 #if !defined(LLAMA2_AVX_VNNI)
-  if (QT == Q4_0 || QT == Q4_1) {
+  if (QT == Q4_0 || QT == Q4_1 || QT == Q4_K) {
     for (int i = 0; i < 4; ++i) {
       p[i] = _mm256_maddubs_epi16(w[i], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * QK)));
     }
@@ -335,8 +359,8 @@ GGUF_INLINE void group_isums(const uint8_t* blk, const int8_t* const* q, const i
       continue;
     }
     __m256i w[8], sign[8];
-    if (in_half >= 8) {  // a whole half: fixed offsets
-      for (int i = 0; i < 8; ++i) w[i] = block_weights<QT>(blk + (8 * h + i) * BS + OFF, sign[i]);
+    if (in_half >= 8 || QT == Q4_K) {  // a whole half (Q4_K: a super-block): fixed offsets
+      whole_half_weights<QT>(blk, h, w, sign);
     } else if (in_half <= 4) {
       for (int i = 0; i < 4; ++i) w[i] = block_weights<QT>(blk + (8 * h + std::min(i, in_half - 1)) * BS + OFF, sign[i]);
     } else {
@@ -355,6 +379,30 @@ GGUF_INLINE void group_isums(const uint8_t* blk, const int8_t* const* q, const i
 // block (d and m, or d and 2 bytes of the block's values) into its vector lane.
 template <int64_t QT>
 GGUF_INLINE void group_scales(const uint8_t* blk, int cnt, F16& dw, F16& mw) {
+  if constexpr (QT == Q4_K) {  // per super-block: d * scale and -(dmin * min), exact (kquant_blocks.h)
+    __m256 d32[2], m32[2];
+    for (int h = 0; h < 2; ++h) {
+      d32[h] = m32[h] = _mm256_setzero_ps();
+      if (8 * h >= cnt) continue;
+      const uint8_t* sb = blk + h * sizeof(block_q4_K);
+      // scale_min_k4 of the 8 blocks at once, on 32-bit words: bytes 0..7 the scales, 8..15 the minimums.
+      uint32_t u[4];
+      std::memcpy(u, sb + offsetof(block_q4_K, scales), 12);
+      u[3] = ((u[2] >> 4) & 0x0F0F0F0Fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+      const uint32_t low_mins = u[1] & 0x3F3F3F3Fu;
+      u[1] = (u[2] & 0x0F0F0F0Fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+      u[2] = low_mins;
+      u[0] &= 0x3F3F3F3Fu;
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u));
+      const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+      const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8)));
+      d32[h] = _mm256_mul_ps(_mm256_set1_ps(fp16_to_fp32(load_u16(sb))), sc);
+      m32[h] = _mm256_xor_ps(_mm256_mul_ps(_mm256_set1_ps(fp16_to_fp32(load_u16(sb + 2))), mn), _mm256_set1_ps(-0.f));
+    }
+    dw = {d32[0], d32[1]};
+    mw = {m32[0], m32[1]};
+    return;
+  }
   constexpr int64_t BS = block32_bytes(QT);
   auto word = [&](int i) {
     int32_t v;
