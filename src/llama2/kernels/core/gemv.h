@@ -28,7 +28,8 @@
 // (simd/avx512_vnni_gemv.h) with the same arithmetic. On AVX2 / AVX-VNNI the generic kernel
 // also takes Q5_0 / Q5_1 (unsigned values nibble | 5th bit << 4, Q5_0's 16 taken off with
 // sumq, Q5_1's minimum as Q4_1's) and Q4_K (nibbles, each block of 32 of a super-block with
-// its fp32 d * scale and -(dmin * min) as Q4_1's d and m: kquant_gemv.h's terms), which
+// its fp32 d * scale and -(dmin * min) as Q4_1's d and m: kquant_gemv.h's terms) and Q6_K
+// (values - 32 by the sign trick, each half block's sum times its int8 scale), which
 // elsewhere go through kquant_gemv.h. Included inside namespace
 // llama2::LLAMA2_ISA_NS (see core/isa.h).
 #pragma once
@@ -57,7 +58,7 @@ constexpr int MB = 2;  // activation rows per pass in the AVX-512 prefill path
 // Generic kernel: from this many activation rows each decoded weight group serves them all
 // (dot_tile_batched); below, two activation rows per pass with the sums in registers.
 constexpr int64_t BATCHED_MIN_M = 3;
-// Q5_0 / Q5_1 / Q4_K through the generic kernel, decoded in registers, where the ISA's
+// Q5_0 / Q5_1 / Q4_K / Q6_K through the generic kernel, decoded in registers, where the ISA's
 // primitives take them (simd/avx2.h: AVX2, AVX-VNNI); elsewhere through kquant_gemv.h's
 // decoded tiles.
 #if defined(LLAMA2_ISA_AVX2) || defined(LLAMA2_ISA_AVX_VNNI)
@@ -66,8 +67,11 @@ constexpr bool kGenericKQuants = true;
 constexpr bool kGenericKQuants = false;
 #endif
 constexpr bool generic_kernel_type(int64_t qtype) {
-  return !kquant_matmul_type(qtype) || (kGenericKQuants && (qtype == Q5_0 || qtype == Q5_1 || qtype == Q4_K));
+  return !kquant_matmul_type(qtype) || (kGenericKQuants && qtype != Q5_K);
 }
+// Q6_K's sums weigh each half block by its own scale: no prepared (transposed) groups, so a
+// batch of rows takes dot_tile_all's pairs of rows.
+constexpr bool batchable_type(int64_t qtype) { return qtype != Q6_K; }
 // Software prefetch distance of the weight stream, rounded up to whole tiles.
 constexpr int64_t PREFETCH_BYTES = 8 << 10;
 // Minimum weight bytes per parallel task: the matmuls of a 135M model are 70 KB..1 MB and
@@ -258,15 +262,14 @@ void quantize_row(const T* x, const QuantActs& a, int64_t m, int32_t offset) {
 // R weight rows against MD activation rows a[0..MD): out[md][r].
 template <int64_t QT, int R, int MD>
 void dot_tile(const uint8_t* w, int64_t row_bytes, int64_t nb, int64_t pf, const ActRow* a, float (*out)[ROWS]) {
-  constexpr int64_t BS = block32_bytes(QT);
   V::F16 acc[MD][R];
   for (int md = 0; md < MD; ++md)
     for (int r = 0; r < R; ++r) acc[md][r] = V::zero();
   for (int64_t g = 0; g < nb; g += GROUP) {
     const int cnt = static_cast<int>(std::min<int64_t>(GROUP, nb - g));
     if (pf > 0) {
-      const uint8_t* p = w + pf + g * R * BS;
-      for (int64_t i = 0; i < R * GROUP * BS; i += 64) V::prefetch(p + i);
+      const uint8_t* p = w + pf + blocks32_bytes(QT, g) * R;
+      for (int64_t i = 0; i < blocks32_bytes(QT, GROUP) * R; i += 64) V::prefetch(p + i);
     }
     const int8_t* q[MD];
     const int32_t* sumq[MD];
@@ -275,7 +278,7 @@ void dot_tile(const uint8_t* w, int64_t row_bytes, int64_t nb, int64_t pf, const
       sumq[md] = a[md].sumq + g;
     }
     for (int r = 0; r < R; ++r) {
-      const uint8_t* blk = w + r * row_bytes + g * BS;
+      const uint8_t* blk = w + r * row_bytes + blocks32_bytes(QT, g);
       V::I16 isum[MD];
       V::group_isums<QT, MD>(blk, q, sumq, cnt, isum);
       V::F16 dw, mw;
@@ -329,13 +332,12 @@ void dot_tile_all(const uint8_t* w, int64_t row_bytes, int rows, int64_t pf, con
 template <int64_t QT>
 void dot_tile_batched(const uint8_t* w, int64_t row_bytes, int rows, const QuantActs& acts, int64_t m_rows,
                       V::F16* acc, float (*out)[ROWS]) {
-  constexpr int64_t BS = block32_bytes(QT);
   const int64_t nb = acts.nb;
   for (int64_t i = 0; i < m_rows * ROWS; ++i) acc[i] = V::zero();
   for (int r = 0; r < rows; ++r) {
     for (int64_t g = 0; g < nb; g += GROUP) {
       const int cnt = static_cast<int>(std::min<int64_t>(GROUP, nb - g));
-      const uint8_t* blk = w + r * row_bytes + g * BS;
+      const uint8_t* blk = w + r * row_bytes + blocks32_bytes(QT, g);
       V::GroupWeights<QT> gw;
       V::prepare_group<QT>(blk, cnt, gw);
       V::F16 dw, mw;
@@ -356,10 +358,10 @@ void dot_tile_batched(const uint8_t* w, int64_t row_bytes, int rows, const Quant
 template <int64_t QT, class ParallelFor>
 void run_tiles(const uint8_t* w, const QuantActs& acts, int64_t m_rows, int64_t n, float* y, int64_t grain,
                const ParallelFor& parallel_for) {
-  const int64_t nb = acts.nb, row_bytes = nb * block32_bytes(QT), tiles = (n + ROWS - 1) / ROWS;
+  const int64_t nb = acts.nb, row_bytes = blocks32_bytes(QT, nb), tiles = (n + ROWS - 1) / ROWS;
   const int64_t tile_bytes = ROWS * row_bytes;
   const int64_t pf = m_rows <= 2 ? (PREFETCH_BYTES + tile_bytes - 1) / tile_bytes * tile_bytes : 0;
-  const bool batched = m_rows >= BATCHED_MIN_M;
+  const bool batched = batchable_type(QT) && m_rows >= BATCHED_MIN_M;
   parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     static thread_local Scratch out_scratch, acc_scratch;
     auto* out = reinterpret_cast<float(*)[ROWS]>(out_scratch.get(m_rows * ROWS * sizeof(float)));
@@ -368,7 +370,7 @@ void run_tiles(const uint8_t* w, const QuantActs& acts, int64_t m_rows, int64_t 
       const int64_t r0 = t * ROWS;
       const int rows = static_cast<int>(std::min<int64_t>(ROWS, n - r0));
       if (batched) {
-        dot_tile_batched<QT>(w + r0 * row_bytes, row_bytes, rows, acts, m_rows, acc, out);
+        if constexpr (batchable_type(QT)) dot_tile_batched<QT>(w + r0 * row_bytes, row_bytes, rows, acts, m_rows, acc, out);
       } else {
         dot_tile_all<QT>(w + r0 * row_bytes, row_bytes, rows, pf, acts, m_rows, out);
       }
@@ -416,7 +418,7 @@ void matmul(const T* x, int64_t m_rows, const uint8_t* w, int64_t qtype, int64_t
   if (m_rows == 0 || n == 0) return;
   if (!generic_kernel_type(qtype)) return matmul_kquant(x, m_rows, w, qtype, n, k, y, parallel_for);
   const QuantActs acts = quantize_acts(x, m_rows, k, acts_offset(qtype), parallel_for);
-  const int64_t tile_bytes = ROWS * (k / QK) * block32_bytes(qtype);
+  const int64_t tile_bytes = ROWS * blocks32_bytes(qtype, k / QK);
   const int64_t grain = std::max<int64_t>(1, TASK_MIN_BYTES / (tile_bytes * std::min<int64_t>(m_rows, 4)));
   switch (qtype) {
     case Q4_0: run_tiles<Q4_0>(w, acts, m_rows, n, y, grain, parallel_for); break;
@@ -429,6 +431,9 @@ void matmul(const T* x, int64_t m_rows, const uint8_t* w, int64_t qtype, int64_t
       break;
     case Q4_K:
       if constexpr (kGenericKQuants) run_tiles<Q4_K>(w, acts, m_rows, n, y, grain, parallel_for);
+      break;
+    case Q6_K:
+      if constexpr (kGenericKQuants) run_tiles<Q6_K>(w, acts, m_rows, n, y, grain, parallel_for);
       break;
     default: run_tiles<Q8_0>(w, acts, m_rows, n, y, grain, parallel_for); break;
   }

@@ -113,6 +113,11 @@ constexpr int64_t block32_bytes(int64_t qtype) {
          : qtype == Q4_K                ? sizeof(block_q4_K) / (QK_K / QK)
                                         : block_bytes(qtype);
 }
+// Bytes of n consecutive blocks of 32 values of a row (K-quants: n a multiple of 8, whole
+// super-blocks; Q6_K's 210 bytes do not split into 8 equal parts).
+constexpr int64_t blocks32_bytes(int64_t qtype, int64_t n) {
+  return qtype == Q6_K ? n / (QK_K / QK) * static_cast<int64_t>(sizeof(block_q6_K)) : n * block32_bytes(qtype);
+}
 constexpr int64_t block32_qs_offset(int64_t qtype) {
   return qtype == Q5_0 ? offsetof(block_q5_0, qs) : qtype == Q5_1 ? offsetof(block_q5_1, qs) : qs_offset(qtype);
 }

@@ -15,7 +15,7 @@
 // Zero padding past the row's end adds exactly 0. The integer sums come from the ISA's
 // `unpacked_isums` (simd/*_kquant.h), everything else is written once here, so every
 // variant (AVX-512 VNNI included) gives bitwise the same y. Rows do not depend on M.
-// AVX2 and AVX-VNNI take Q5_0 / Q5_1 / Q4_K through gemv.h's generic kernel instead (the
+// AVX2 and AVX-VNNI take Q5_0 / Q5_1 / Q4_K / Q6_K through gemv.h's generic kernel instead (the
 // same terms, decoded in registers: kGenericKQuants).
 #pragma once
 

@@ -347,10 +347,59 @@ inline __m256i block_sums4(const __m256i* w, const __m256i* sign, const int8_t* 
   return _mm256_permute2x128_si256(_mm256_add_epi32(a, _mm256_permute2x128_si256(a, a, 0x01)), zero, 0x20);
 }
 
-// See scalar.h. Halves past cnt are not computed (their sums are 0), nor blocks 4..7 of a
-// half holding at most 4.
+// Q6_K's group_isums: half h is super-block h, its blocks 4j + s (j = 0, 1) the values
+// (ql[64 j + 32 (s % 2) + l] nibble s / 2) | (bits 2s, 2s + 1 of qh[32 j + l]) << 4, minus 32,
+// as signed bytes through the sign trick; each block's sums over values 0..15 and 16..31
+// times their int8 scales (kquant_gemv.h's isum, exact in int32).
+template <int MD>
+GGUF_INLINE void q6_k_group_isums(const uint8_t* blk, const int8_t* const* q, int cnt, I16* out) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(0x03), offset = _mm256_set1_epi8(32);
+  for (int h = 0; h < 2; ++h) {
+    if (8 * h >= cnt) {
+      for (int md = 0; md < MD; ++md) out[md].hi = _mm256_setzero_si256();
+      continue;
+    }
+    const uint8_t* sb = blk + h * sizeof(block_q6_K);
+    __m256i w[8];
+    for (int j = 0; j < 2; ++j) {
+      auto load = [](const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
+      const __m256i a = load(sb + offsetof(block_q6_K, ql) + 64 * j), b = load(sb + offsetof(block_q6_K, ql) + 64 * j + 32);
+      const __m256i qh = load(sb + offsetof(block_q6_K, qh) + 32 * j);
+      auto value = [&](__m256i nibble, int s) {
+        const __m256i high = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * s), low2), 4);
+        return _mm256_sub_epi8(_mm256_or_si256(nibble, high), offset);
+      };
+      w[4 * j] = value(_mm256_and_si256(a, low4), 0);
+      w[4 * j + 1] = value(_mm256_and_si256(b, low4), 1);
+      w[4 * j + 2] = value(_mm256_and_si256(_mm256_srli_epi16(a, 4), low4), 2);
+      w[4 * j + 3] = value(_mm256_and_si256(_mm256_srli_epi16(b, 4), low4), 3);
+    }
+    // Block i's scales: bytes 2i (values 0..15) and 2i + 1 (16..31) of the 16 int8 scales.
+    const __m128i scales = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + offsetof(block_q6_K, scales)));
+    const __m128i pairs = _mm_shuffle_epi8(scales, _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+    const __m256i scale_lo = _mm256_cvtepi8_epi32(pairs), scale_hi = _mm256_cvtepi8_epi32(_mm_srli_si128(pairs, 8));
+    for (int md = 0; md < MD; ++md) {
+      const int8_t* x = q[md] + 8 * h * QK;
+      __m256i p[8];
+      for (int i = 0; i < 8; ++i) {
+        const __m256i xi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * QK));
+        p[i] = dot_u8s8(_mm256_sign_epi8(w[i], w[i]), _mm256_sign_epi8(xi, w[i]));
+      }
+      // Per 4 blocks: [lo_0 .. lo_3 | hi_0 .. hi_3] (lanes 0..3 of p[i] hold values 0..15).
+      const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+      const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+      const __m256i lo = _mm256_permute2x128_si256(a, b, 0x20), hi = _mm256_permute2x128_si256(a, b, 0x31);
+      const __m256i sums = _mm256_add_epi32(_mm256_mullo_epi32(lo, scale_lo), _mm256_mullo_epi32(hi, scale_hi));
+      (h == 0 ? out[md].lo : out[md].hi) = sums;
+    }
+  }
+}
+
+// group_isums (see scalar.h) of every type but Q6_K. Halves past cnt are not computed
+// (their sums are 0), nor blocks 4..7 of a half holding at most 4.
 template <int64_t QT, int MD>
-GGUF_INLINE void group_isums(const uint8_t* blk, const int8_t* const* q, const int32_t* const* sumq, int cnt, I16* out) {
+GGUF_INLINE void block32_group_isums(const uint8_t* blk, const int8_t* const* q, const int32_t* const* sumq, int cnt,
+                                     I16* out) {
   constexpr int64_t BS = block32_bytes(QT), OFF = block32_qs_offset(QT);
   for (int h = 0; h < 2; ++h) {
     const int in_half = cnt - 8 * h;
@@ -375,10 +424,29 @@ GGUF_INLINE void group_isums(const uint8_t* blk, const int8_t* const* q, const i
   }
 }
 
+template <int64_t QT, int MD>
+GGUF_INLINE void group_isums(const uint8_t* blk, const int8_t* const* q, const int32_t* const* sumq, int cnt, I16* out) {
+  if constexpr (QT == Q6_K) {
+    q6_k_group_isums<MD>(blk, q, cnt, out);
+  } else {
+    block32_group_isums<QT, MD>(blk, q, sumq, cnt, out);
+  }
+}
+
 // See scalar.h: d (and Q4_1's or Q5_1's m) of cnt blocks as fp32, 0 past cnt. One 32-bit load per
 // block (d and m, or d and 2 bytes of the block's values) into its vector lane.
 template <int64_t QT>
 GGUF_INLINE void group_scales(const uint8_t* blk, int cnt, F16& dw, F16& mw) {
+  if constexpr (QT == Q6_K) {  // per super-block: its d for all 8 blocks (no minimum)
+    __m256 d[2];
+    for (int h = 0; h < 2; ++h) {
+      d[h] = 8 * h < cnt ? _mm256_set1_ps(fp16_to_fp32(load_u16(blk + h * sizeof(block_q6_K) + offsetof(block_q6_K, d))))
+                         : _mm256_setzero_ps();
+    }
+    dw = {d[0], d[1]};
+    mw = zero();
+    return;
+  }
   if constexpr (QT == Q4_K) {  // per super-block: d * scale and -(dmin * min), exact (kquant_blocks.h)
     __m256 d32[2], m32[2];
     for (int h = 0; h < 2; ++h) {
