@@ -27,7 +27,7 @@
 // and computes every row from it (group_isums_prepared). AVX-512 VNNI has its own kernels
 // (simd/avx512_vnni_gemv.h) with the same arithmetic. On AVX2 / AVX-VNNI the generic kernel
 // also takes Q5_0 / Q5_1 (unsigned values nibble | 5th bit << 4, Q5_0's 16 taken off with
-// sumq, Q5_1's minimum as Q4_1's) and Q4_K (nibbles, each block of 32 of a super-block with
+// sumq, Q5_1's minimum as Q4_1's), Q4_K (nibbles, each block of 32 of a super-block with
 // its fp32 d * scale and -(dmin * min) as Q4_1's d and m: kquant_gemv.h's terms) and Q6_K
 // (values - 32 by the sign trick, each half block's sum times its int8 scale), which
 // elsewhere go through kquant_gemv.h. Included inside namespace

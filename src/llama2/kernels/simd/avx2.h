@@ -238,9 +238,6 @@ struct GroupWeights {
   __m256i sign[QT == Q8_0 ? 2 : 1][8];
 };
 
-// block_weights of blocks 8h .. 8h + 7 of a group of cnt blocks. Blocks past cnt re-read
-// block cnt - 1 (never past the row); their activation blocks are zero padding, so their
-// lanes come out 0.
 // The weights of half h of a group (blocks 8h .. 8h + 7, all in the row) as block_weights
 // gives them. Q4_K: half h is super-block h, whose 32-byte chunk c holds block 2c in its low
 // nibbles and block 2c + 1 in its high ones.
@@ -260,6 +257,9 @@ GGUF_INLINE void whole_half_weights(const uint8_t* blk, int h, __m256i* w, __m25
   }
 }
 
+// block_weights of blocks 8h .. 8h + 7 of a group of cnt blocks. Blocks past cnt re-read
+// block cnt - 1 (never past the row); their activation blocks are zero padding, so their
+// lanes come out 0.
 template <int64_t QT>
 inline void half_group_weights(const uint8_t* blk, int cnt, int h, __m256i* w, __m256i* sign) {
   if constexpr (QT == Q4_K) {  // whole super-blocks: a half is in the row or past its end
