@@ -10,6 +10,7 @@
 
 #include "../core/blocks.h"
 #include "../core/kquant_blocks.h"
+#include "x86_superblocks.h"
 
 namespace llama2 {
 #if defined(LLAMA2_AVX_VNNI)
@@ -239,18 +240,11 @@ struct GroupWeights {
 };
 
 // The weights of half h of a group (blocks 8h .. 8h + 7, all in the row) as block_weights
-// gives them. Q4_K: half h is super-block h, whose 32-byte chunk c holds block 2c in its low
-// nibbles and block 2c + 1 in its high ones.
+// gives them (Q4_K: half h is super-block h).
 template <int64_t QT>
 GGUF_INLINE void whole_half_weights(const uint8_t* blk, int h, __m256i* w, __m256i* sign) {
   if constexpr (QT == Q4_K) {
-    const uint8_t* qs = blk + h * sizeof(block_q4_K) + offsetof(block_q4_K, qs);
-    const __m256i mask = _mm256_set1_epi8(0x0F);
-    for (int c = 0; c < 4; ++c) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
-      w[2 * c] = _mm256_and_si256(v, mask);
-      w[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-    }
+    q4_k_weights(blk + h * sizeof(block_q4_K), w);
   } else {
     constexpr int64_t BS = block32_bytes(QT), OFF = block32_qs_offset(QT);
     for (int i = 0; i < 8; ++i) w[i] = block_weights<QT>(blk + (8 * h + i) * BS + OFF, sign[i]);
@@ -347,37 +341,20 @@ inline __m256i block_sums4(const __m256i* w, const __m256i* sign, const int8_t* 
   return _mm256_permute2x128_si256(_mm256_add_epi32(a, _mm256_permute2x128_si256(a, a, 0x01)), zero, 0x20);
 }
 
-// Q6_K's group_isums: half h is super-block h, its blocks 4j + s (j = 0, 1) the values
-// (ql[64 j + 32 (s % 2) + l] nibble s / 2) | (bits 2s, 2s + 1 of qh[32 j + l]) << 4, minus 32,
-// as signed bytes through the sign trick; each block's sums over values 0..15 and 16..31
-// times their int8 scales (kquant_gemv.h's isum, exact in int32).
+// Q6_K's group_isums: half h is super-block h, its values (q6_k_weights) through the sign
+// trick; each block's sums over values 0..15 and 16..31 times their int8 scales
+// (kquant_gemv.h's isum, exact in int32).
 template <int MD>
 GGUF_INLINE void q6_k_group_isums(const uint8_t* blk, const int8_t* const* q, int cnt, I16* out) {
-  const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(0x03), offset = _mm256_set1_epi8(32);
   for (int h = 0; h < 2; ++h) {
     if (8 * h >= cnt) {
       for (int md = 0; md < MD; ++md) out[md].hi = _mm256_setzero_si256();
       continue;
     }
     const uint8_t* sb = blk + h * sizeof(block_q6_K);
-    __m256i w[8];
-    for (int j = 0; j < 2; ++j) {
-      auto load = [](const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
-      const __m256i a = load(sb + offsetof(block_q6_K, ql) + 64 * j), b = load(sb + offsetof(block_q6_K, ql) + 64 * j + 32);
-      const __m256i qh = load(sb + offsetof(block_q6_K, qh) + 32 * j);
-      auto value = [&](__m256i nibble, int s) {
-        const __m256i high = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * s), low2), 4);
-        return _mm256_sub_epi8(_mm256_or_si256(nibble, high), offset);
-      };
-      w[4 * j] = value(_mm256_and_si256(a, low4), 0);
-      w[4 * j + 1] = value(_mm256_and_si256(b, low4), 1);
-      w[4 * j + 2] = value(_mm256_and_si256(_mm256_srli_epi16(a, 4), low4), 2);
-      w[4 * j + 3] = value(_mm256_and_si256(_mm256_srli_epi16(b, 4), low4), 3);
-    }
-    // Block i's scales: bytes 2i (values 0..15) and 2i + 1 (16..31) of the 16 int8 scales.
-    const __m128i scales = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + offsetof(block_q6_K, scales)));
-    const __m128i pairs = _mm_shuffle_epi8(scales, _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
-    const __m256i scale_lo = _mm256_cvtepi8_epi32(pairs), scale_hi = _mm256_cvtepi8_epi32(_mm_srli_si128(pairs, 8));
+    __m256i w[8], scale_lo, scale_hi;
+    q6_k_weights(sb, w);
+    q6_k_scales(sb, scale_lo, scale_hi);
     for (int md = 0; md < MD; ++md) {
       const int8_t* x = q[md] + 8 * h * QK;
       __m256i p[8];
@@ -452,20 +429,7 @@ GGUF_INLINE void group_scales(const uint8_t* blk, int cnt, F16& dw, F16& mw) {
     for (int h = 0; h < 2; ++h) {
       d32[h] = m32[h] = _mm256_setzero_ps();
       if (8 * h >= cnt) continue;
-      const uint8_t* sb = blk + h * sizeof(block_q4_K);
-      // scale_min_k4 of the 8 blocks at once, on 32-bit words: bytes 0..7 the scales, 8..15 the minimums.
-      uint32_t u[4];
-      std::memcpy(u, sb + offsetof(block_q4_K, scales), 12);
-      u[3] = ((u[2] >> 4) & 0x0F0F0F0Fu) | (((u[1] >> 6) & 0x03030303u) << 4);
-      const uint32_t low_mins = u[1] & 0x3F3F3F3Fu;
-      u[1] = (u[2] & 0x0F0F0F0Fu) | (((u[0] >> 6) & 0x03030303u) << 4);
-      u[2] = low_mins;
-      u[0] &= 0x3F3F3F3Fu;
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u));
-      const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
-      const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8)));
-      d32[h] = _mm256_mul_ps(_mm256_set1_ps(fp16_to_fp32(load_u16(sb))), sc);
-      m32[h] = _mm256_xor_ps(_mm256_mul_ps(_mm256_set1_ps(fp16_to_fp32(load_u16(sb + 2))), mn), _mm256_set1_ps(-0.f));
+      q4_k_scales(blk + h * sizeof(block_q4_K), d32[h], m32[h]);
     }
     dw = {d32[0], d32[1]};
     mw = {m32[0], m32[1]};

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "../core/isa.h"
+#include "../core/kquant_blocks.h"
 
 namespace llama2 {
 namespace LLAMA2_SIMD {
@@ -21,6 +22,12 @@ inline I16 unpacked_isums(const int8_t* w, const int8_t* x, const int32_t* slo, 
     sums[i] = HALVES ? slo[i] * lo + shi[i] * hi : lo + hi;
   }
   return {{vld1q_s32(sums), vld1q_s32(sums + 4), vld1q_s32(sums + 8), vld1q_s32(sums + 12)}};
+}
+
+// kquant_blocks.h's decode_block (a variant may decode in registers: x86_kquant.h).
+template <int64_t QT>
+inline void decode_kquant_block(const uint8_t* blk, const DecodedBlocks& out) {
+  decode_block<QT>(blk, out);
 }
 
 }  // namespace LLAMA2_SIMD

@@ -1,4 +1,5 @@
-// unpacked_isums in portable C++: the reference for x86_kquant.h and neon_kquant.h.
+// unpacked_isums and decode_kquant_block in portable C++: the reference for x86_kquant.h and
+// neon_kquant.h.
 //
 // unpacked_isums<HALVES>(w, x, slo, shi, cnt): the exact integer dot products of 16 blocks of
 // 32 int8 weights w (|w| <= 64, as decoded by core/kquant_blocks.h) with 16 activation blocks
@@ -11,6 +12,7 @@
 #include <cstdint>
 
 #include "../core/isa.h"
+#include "../core/kquant_blocks.h"
 
 namespace llama2 {
 namespace LLAMA2_SIMD {
@@ -27,6 +29,12 @@ inline I16 unpacked_isums(const int8_t* w, const int8_t* x, const int32_t* slo, 
     out.v[i] = HALVES ? slo[i] * lo + shi[i] * hi : lo + hi;
   }
   return out;
+}
+
+// kquant_blocks.h's decode_block (a variant may decode in registers: x86_kquant.h).
+template <int64_t QT>
+inline void decode_kquant_block(const uint8_t* blk, const DecodedBlocks& out) {
+  decode_block<QT>(blk, out);
 }
 
 }  // namespace LLAMA2_SIMD

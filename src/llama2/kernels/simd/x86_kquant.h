@@ -1,6 +1,6 @@
-// unpacked_isums (see scalar_kquant.h) for the x86 variants, on 256-bit vectors: avx2
-// (vpmaddubsw + vpmaddwd), avx_vnni (AVX-VNNI's vpdpbusd), avx512_vnni (AVX512-VNNI's
-// vpdpbusd on ymm, the two halves joined into a zmm). Signed weights go through the sign
+// unpacked_isums and decode_kquant_block (see scalar_kquant.h) for the x86 variants, on
+// 256-bit vectors: avx2 (vpmaddubsw + vpmaddwd), avx_vnni (AVX-VNNI's vpdpbusd),
+// avx512_vnni (AVX512-VNNI's vpdpbusd on ymm, the two halves joined into a zmm). Signed weights go through the sign
 // trick: |w| (unsigned) times x * sign(w); vpmaddubsw cannot saturate, |w| <= 64.
 #pragma once
 
@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "../core/isa.h"
+#include "x86_superblocks.h"
 
 namespace llama2 {
 namespace LLAMA2_SIMD {
@@ -53,6 +54,35 @@ inline I16 unpacked_isums(const int8_t* w, const int8_t* x, const int32_t* slo, 
 #else
   return {first, second};
 #endif
+}
+
+// kquant_blocks.h's decode_block, Q4_K and Q6_K in registers (the same bytes out).
+template <int64_t QT>
+inline void decode_kquant_block(const uint8_t* blk, const DecodedBlocks& out) {
+  if constexpr (QT == Q4_K || QT == Q6_K) {
+    __m256i w[8];
+    auto store = [](void* p, __m256i v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); };
+    if constexpr (QT == Q4_K) {
+      q4_k_weights(blk, w);
+      __m256 d32, m32;
+      q4_k_scales(blk, d32, m32);
+      store(out.slo, _mm256_set1_epi32(1));
+      store(out.shi, _mm256_set1_epi32(1));
+      _mm256_storeu_ps(out.d32, d32);
+      _mm256_storeu_ps(out.m32, m32);
+    } else {
+      q6_k_weights(blk, w);
+      __m256i lo, hi;
+      q6_k_scales(blk, lo, hi);
+      store(out.slo, lo);
+      store(out.shi, hi);
+      _mm256_storeu_ps(out.d32, _mm256_set1_ps(fp16_to_fp32(load_u16(blk + offsetof(block_q6_K, d)))));
+      _mm256_storeu_ps(out.m32, _mm256_setzero_ps());
+    }
+    for (int i = 0; i < 8; ++i) store(out.q + 32 * i, w[i]);
+  } else {
+    decode_block<QT>(blk, out);
+  }
 }
 
 }  // namespace LLAMA2_SIMD
