@@ -359,15 +359,11 @@ GGUF_INLINE void q6_k_group_isums(const uint8_t* blk, const int8_t* const* q, in
       const int8_t* x = q[md] + 8 * h * QK;
       __m256i p[8];
       for (int i = 0; i < 8; ++i) {
-        const __m256i xi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * QK));
-        p[i] = dot_u8s8(_mm256_sign_epi8(w[i], w[i]), _mm256_sign_epi8(xi, w[i]));
+        p[i] = kquant_dot32(w[i], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * QK)));
       }
-      // Per 4 blocks: [lo_0 .. lo_3 | hi_0 .. hi_3] (lanes 0..3 of p[i] hold values 0..15).
-      const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
-      const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
-      const __m256i lo = _mm256_permute2x128_si256(a, b, 0x20), hi = _mm256_permute2x128_si256(a, b, 0x31);
-      const __m256i sums = _mm256_add_epi32(_mm256_mullo_epi32(lo, scale_lo), _mm256_mullo_epi32(hi, scale_hi));
-      (h == 0 ? out[md].lo : out[md].hi) = sums;
+      __m256i lo, hi;
+      half_sums8(p, lo, hi);
+      (h == 0 ? out[md].lo : out[md].hi) = scaled_halves(lo, hi, scale_lo, scale_hi);
     }
   }
 }

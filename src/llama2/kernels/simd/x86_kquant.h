@@ -14,18 +14,6 @@
 namespace llama2 {
 namespace LLAMA2_SIMD {
 
-// 32 int8 weights times 32 int8 activations -> 8 int32, lane l the sum of products 4l..4l+3.
-inline __m256i kquant_dot32(__m256i w, __m256i x) {
-  const __m256i u = _mm256_sign_epi8(w, w), s = _mm256_sign_epi8(x, w);
-#if defined(LLAMA2_ISA_AVX512_VNNI)
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
-#elif defined(LLAMA2_ISA_AVX_VNNI)
-  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
-#else
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-#endif
-}
-
 // unpacked_isums of 8 blocks: 8 int32.
 template <bool HALVES>
 inline __m256i unpacked_isums8(const int8_t* w, const int8_t* x, const int32_t* slo, const int32_t* shi) {
@@ -34,14 +22,11 @@ inline __m256i unpacked_isums8(const int8_t* w, const int8_t* x, const int32_t* 
     p[i] = kquant_dot32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * i)),
                         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * i)));
   }
-  // Per 4 blocks: [lo_0, lo_1, lo_2, lo_3 | hi_0, hi_1, hi_2, hi_3] (values 0..15 are lanes 0..3).
-  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
-  const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
-  const __m256i lo = _mm256_permute2x128_si256(a, b, 0x20), hi = _mm256_permute2x128_si256(a, b, 0x31);
+  __m256i lo, hi;
+  half_sums8(p, lo, hi);
   if (!HALVES) return _mm256_add_epi32(lo, hi);
-  const __m256i s_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(slo));
-  const __m256i s_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(shi));
-  return _mm256_add_epi32(_mm256_mullo_epi32(lo, s_lo), _mm256_mullo_epi32(hi, s_hi));
+  return scaled_halves(lo, hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(slo)),
+                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(shi)));
 }
 
 template <bool HALVES>

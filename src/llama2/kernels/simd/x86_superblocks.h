@@ -1,7 +1,7 @@
-// Q4_K and Q6_K super-blocks decoded in 256-bit registers, for the x86 variants (avx2,
-// avx_vnni: the generic kernel's groups, simd/avx2.h; avx512_vnni: kquant_gemv.h's decoded
-// tiles, simd/x86_kquant.h). The values and scales are exactly kquant_blocks.h's
-// decode_block's.
+// Q4_K and Q6_K super-blocks decoded in 256-bit registers, and the signed block dot
+// products they take, for the x86 variants (avx2, avx_vnni: the generic kernel's groups,
+// simd/avx2.h; avx512_vnni: kquant_gemv.h's decoded tiles, simd/x86_kquant.h). The values
+// and scales are exactly kquant_blocks.h's decode_block's.
 #pragma once
 
 #include <immintrin.h>
@@ -15,6 +15,33 @@
 
 namespace llama2 {
 namespace LLAMA2_SIMD {
+
+// 32 int8 weights times 32 int8 activations -> 8 int32, lane l the sum of products 4l..4l+3.
+inline __m256i kquant_dot32(__m256i w, __m256i x) {
+  const __m256i u = _mm256_sign_epi8(w, w), s = _mm256_sign_epi8(x, w);
+#if defined(LLAMA2_ISA_AVX512_VNNI)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(LLAMA2_ISA_AVX_VNNI)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+// 8 blocks' products p[i] (8 int32 lanes each, lanes 0..3 over values 0..15) -> lo, hi: lane i
+// block i's sum over values 0..15, and over 16..31.
+inline void half_sums8(const __m256i* p, __m256i& lo, __m256i& hi) {
+  // Per 4 blocks: [lo_0, lo_1, lo_2, lo_3 | hi_0, hi_1, hi_2, hi_3].
+  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+  const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+  lo = _mm256_permute2x128_si256(a, b, 0x20);
+  hi = _mm256_permute2x128_si256(a, b, 0x31);
+}
+
+// lo * scale_lo + hi * scale_hi, lane by lane (Q6_K's scales of 16 values).
+inline __m256i scaled_halves(__m256i lo, __m256i hi, __m256i scale_lo, __m256i scale_hi) {
+  return _mm256_add_epi32(_mm256_mullo_epi32(lo, scale_lo), _mm256_mullo_epi32(hi, scale_hi));
+}
 
 // Q4_K: the 8 blocks of 32 of super-block sb as unsigned bytes 0..15: its 32-byte chunk c
 // holds block 2c in its low nibbles and block 2c + 1 in its high ones.
