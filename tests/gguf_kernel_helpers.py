@@ -39,11 +39,11 @@ def parse_blocks(raw: np.ndarray, qtype: int, k: int):
     return d, m, q
 
 
-def quantize_acts(x: np.ndarray):
-    """The kernel's activation quantization in numpy: per block of 32, d = amax / 127 (fp32),
-    q = round_half_even(x * (1 / d))."""
+def quantize_acts(x: np.ndarray, block: int = 32):
+    """The kernel's activation quantization in numpy: per block of `block` values (32; 256
+    for the K-quants' super-blocks), d = amax / 127 (fp32), q = round_half_even(x * (1 / d))."""
     mrows, k = x.shape
-    xb = x.astype(np.float32).reshape(mrows, k // 32, 32)
+    xb = x.astype(np.float32).reshape(mrows, k // block, block)
     d = (np.abs(xb).max(-1) / np.float32(127)).astype(np.float32)
     with np.errstate(divide="ignore"):
         inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)

@@ -94,14 +94,16 @@ def test_dequantize_equals_gguf_rounded_to_bf16(qtype, edge_scales, isa):
 def reference_matmul(x: torch.Tensor, raw: np.ndarray, qtype: T, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(y [M, N] float64 from gguf's values and the kernels' int8 activation blocks, a bound on fp32 rounding).
 
-    The kernels compute, per block of 32, m32 * fp32(d_x * sumq) + fp32(d32 * d_x) * isum with
-    exact integers and fp32 sums; against the exact float64 product of the same quantized
+    The kernels compute with exact integers and fp32 sums, per block of 32 (Q5_0, Q5_1)
+    m32 * fp32(d_x * sumq) + fp32(d32 * d_x) * isum, per super-block of 256 (Q4_K, Q5_K, Q6_K,
+    activations quantized per 256 values as llama.cpp's Q8_K) fp32(d * d_x) * S -
+    fp32(dmin * d_x) * M; against the exact float64 product of the same quantized
     activations with gguf's fp32 values (themselves rounded once) that is a few fp32
     roundings of the terms' magnitudes per block. The magnitudes count the minimum apart
     from the scaled integers (they may cancel): gguf's values of the blocks with their
     integers zeroed are the minimums.
     """
-    q, d = quantize_acts(x.float().numpy())  # [M, nb, 32], [M, nb]
+    q, d = quantize_acts(x.float().numpy(), block_geometry(qtype)[0])  # [M, nb, block], [M, nb]
     xq = torch.from_numpy(q.astype(np.float64) * d.astype(np.float64)[..., None]).reshape(x.shape[0], k)
     w = torch.from_numpy(gguf_values(raw, qtype)).double().reshape(n, k)
     minimum = torch.zeros_like(w)

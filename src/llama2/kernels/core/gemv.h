@@ -169,20 +169,26 @@ struct QuantActs {
   ActRow row(int64_t m) const { return {q(m), d(m), xs(m), sumq(m), qq(m), noffq(m), qT(m), noffT(m)}; }
 };
 
-// One block of 32 values -> int8 q, returns d; lane_sums[l] = q[4l] + ... + q[4l + 3].
-// Every path shares this arithmetic: d = amax / 127, id = 1 / d (0 if d == 0),
-// q = round_half_even(x * id), all in fp32.
-template <typename T>
-inline float quantize_block_scalar(const T* x, int8_t* q, int32_t* lane_sums) {
-  float v[QK];
+// N values -> int8 q, returns their scale d. Every path shares this arithmetic:
+// d = amax / 127, id = 1 / d (0 if d == 0), q = round_half_even(x * id), all in fp32.
+template <int N, typename T>
+inline float quantize_values(const T* x, int8_t* q) {
+  float v[N];
   float amax = 0.f;
-  for (int j = 0; j < QK; ++j) {
+  for (int j = 0; j < N; ++j) {
     v[j] = to_f32(x[j]);
     amax = std::max(amax, std::fabs(v[j]));
   }
   const float d = amax / 127.f;
   const float id = d != 0.f ? 1.f / d : 0.f;
-  for (int j = 0; j < QK; ++j) q[j] = static_cast<int8_t>(std::nearbyint(v[j] * id));  // ties to even
+  for (int j = 0; j < N; ++j) q[j] = static_cast<int8_t>(std::nearbyint(v[j] * id));  // ties to even
+  return d;
+}
+
+// One block of 32 values -> int8 q, returns d; lane_sums[l] = q[4l] + ... + q[4l + 3].
+template <typename T>
+inline float quantize_block_scalar(const T* x, int8_t* q, int32_t* lane_sums) {
+  const float d = quantize_values<QK>(x, q);
   for (int l = 0; l < 8; ++l) lane_sums[l] = q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3];
   return d;
 }
@@ -404,10 +410,14 @@ constexpr int32_t acts_offset(int64_t qtype) {
   return LLAMA2_GEMV_AVX512 ? (qtype == Q4_0 ? 8 : qtype == Q8_0 ? 128 : 0) : 0;
 }
 
-// Q5_0 / Q5_1 / Q4_K / Q5_K / Q6_K: kquant_gemv.h (included at the end of this file).
+// Q5_0 / Q5_1 on the variants without kGenericKQuants: kquant_gemv.h; Q4_K / Q5_K / Q6_K:
+// superblock_gemv.h (both included at the end of this file).
 template <typename T, class ParallelFor>
 void matmul_kquant(const T* x, int64_t m_rows, const uint8_t* w, int64_t qtype, int64_t n, int64_t k, float* y,
                    const ParallelFor& parallel_for);
+template <typename T, class ParallelFor>
+void matmul_superblocks(const T* x, int64_t m_rows, const uint8_t* w, int64_t qtype, int64_t n, int64_t k, float* y,
+                        const ParallelFor& parallel_for);
 
 // y [m, n] (float32, contiguous) = x [m, k] (float, bf16 or fp16, contiguous) W^T for W
 // [n, k] given as GGUF blocks (row-major, k / 32 blocks a row; qtype checked by the caller).
@@ -416,6 +426,7 @@ template <typename T, class ParallelFor>
 void matmul(const T* x, int64_t m_rows, const uint8_t* w, int64_t qtype, int64_t n, int64_t k, float* y,
             const ParallelFor& parallel_for) {
   if (m_rows == 0 || n == 0) return;
+  if (qtype == Q4_K || qtype == Q5_K || qtype == Q6_K) return matmul_superblocks(x, m_rows, w, qtype, n, k, y, parallel_for);
   if (!generic_kernel_type(qtype)) return matmul_kquant(x, m_rows, w, qtype, n, k, y, parallel_for);
   const QuantActs acts = quantize_acts(x, m_rows, k, acts_offset(qtype), parallel_for);
   const int64_t tile_bytes = ROWS * blocks32_bytes(qtype, k / QK);
@@ -443,3 +454,4 @@ void matmul(const T* x, int64_t m_rows, const uint8_t* w, int64_t qtype, int64_t
 }  // namespace llama2
 
 #include "kquant_gemv.h"
+#include "superblock_gemv.h"

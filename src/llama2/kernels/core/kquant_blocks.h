@@ -205,6 +205,19 @@ inline void scale_min_k4(int j, const uint8_t* s, int32_t& sc, int32_t& m) {
   }
 }
 
+// Q4_K / Q5_K: the 8 scales (bytes 0..7) and 8 minimums (bytes 8..15) of the 12 bytes at
+// `scales`, scale_min_k4 of all 8 sub-blocks at once on 32-bit words.
+inline void k4_scales_mins(const uint8_t* scales, uint8_t* out) {
+  uint32_t u[4];
+  std::memcpy(u, scales, 12);
+  u[3] = ((u[2] >> 4) & 0x0F0F0F0Fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+  const uint32_t low_mins = u[1] & 0x3F3F3F3Fu;
+  u[1] = (u[2] & 0x0F0F0F0Fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+  u[2] = low_mins;
+  u[0] &= 0x3F3F3F3Fu;
+  std::memcpy(out, u, 16);
+}
+
 template <int64_t QT>
 inline void decode_block(const uint8_t* blk, const DecodedBlocks& out) {
   if constexpr (QT == Q5_0 || QT == Q5_1) {

@@ -31,6 +31,47 @@ inline I16 unpacked_isums(const int8_t* w, const int8_t* x, const int32_t* slo, 
   return out;
 }
 
+// A Q4_K / Q5_K / Q6_K super-block's 256 values as superblock_gemv.h multiplies them
+// (Q6_K: q - 32), decode_block's integers.
+template <int64_t QT>
+inline void superblock_values(const uint8_t* sb, int8_t* w) {
+  int32_t slo[8], shi[8];
+  float d32[8], m32[8];
+  decode_block<QT>(sb, {w, slo, shi, d32, m32});
+}
+
+// The integer scale of value v of a super-block (scale_bytes as superblock_gemv.h's SuperScales).
+template <int64_t QT>
+inline int32_t value_scale(const uint8_t* scale_bytes, int v) {
+  return QT == Q6_K ? static_cast<int8_t>(scale_bytes[v / 16]) : scale_bytes[v / 32];
+}
+
+// superblock_gemv.h's S lanes of one super-block against MD activation rows x[md] (256 int8 each).
+template <int64_t QT, int MD>
+inline void superblock_isums(const uint8_t* sb, const uint8_t* scale_bytes, const int8_t* const* x, I16* out) {
+  int8_t w[QK_K];
+  superblock_values<QT>(sb, w);
+  for (int md = 0; md < MD; ++md) {
+    for (int lane = 0; lane < 16; ++lane) {
+      int32_t sum = 0;
+      for (int c = 0; c < 4; ++c) {
+        const int v = 64 * c + 32 * (lane / 8) + 4 * (lane % 8);
+        int32_t dot = 0;
+        for (int i = 0; i < 4; ++i) dot += w[v + i] * x[md][v + i];
+        sum += value_scale<QT>(scale_bytes, v) * dot;
+      }
+      out[md].v[lane] = sum;
+    }
+  }
+}
+
+// superblock_gemv.h's M lanes: mins[s] * sum32[s], s < 8, then 0.
+inline I16 mins_products(const uint8_t* mins, const int32_t* sum32) {
+  I16 out{};
+  for (int s = 0; s < 8; ++s) out.v[s] = mins[s] * sum32[s];
+  return out;
+}
+
 // kquant_blocks.h's decode_block (a variant may decode in registers: x86_kquant.h).
 template <int64_t QT>
 inline void decode_kquant_block(const uint8_t* blk, const DecodedBlocks& out) {

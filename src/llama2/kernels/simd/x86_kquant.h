@@ -14,6 +14,15 @@
 namespace llama2 {
 namespace LLAMA2_SIMD {
 
+// The 16 int32 lanes of two 8-lane halves.
+inline I16 join_halves(__m256i lo, __m256i hi) {
+#if defined(LLAMA2_ISA_AVX512_VNNI)
+  return {_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)};
+#else
+  return {lo, hi};
+#endif
+}
+
 // unpacked_isums of 8 blocks: 8 int32.
 template <bool HALVES>
 inline __m256i unpacked_isums8(const int8_t* w, const int8_t* x, const int32_t* slo, const int32_t* shi) {
@@ -34,11 +43,81 @@ inline I16 unpacked_isums(const int8_t* w, const int8_t* x, const int32_t* slo, 
   const __m256i first = unpacked_isums8<HALVES>(w, x, slo, shi);
   const __m256i second =
       cnt > 8 ? unpacked_isums8<HALVES>(w + 8 * 32, x + 8 * 32, slo + 8, shi + 8) : _mm256_setzero_si256();
-#if defined(LLAMA2_ISA_AVX512_VNNI)
-  return {_mm512_inserti64x4(_mm512_castsi256_si512(first), second, 1)};
-#else
-  return {first, second};
-#endif
+  return join_halves(first, second);
+}
+
+// Sub-block b's integer scales as 16 int16 for vpmaddwd against its 16 pair sums (Q4_K /
+// Q5_K: scale b everywhere; Q6_K: scale 2b on values 0..15, 2b + 1 on values 16..31).
+template <int64_t QT>
+inline __m256i scale_words(__m128i scales, int b) {
+  if constexpr (QT == Q6_K) {
+    const __m128i pick = _mm_set_epi64x(0x0101010101010101ll * (2 * b + 1), 0x0101010101010101ll * (2 * b));
+    return _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pick));
+  } else {
+    return _mm256_cvtepu8_epi16(_mm_shuffle_epi8(scales, _mm_set1_epi8(static_cast<char>(b))));
+  }
+}
+
+// Sub-blocks 2c and 2c + 1 (values 64 c .. 64 c + 63) of a Q4_K / Q5_K / Q6_K super-block
+// as unsigned bytes (Q6_K: q, 0..63, its 32 taken off by the caller).
+template <int64_t QT>
+inline void chunk_weights(const uint8_t* sb, int c, __m256i& lo, __m256i& hi) {
+  auto load = [](const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  if constexpr (QT == Q6_K) {  // value 128 j + 32 s + l: nibble s / 2 of ql[64 j + 32 (s % 2) + l], bits 2s of qh[32 j + l]
+    const int j = c / 2, shift = 4 * (c % 2);
+    const __m256i a = load(sb + offsetof(block_q6_K, ql) + 64 * j), b = load(sb + offsetof(block_q6_K, ql) + 64 * j + 32);
+    const __m256i qh = _mm256_srl_epi16(load(sb + offsetof(block_q6_K, qh) + 32 * j), _mm_cvtsi32_si128(4 * (c % 2)));
+    const __m128i count = _mm_cvtsi32_si128(shift);
+    const __m256i low2 = _mm256_set1_epi8(0x03);
+    lo = _mm256_or_si256(_mm256_and_si256(_mm256_srl_epi16(a, count), low4),
+                         _mm256_slli_epi16(_mm256_and_si256(qh, low2), 4));
+    hi = _mm256_or_si256(_mm256_and_si256(_mm256_srl_epi16(b, count), low4),
+                         _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), low2), 4));
+  } else {
+    constexpr int64_t QS = QT == Q4_K ? offsetof(block_q4_K, qs) : offsetof(block_q5_K, qs);
+    const __m256i v = load(sb + QS + 32 * c);
+    lo = _mm256_and_si256(v, low4);
+    hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+    if constexpr (QT == Q5_K) {  // value 32 s + l: bit s of qh[l] as bit 4
+      const __m256i qh = _mm256_srl_epi16(load(sb + offsetof(block_q5_K, qh)), _mm_cvtsi32_si128(2 * c));
+      const __m256i one = _mm256_set1_epi8(1);
+      lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(qh, one), 4));
+      hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 1), one), 4));
+    }
+  }
+}
+
+// superblock_gemv.h's S lanes of one super-block against MD activation rows x[md] (256 int8
+// each): per sub-block the 16 pair sums of vpmaddubsw (unsigned weights <= 63 times
+// |x| <= 127: no saturation; Q6_K's 32 * x taken off as int16, |difference| <= 24130),
+// weighed by the scale words and widened by vpmaddwd: lane l the 4 values 4l .. 4l + 3.
+template <int64_t QT, int MD>
+inline void superblock_isums(const uint8_t* sb, const uint8_t* scale_bytes, const int8_t* const* x, I16* out) {
+  const __m128i scales = _mm_load_si128(reinterpret_cast<const __m128i*>(scale_bytes));
+  __m256i acc[MD][2];
+  for (int md = 0; md < MD; ++md) acc[md][0] = acc[md][1] = _mm256_setzero_si256();
+  for (int c = 0; c < 4; ++c) {
+    __m256i w[2];
+    chunk_weights<QT>(sb, c, w[0], w[1]);
+    const __m256i scale[2] = {scale_words<QT>(scales, 2 * c), scale_words<QT>(scales, 2 * c + 1)};
+    for (int md = 0; md < MD; ++md) {
+      for (int h = 0; h < 2; ++h) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[md] + 64 * c + 32 * h));
+        __m256i pairs = _mm256_maddubs_epi16(w[h], xv);
+        if constexpr (QT == Q6_K) pairs = _mm256_sub_epi16(pairs, _mm256_maddubs_epi16(_mm256_set1_epi8(32), xv));
+        acc[md][h] = _mm256_add_epi32(acc[md][h], _mm256_madd_epi16(pairs, scale[h]));
+      }
+    }
+  }
+  for (int md = 0; md < MD; ++md) out[md] = join_halves(acc[md][0], acc[md][1]);
+}
+
+// superblock_gemv.h's M lanes: mins[s] * sum32[s], s < 8.
+inline I16 mins_products(const uint8_t* mins, const int32_t* sum32) {
+  const __m256i m = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mins)));
+  return join_halves(_mm256_mullo_epi32(m, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sum32))),
+                     _mm256_setzero_si256());
 }
 
 // kquant_blocks.h's decode_block, Q4_K and Q6_K in registers (the same bytes out).
