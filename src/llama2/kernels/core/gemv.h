@@ -322,11 +322,10 @@ void dot_tile_all(const uint8_t* w, int64_t row_bytes, int rows, int64_t pf, con
   }
   if (m < m_rows) {
     const ActRow a[1] = {acts.row(m)};
-    switch (rows) {
-      case 4: dot_tile<QT, 4, 1>(w, row_bytes, nb, pf, a, out + m); break;
-      case 3: dot_tile<QT, 3, 1>(w, row_bytes, nb, pf, a, out + m); break;
-      case 2: dot_tile<QT, 2, 1>(w, row_bytes, nb, pf, a, out + m); break;
-      default: dot_tile<QT, 1, 1>(w, row_bytes, nb, pf, a, out + m); break;
+    for (int r = 0; r < rows; ++r) {
+      float part[1][ROWS];
+      dot_tile<QT, 1, 1>(w + r * row_bytes, row_bytes, nb, pf, a, part);
+      out[m][r] = part[0][0];
     }
   }
 }
