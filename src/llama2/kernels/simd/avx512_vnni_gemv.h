@@ -314,7 +314,11 @@ void dot_tile_direct_all(const uint8_t* w, int64_t row_bytes, int64_t nb, int64_
   }
   if (m < m_rows) {
     const ActRow a[1] = {acts.row(m)};
-    dot_rows_direct<QT, R, 1>(w, row_bytes, nb, pf, a, out + m);
+    for (int r = 0; r < R; ++r) {
+      float part[1][ROWS];
+      dot_rows_direct<QT, 1, 1>(w + r * row_bytes, row_bytes, nb, pf, a, part);
+      out[m][r] = part[0][0];
+    }
   }
 }
 
