@@ -27,11 +27,11 @@
 // and computes every row from it (group_isums_prepared). AVX-512 VNNI has its own kernels
 // (simd/avx512_vnni_gemv.h) with the same arithmetic. On AVX2 / AVX-VNNI the generic kernel
 // also takes Q5_0 / Q5_1 (unsigned values nibble | 5th bit << 4, Q5_0's 16 taken off with
-// sumq, Q5_1's minimum as Q4_1's), Q4_K (nibbles, each block of 32 of a super-block with
-// its fp32 d * scale and -(dmin * min) as Q4_1's d and m: kquant_gemv.h's terms) and Q6_K
-// (values - 32 by the sign trick, each half block's sum times its int8 scale), which
-// elsewhere go through kquant_gemv.h. Included inside namespace
-// llama2::LLAMA2_ISA_NS (see core/isa.h).
+// sumq, Q5_1's minimum as Q4_1's), which elsewhere go through kquant_gemv.h. Q4_K / Q5_K /
+// Q6_K have their own kernel on super-blocks (superblock_gemv.h). A single activation row
+// takes a tile's weight rows one after another: one sequential stream of weights, which the
+// hardware prefetchers follow (the tile's rows side by side ran slower from memory).
+// Included inside namespace llama2::LLAMA2_ISA_NS (see core/isa.h).
 #pragma once
 
 #include <algorithm>
@@ -58,20 +58,17 @@ constexpr int MB = 2;  // activation rows per pass in the AVX-512 prefill path
 // Generic kernel: from this many activation rows each decoded weight group serves them all
 // (dot_tile_batched); below, two activation rows per pass with the sums in registers.
 constexpr int64_t BATCHED_MIN_M = 3;
-// Q5_0 / Q5_1 / Q4_K / Q6_K through the generic kernel, decoded in registers, where the ISA's
-// primitives take them (simd/avx2.h: AVX2, AVX-VNNI); elsewhere through kquant_gemv.h's
-// decoded tiles.
+// Q5_0 / Q5_1 through the generic kernel, decoded in registers, where the ISA's primitives
+// take them (simd/avx2.h: AVX2, AVX-VNNI); elsewhere through kquant_gemv.h's decoded tiles.
+// (Q4_K / Q5_K / Q6_K: superblock_gemv.h in every variant.)
 #if defined(LLAMA2_ISA_AVX2) || defined(LLAMA2_ISA_AVX_VNNI)
 constexpr bool kGenericKQuants = true;
 #else
 constexpr bool kGenericKQuants = false;
 #endif
 constexpr bool generic_kernel_type(int64_t qtype) {
-  return !kquant_matmul_type(qtype) || (kGenericKQuants && qtype != Q5_K);
+  return !kquant_matmul_type(qtype) || (kGenericKQuants && (qtype == Q5_0 || qtype == Q5_1));
 }
-// Q6_K's sums weigh each half block by its own scale: no prepared (transposed) groups, so a
-// batch of rows takes dot_tile_all's pairs of rows.
-constexpr bool batchable_type(int64_t qtype) { return qtype != Q6_K; }
 // Software prefetch distance of the weight stream, rounded up to whole tiles.
 constexpr int64_t PREFETCH_BYTES = 8 << 10;
 // Minimum weight bytes per parallel task: the matmuls of a 135M model are 70 KB..1 MB and
@@ -274,8 +271,8 @@ void dot_tile(const uint8_t* w, int64_t row_bytes, int64_t nb, int64_t pf, const
   for (int64_t g = 0; g < nb; g += GROUP) {
     const int cnt = static_cast<int>(std::min<int64_t>(GROUP, nb - g));
     if (pf > 0) {
-      const uint8_t* p = w + pf + blocks32_bytes(QT, g) * R;
-      for (int64_t i = 0; i < blocks32_bytes(QT, GROUP) * R; i += 64) V::prefetch(p + i);
+      const uint8_t* p = w + pf + g * block32_bytes(QT) * R;
+      for (int64_t i = 0; i < GROUP * block32_bytes(QT) * R; i += 64) V::prefetch(p + i);
     }
     const int8_t* q[MD];
     const int32_t* sumq[MD];
@@ -284,7 +281,7 @@ void dot_tile(const uint8_t* w, int64_t row_bytes, int64_t nb, int64_t pf, const
       sumq[md] = a[md].sumq + g;
     }
     for (int r = 0; r < R; ++r) {
-      const uint8_t* blk = w + r * row_bytes + blocks32_bytes(QT, g);
+      const uint8_t* blk = w + r * row_bytes + g * block32_bytes(QT);
       V::I16 isum[MD];
       V::group_isums<QT, MD>(blk, q, sumq, cnt, isum);
       V::F16 dw, mw;
@@ -342,7 +339,7 @@ void dot_tile_batched(const uint8_t* w, int64_t row_bytes, int rows, const Quant
   for (int r = 0; r < rows; ++r) {
     for (int64_t g = 0; g < nb; g += GROUP) {
       const int cnt = static_cast<int>(std::min<int64_t>(GROUP, nb - g));
-      const uint8_t* blk = w + r * row_bytes + blocks32_bytes(QT, g);
+      const uint8_t* blk = w + r * row_bytes + g * block32_bytes(QT);
       V::GroupWeights<QT> gw;
       V::prepare_group<QT>(blk, cnt, gw);
       V::F16 dw, mw;
@@ -363,10 +360,10 @@ void dot_tile_batched(const uint8_t* w, int64_t row_bytes, int rows, const Quant
 template <int64_t QT, class ParallelFor>
 void run_tiles(const uint8_t* w, const QuantActs& acts, int64_t m_rows, int64_t n, float* y, int64_t grain,
                const ParallelFor& parallel_for) {
-  const int64_t nb = acts.nb, row_bytes = blocks32_bytes(QT, nb), tiles = (n + ROWS - 1) / ROWS;
+  const int64_t nb = acts.nb, row_bytes = nb * block32_bytes(QT), tiles = (n + ROWS - 1) / ROWS;
   const int64_t tile_bytes = ROWS * row_bytes;
   const int64_t pf = m_rows <= 2 ? (PREFETCH_BYTES + tile_bytes - 1) / tile_bytes * tile_bytes : 0;
-  const bool batched = batchable_type(QT) && m_rows >= BATCHED_MIN_M;
+  const bool batched = m_rows >= BATCHED_MIN_M;
   parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     static thread_local Scratch out_scratch, acc_scratch;
     auto* out = reinterpret_cast<float(*)[ROWS]>(out_scratch.get(m_rows * ROWS * sizeof(float)));
@@ -375,7 +372,7 @@ void run_tiles(const uint8_t* w, const QuantActs& acts, int64_t m_rows, int64_t 
       const int64_t r0 = t * ROWS;
       const int rows = static_cast<int>(std::min<int64_t>(ROWS, n - r0));
       if (batched) {
-        if constexpr (batchable_type(QT)) dot_tile_batched<QT>(w + r0 * row_bytes, row_bytes, rows, acts, m_rows, acc, out);
+        dot_tile_batched<QT>(w + r0 * row_bytes, row_bytes, rows, acts, m_rows, acc, out);
       } else {
         dot_tile_all<QT>(w + r0 * row_bytes, row_bytes, rows, pf, acts, m_rows, out);
       }
@@ -425,10 +422,10 @@ template <typename T, class ParallelFor>
 void matmul(const T* x, int64_t m_rows, const uint8_t* w, int64_t qtype, int64_t n, int64_t k, float* y,
             const ParallelFor& parallel_for) {
   if (m_rows == 0 || n == 0) return;
-  if (qtype == Q4_K || qtype == Q5_K || qtype == Q6_K) return matmul_superblocks(x, m_rows, w, qtype, n, k, y, parallel_for);
+  if (superblock_type(qtype)) return matmul_superblocks(x, m_rows, w, qtype, n, k, y, parallel_for);
   if (!generic_kernel_type(qtype)) return matmul_kquant(x, m_rows, w, qtype, n, k, y, parallel_for);
   const QuantActs acts = quantize_acts(x, m_rows, k, acts_offset(qtype), parallel_for);
-  const int64_t tile_bytes = ROWS * blocks32_bytes(qtype, k / QK);
+  const int64_t tile_bytes = ROWS * k / QK * block32_bytes(qtype);
   const int64_t grain = std::max<int64_t>(1, TASK_MIN_BYTES / (tile_bytes * std::min<int64_t>(m_rows, 4)));
   switch (qtype) {
     case Q4_0: run_tiles<Q4_0>(w, acts, m_rows, n, y, grain, parallel_for); break;
@@ -438,12 +435,6 @@ void matmul(const T* x, int64_t m_rows, const uint8_t* w, int64_t qtype, int64_t
       break;
     case Q5_1:
       if constexpr (kGenericKQuants) run_tiles<Q5_1>(w, acts, m_rows, n, y, grain, parallel_for);
-      break;
-    case Q4_K:
-      if constexpr (kGenericKQuants) run_tiles<Q4_K>(w, acts, m_rows, n, y, grain, parallel_for);
-      break;
-    case Q6_K:
-      if constexpr (kGenericKQuants) run_tiles<Q6_K>(w, acts, m_rows, n, y, grain, parallel_for);
       break;
     default: run_tiles<Q8_0>(w, acts, m_rows, n, y, grain, parallel_for); break;
   }

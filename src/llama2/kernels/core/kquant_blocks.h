@@ -13,7 +13,8 @@
 // d * sc, dmin * m: an fp16 times an integer of at most 8 bits, exact in fp32, so a
 // (d * sc) * q - dmin * m is rounded once, as gguf.quants computes it.
 //
-// For the matmul (kquant_gemv.h) a block's decoded form is, per block of 32 values b:
+// Decoded for the dequantizer and the Q5_0 / Q5_1 matmul (kquant_gemv.h), a block's form is,
+// per block of 32 values b:
 //   q[32] int8        the integers with the format's offset applied (Q5_0: q - 16, Q6_K: q - 32)
 //   slo, shi int32    integer scales of values 0..15 and 16..31 (Q6_K's sc; 1 elsewhere)
 //   d32 float         scale of the block (exact: d * sc for Q4_K/Q5_K, d elsewhere)
@@ -89,6 +90,8 @@ static_assert(sizeof(block_q6_K) == 210, "Q6_K blocks are 210 bytes");
 constexpr bool kquant_matmul_type(int64_t qtype) {
   return qtype == Q5_0 || qtype == Q5_1 || qtype == Q4_K || qtype == Q5_K || qtype == Q6_K;
 }
+// The types superblock_gemv.h multiplies (against Q8_K-style activations).
+constexpr bool superblock_type(int64_t qtype) { return qtype == Q4_K || qtype == Q5_K || qtype == Q6_K; }
 constexpr bool kquant_type(int64_t qtype) { return kquant_matmul_type(qtype) || qtype == Q2_K || qtype == Q3_K; }
 // Types whose values carry an additive minimum in the matmul (the m32 term).
 constexpr bool kquant_has_min(int64_t qtype) { return qtype == Q5_1 || qtype == Q4_K || qtype == Q5_K; }
@@ -106,17 +109,8 @@ constexpr int64_t kquant_block_bytes(int64_t qtype) {
 
 // The blocks of 32 values as gemv.h's generic kernel reads them: Q4_0 / Q4_1 / Q8_0 and, in
 // the AVX2 and AVX-VNNI variants, Q5_0 / Q5_1 (their qh is the 4 bytes before the nibbles).
-// Q4_K: a super-block's 8 blocks of 32 share its bytes (the generic kernel's groups of 16
-// blocks start on super-blocks and read them whole, simd/avx2.h).
 constexpr int64_t block32_bytes(int64_t qtype) {
-  return qtype == Q5_0 || qtype == Q5_1 ? kquant_block_bytes(qtype)
-         : qtype == Q4_K                ? sizeof(block_q4_K) / (QK_K / QK)
-                                        : block_bytes(qtype);
-}
-// Bytes of n consecutive blocks of 32 values of a row (K-quants: n a multiple of 8, whole
-// super-blocks; Q6_K's 210 bytes do not split into 8 equal parts).
-constexpr int64_t blocks32_bytes(int64_t qtype, int64_t n) {
-  return qtype == Q6_K ? n / (QK_K / QK) * static_cast<int64_t>(sizeof(block_q6_K)) : n * block32_bytes(qtype);
+  return qtype == Q5_0 || qtype == Q5_1 ? kquant_block_bytes(qtype) : block_bytes(qtype);
 }
 constexpr int64_t block32_qs_offset(int64_t qtype) {
   return qtype == Q5_0 ? offsetof(block_q5_0, qs) : qtype == Q5_1 ? offsetof(block_q5_1, qs) : qs_offset(qtype);
@@ -277,6 +271,15 @@ inline void decode_block(const uint8_t* blk, const DecodedBlocks& out) {
       out.m32[j] = 0.f;
     }
   }
+}
+
+// A Q4_K / Q5_K / Q6_K super-block's 256 values as superblock_gemv.h multiplies them
+// (Q6_K: q - 32), decode_block's integers.
+template <int64_t QT>
+inline void superblock_values(const uint8_t* sb, int8_t* w) {
+  int32_t slo[8], shi[8];
+  float d32[8], m32[8];
+  decode_block<QT>(sb, {w, slo, shi, d32, m32});
 }
 
 // Q2_K / Q3_K for the dequantizer: q[256] (offset applied), scale and additive minimum of

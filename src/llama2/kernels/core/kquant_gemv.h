@@ -1,22 +1,19 @@
-// y = x W^T straight from GGUF Q5_0 / Q5_1 / Q4_K / Q5_K / Q6_K blocks (torch-free): the
+// y = x W^T straight from GGUF Q5_0 / Q5_1 blocks (torch-free) on the variants whose
+// generic kernel does not take them (kGenericKQuants: all but AVX2 / AVX-VNNI): the
 // arithmetic of gemv.h's Q4_0 / Q4_1, with the weights' integers and scales first decoded
-// per tile of weight rows (kquant_blocks.h's DecodedBlocks: int8 values, exact fp32 scales).
+// per weight row (kquant_blocks.h's decode_block: int8 values, exact fp32 scales).
 //
 // Activations are gemv.h's blocks of 32 (int8 q, d_x, xs = fp32(d_x * sumq)). Each (weight
-// block b of 32 values, activation block b) pair contributes
+// block b, activation block b) pair contributes
 //
-//     m32_b * xs_b, then fp32(d32_b * d_x) * isum_b        (m32 only for Q5_1, Q4_K, Q5_K)
+//     m32_b * xs_b, then fp32(d32_b * d_x) * isum_b        (m32 only for Q5_1)
 //
-// isum_b = slo_b * (sum over values 0..15 of w * q) + shi_b * (sum over 16..31): exact in
-// int32 (Q6_K's int8 scales of 16 values; slo = shi = 1 elsewhere). A K-quant super-block is
-// 8 such blocks: d32 = d * sc (Q4_K / Q5_K), an exact fp32, and m32 = -(dmin * m).
-// The float order is gemv.h's: 16 fp32 partial sums, block b into partial b % 16, each
-// term one fused multiply-add (m32 first), blocks in increasing order, then reduce_add.
-// Zero padding past the row's end adds exactly 0. The integer sums come from the ISA's
-// `unpacked_isums` (simd/*_kquant.h), everything else is written once here, so every
-// variant (AVX-512 VNNI included) gives bitwise the same y. Rows do not depend on M.
-// AVX2 and AVX-VNNI take Q5_0 / Q5_1 / Q4_K / Q6_K through gemv.h's generic kernel instead (the
-// same terms, decoded in registers: kGenericKQuants).
+// isum_b the exact integer dot product. The float order is gemv.h's: 16 fp32 partial sums,
+// block b into partial b % 16, each term one fused multiply-add (m32 first), blocks in
+// increasing order, then reduce_add. Zero padding past the row's end adds exactly 0. The
+// integer sums come from the ISA's `unpacked_isums` (simd/*_kquant.h), everything else is
+// written once here, so every variant gives bitwise the same y. Rows do not depend on M.
+// (Q4_K / Q5_K / Q6_K: superblock_gemv.h.)
 #pragma once
 
 #include <algorithm>
@@ -63,7 +60,7 @@ void decode_row(const uint8_t* row, int64_t nb, int64_t nbp, const DecodedTile& 
   constexpr int64_t per = values_per_block(QT) / QK, bytes = kquant_block_bytes(QT);
   DecodedBlocks at = tile.row(r);
   for (int64_t b = 0; b < nb; b += per, row += bytes) {
-    V::decode_kquant_block<QT>(row, at);
+    decode_block<QT>(row, at);
     at = {at.q + per * QK, at.slo + per, at.shi + per, at.d32 + per, at.m32 + per};
   }
   const DecodedBlocks pad = at;
@@ -81,7 +78,7 @@ float decoded_row_dot(const DecodedBlocks& w, const ActRow& a, int64_t nb, int64
   V::F16 acc = V::zero();
   for (int64_t g = 0; g < nbp; g += GROUP) {
     const int cnt = static_cast<int>(std::min<int64_t>(GROUP, nb - g));
-    const V::I16 isum = V::unpacked_isums<QT == Q6_K>(w.q + g * QK, a.q + g * QK, w.slo + g, w.shi + g, cnt);
+    const V::I16 isum = V::unpacked_isums(w.q + g * QK, a.q + g * QK, cnt);
     if (kquant_has_min(QT)) acc = V::fmadd(V::load(w.m32 + g), V::load(a.xs + g), acc);
     acc = V::fmadd(V::to_float(isum), V::mul(V::load(w.d32 + g), V::load(a.d + g)), acc);
   }
@@ -105,18 +102,13 @@ void kquant_tiles(const uint8_t* w, const QuantActs& acts, int64_t m_rows, int64
   });
 }
 
-// gemv.h's matmul for the types of kquant_blocks.h (qtype and k checked by the caller).
+// gemv.h's matmul for Q5_0 / Q5_1 (qtype and k checked by the caller).
 template <typename T, class ParallelFor>
 void matmul_kquant(const T* x, int64_t m_rows, const uint8_t* w, int64_t qtype, int64_t n, int64_t k, float* y,
                    const ParallelFor& parallel_for) {
   const QuantActs acts = quantize_acts(x, m_rows, k, 0, parallel_for);
-  switch (qtype) {
-    case Q5_0: kquant_tiles<Q5_0>(w, acts, m_rows, n, k, y, parallel_for); break;
-    case Q5_1: kquant_tiles<Q5_1>(w, acts, m_rows, n, k, y, parallel_for); break;
-    case Q4_K: kquant_tiles<Q4_K>(w, acts, m_rows, n, k, y, parallel_for); break;
-    case Q5_K: kquant_tiles<Q5_K>(w, acts, m_rows, n, k, y, parallel_for); break;
-    default: kquant_tiles<Q6_K>(w, acts, m_rows, n, k, y, parallel_for); break;
-  }
+  if (qtype == Q5_0) return kquant_tiles<Q5_0>(w, acts, m_rows, n, k, y, parallel_for);
+  kquant_tiles<Q5_1>(w, acts, m_rows, n, k, y, parallel_for);
 }
 
 }  // namespace LLAMA2_ISA_NS

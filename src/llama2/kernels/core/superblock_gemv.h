@@ -35,8 +35,6 @@
 namespace llama2 {
 namespace LLAMA2_ISA_NS {
 
-constexpr bool superblock_type(int64_t qtype) { return qtype == Q4_K || qtype == Q5_K || qtype == Q6_K; }
-
 // Q8_K-style activation rows: per super-block s, q[256 s ..] int8, d[s] fp32, sum32[8 s ..].
 struct SuperActs {
   int64_t nsb = 0, row_bytes = 0;  // super-blocks per row, bytes per row in the buffer
@@ -117,15 +115,19 @@ void superblock_rows(const uint8_t* w, const SuperActs& acts, int64_t m_rows, in
   const int64_t grain = std::max<int64_t>(1, TASK_MIN_BYTES / (row_bytes * std::min<int64_t>(m_rows, 4)));
   parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      float out[2];
+      const uint8_t* row = w + r * row_bytes;
+      float out[4];
       int64_t m = 0;
-      for (; m + 2 <= m_rows; m += 2) {  // each decoded super-block serves two activation rows
-        superblock_row<QT, 2>(w + r * row_bytes, acts, m, out);
-        y[m * n + r] = out[0];
-        y[(m + 1) * n + r] = out[1];
+      for (; m + 4 <= m_rows; m += 4) {  // each decoded super-block serves four activation rows
+        superblock_row<QT, 4>(row, acts, m, out);
+        for (int md = 0; md < 4; ++md) y[(m + md) * n + r] = out[md];
+      }
+      for (; m + 2 <= m_rows; m += 2) {
+        superblock_row<QT, 2>(row, acts, m, out);
+        for (int md = 0; md < 2; ++md) y[(m + md) * n + r] = out[md];
       }
       if (m < m_rows) {
-        superblock_row<QT, 1>(w + r * row_bytes, acts, m, out);
+        superblock_row<QT, 1>(row, acts, m, out);
         y[m * n + r] = out[0];
       }
     }

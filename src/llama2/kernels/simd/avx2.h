@@ -10,7 +10,6 @@
 
 #include "../core/blocks.h"
 #include "../core/kquant_blocks.h"
-#include "x86_superblocks.h"
 
 namespace llama2 {
 #if defined(LLAMA2_AVX_VNNI)
@@ -187,7 +186,7 @@ template <int64_t QT>
 inline __m256i block_sums8(const __m256i* w, const __m256i* sign, const int8_t* q) {
   __m256i p[8];
 #if !defined(LLAMA2_AVX_VNNI)
-  if (QT == Q4_0 || QT == Q4_1 || QT == Q4_K) {
+  if (QT == Q4_0 || QT == Q4_1) {
     for (int i = 0; i < 8; ++i) {
       p[i] = _mm256_maddubs_epi16(w[i], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * QK)));
     }
@@ -240,15 +239,11 @@ struct GroupWeights {
 };
 
 // The weights of half h of a group (blocks 8h .. 8h + 7, all in the row) as block_weights
-// gives them (Q4_K: half h is super-block h).
+// gives them.
 template <int64_t QT>
 GGUF_INLINE void whole_half_weights(const uint8_t* blk, int h, __m256i* w, __m256i* sign) {
-  if constexpr (QT == Q4_K) {
-    q4_k_weights(blk + h * sizeof(block_q4_K), w);
-  } else {
-    constexpr int64_t BS = block32_bytes(QT), OFF = block32_qs_offset(QT);
-    for (int i = 0; i < 8; ++i) w[i] = block_weights<QT>(blk + (8 * h + i) * BS + OFF, sign[i]);
-  }
+  constexpr int64_t BS = block32_bytes(QT), OFF = block32_qs_offset(QT);
+  for (int i = 0; i < 8; ++i) w[i] = block_weights<QT>(blk + (8 * h + i) * BS + OFF, sign[i]);
 }
 
 // block_weights of blocks 8h .. 8h + 7 of a group of cnt blocks. Blocks past cnt re-read
@@ -256,11 +251,6 @@ GGUF_INLINE void whole_half_weights(const uint8_t* blk, int h, __m256i* w, __m25
 // lanes come out 0.
 template <int64_t QT>
 inline void half_group_weights(const uint8_t* blk, int cnt, int h, __m256i* w, __m256i* sign) {
-  if constexpr (QT == Q4_K) {  // whole super-blocks: a half is in the row or past its end
-    if (8 * h < cnt) return whole_half_weights<QT>(blk, h, w, sign);
-    for (int i = 0; i < 8; ++i) w[i] = _mm256_setzero_si256();
-    return;
-  }
   constexpr int64_t BS = block32_bytes(QT), OFF = block32_qs_offset(QT);
   for (int i = 0; i < 8; ++i) {
     const int b = 8 * h + i;
@@ -297,7 +287,7 @@ inline I16 group_isums_prepared(const GroupWeights<QT>& gw, const int8_t*, const
   for (int h = 0; h < 2; ++h) {
     auto x = [&](int c) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(qT + c * 64 + h * 32)); };
 #if !defined(LLAMA2_AVX_VNNI)
-    if (QT == Q4_0 || QT == Q4_1 || QT == Q4_K) {
+    if (QT == Q4_0 || QT == Q4_1) {
       __m256i acc = _mm256_maddubs_epi16(gw.col[h][0], x(0));
       for (int c = 1; c < 8; ++c) acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(gw.col[h][c], x(c)));
       sums[h] = take_offset<QT>(_mm256_madd_epi16(acc, _mm256_set1_epi16(1)), sumq + 8 * h);
@@ -320,7 +310,7 @@ template <int64_t QT>
 inline __m256i block_sums4(const __m256i* w, const __m256i* sign, const int8_t* q) {
   __m256i p[4];
 #if !defined(LLAMA2_AVX_VNNI)
-  if (QT == Q4_0 || QT == Q4_1 || QT == Q4_K) {
+  if (QT == Q4_0 || QT == Q4_1) {
     for (int i = 0; i < 4; ++i) {
       p[i] = _mm256_maddubs_epi16(w[i], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * QK)));
     }
@@ -341,37 +331,10 @@ inline __m256i block_sums4(const __m256i* w, const __m256i* sign, const int8_t* 
   return _mm256_permute2x128_si256(_mm256_add_epi32(a, _mm256_permute2x128_si256(a, a, 0x01)), zero, 0x20);
 }
 
-// Q6_K's group_isums: half h is super-block h, its values (q6_k_weights) through the sign
-// trick; each block's sums over values 0..15 and 16..31 times their int8 scales
-// (kquant_gemv.h's isum, exact in int32).
-template <int MD>
-GGUF_INLINE void q6_k_group_isums(const uint8_t* blk, const int8_t* const* q, int cnt, I16* out) {
-  for (int h = 0; h < 2; ++h) {
-    if (8 * h >= cnt) {
-      for (int md = 0; md < MD; ++md) out[md].hi = _mm256_setzero_si256();
-      continue;
-    }
-    const uint8_t* sb = blk + h * sizeof(block_q6_K);
-    __m256i w[8], scale_lo, scale_hi;
-    q6_k_weights(sb, w);
-    q6_k_scales(sb, scale_lo, scale_hi);
-    for (int md = 0; md < MD; ++md) {
-      const int8_t* x = q[md] + 8 * h * QK;
-      __m256i p[8];
-      for (int i = 0; i < 8; ++i) {
-        p[i] = kquant_dot32(w[i], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * QK)));
-      }
-      __m256i lo, hi;
-      half_sums8(p, lo, hi);
-      (h == 0 ? out[md].lo : out[md].hi) = scaled_halves(lo, hi, scale_lo, scale_hi);
-    }
-  }
-}
-
-// group_isums (see scalar.h) of every type but Q6_K. Halves past cnt are not computed
-// (their sums are 0), nor blocks 4..7 of a half holding at most 4.
+// See scalar.h. Halves past cnt are not computed (their sums are 0), nor blocks 4..7 of a
+// half holding at most 4.
 template <int64_t QT, int MD>
-GGUF_INLINE void block32_group_isums(const uint8_t* blk, const int8_t* const* q, const int32_t* const* sumq, int cnt,
+GGUF_INLINE void group_isums(const uint8_t* blk, const int8_t* const* q, const int32_t* const* sumq, int cnt,
                                      I16* out) {
   constexpr int64_t BS = block32_bytes(QT), OFF = block32_qs_offset(QT);
   for (int h = 0; h < 2; ++h) {
@@ -381,7 +344,7 @@ GGUF_INLINE void block32_group_isums(const uint8_t* blk, const int8_t* const* q,
       continue;
     }
     __m256i w[8], sign[8];
-    if (in_half >= 8 || QT == Q4_K) {  // a whole half (Q4_K: a super-block): fixed offsets
+    if (in_half >= 8) {  // a whole half: fixed offsets
       whole_half_weights<QT>(blk, h, w, sign);
     } else if (in_half <= 4) {
       for (int i = 0; i < 4; ++i) w[i] = block_weights<QT>(blk + (8 * h + std::min(i, in_half - 1)) * BS + OFF, sign[i]);
@@ -397,40 +360,10 @@ GGUF_INLINE void block32_group_isums(const uint8_t* blk, const int8_t* const* q,
   }
 }
 
-template <int64_t QT, int MD>
-GGUF_INLINE void group_isums(const uint8_t* blk, const int8_t* const* q, const int32_t* const* sumq, int cnt, I16* out) {
-  if constexpr (QT == Q6_K) {
-    q6_k_group_isums<MD>(blk, q, cnt, out);
-  } else {
-    block32_group_isums<QT, MD>(blk, q, sumq, cnt, out);
-  }
-}
-
 // See scalar.h: d (and Q4_1's or Q5_1's m) of cnt blocks as fp32, 0 past cnt. One 32-bit load per
 // block (d and m, or d and 2 bytes of the block's values) into its vector lane.
 template <int64_t QT>
 GGUF_INLINE void group_scales(const uint8_t* blk, int cnt, F16& dw, F16& mw) {
-  if constexpr (QT == Q6_K) {  // per super-block: its d for all 8 blocks (no minimum)
-    __m256 d[2];
-    for (int h = 0; h < 2; ++h) {
-      d[h] = 8 * h < cnt ? _mm256_set1_ps(fp16_to_fp32(load_u16(blk + h * sizeof(block_q6_K) + offsetof(block_q6_K, d))))
-                         : _mm256_setzero_ps();
-    }
-    dw = {d[0], d[1]};
-    mw = zero();
-    return;
-  }
-  if constexpr (QT == Q4_K) {  // per super-block: d * scale and -(dmin * min), exact (kquant_blocks.h)
-    __m256 d32[2], m32[2];
-    for (int h = 0; h < 2; ++h) {
-      d32[h] = m32[h] = _mm256_setzero_ps();
-      if (8 * h >= cnt) continue;
-      q4_k_scales(blk + h * sizeof(block_q4_K), d32[h], m32[h]);
-    }
-    dw = {d32[0], d32[1]};
-    mw = {m32[0], m32[1]};
-    return;
-  }
   constexpr int64_t BS = block32_bytes(QT);
   auto word = [&](int i) {
     int32_t v;

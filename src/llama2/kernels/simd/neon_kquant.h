@@ -1,5 +1,5 @@
-// unpacked_isums (see scalar_kquant.h) in aarch64 Advanced SIMD, on neon.h's dot16 (sdot in
-// the neon_dot variant, widening multiplies in neon).
+// The K-quant primitives (see scalar_kquant.h) in aarch64 Advanced SIMD: sdot in the
+// neon_dot variant, widening multiplies in neon.
 #pragma once
 
 #include <arm_neon.h>
@@ -12,14 +12,11 @@
 namespace llama2 {
 namespace LLAMA2_SIMD {
 
-template <bool HALVES>
-inline I16 unpacked_isums(const int8_t* w, const int8_t* x, const int32_t* slo, const int32_t* shi, int cnt) {
+inline I16 unpacked_isums(const int8_t* w, const int8_t* x, int cnt) {
   int32_t sums[16] = {};
   for (int i = 0; i < cnt; ++i) {
-    const int32x4_t zero = vdupq_n_s32(0);
-    const int32_t lo = vaddvq_s32(dot16(zero, vld1q_s8(w + 32 * i), vld1q_s8(x + 32 * i)));
-    const int32_t hi = vaddvq_s32(dot16(zero, vld1q_s8(w + 32 * i + 16), vld1q_s8(x + 32 * i + 16)));
-    sums[i] = HALVES ? slo[i] * lo + shi[i] * hi : lo + hi;
+    sums[i] = vaddvq_s32(dot16(dot16(vdupq_n_s32(0), vld1q_s8(w + 32 * i), vld1q_s8(x + 32 * i)),
+                               vld1q_s8(w + 32 * i + 16), vld1q_s8(x + 32 * i + 16)));
   }
   return {{vld1q_s32(sums), vld1q_s32(sums + 4), vld1q_s32(sums + 8), vld1q_s32(sums + 12)}};
 }
@@ -36,15 +33,11 @@ inline int32x4_t dot4_lanes(int8x16_t w, int8x16_t x) {
 #endif
 }
 
-// superblock_gemv.h's S lanes (see scalar_kquant.h), the values decoded by decode_block.
+// superblock_gemv.h's S lanes (see scalar_kquant.h), the values decoded by superblock_values.
 template <int64_t QT, int MD>
 inline void superblock_isums(const uint8_t* sb, const uint8_t* scale_bytes, const int8_t* const* x, I16* out) {
   int8_t w[QK_K];
-  {
-    int32_t slo[8], shi[8];
-    float d32[8], m32[8];
-    decode_block<QT>(sb, {w, slo, shi, d32, m32});
-  }
+  superblock_values<QT>(sb, w);
   for (int md = 0; md < MD; ++md) {
     int32x4_t acc[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
     for (int c = 0; c < 4; ++c) {
@@ -64,12 +57,6 @@ inline I16 mins_products(const uint8_t* mins, const int32_t* sum32) {
   const int32x4_t lo = vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(m)));
   const int32x4_t hi = vreinterpretq_s32_u32(vmovl_u16(vget_high_u16(m)));
   return {{vmulq_s32(lo, vld1q_s32(sum32)), vmulq_s32(hi, vld1q_s32(sum32 + 4)), vdupq_n_s32(0), vdupq_n_s32(0)}};
-}
-
-// kquant_blocks.h's decode_block (a variant may decode in registers: x86_kquant.h).
-template <int64_t QT>
-inline void decode_kquant_block(const uint8_t* blk, const DecodedBlocks& out) {
-  decode_block<QT>(blk, out);
 }
 
 }  // namespace LLAMA2_SIMD
