@@ -19,9 +19,8 @@
 // The float order, identical in every variant (so all give bitwise the same y): 16 fp32
 // partial sums; per super-block in increasing order acc = fma(float(S), fp32(d * d_x), acc),
 // then acc = fnmadd(float(M), fp32(dmin * d_x), acc); y = reduce_add(acc). The integer
-// lanes come from the ISA's superblock_isums / mins_products (simd/*_kquant.h, x86 in
-// simd/x86_superblocks.h); everything else is written once here. Rows do not depend on M.
-// Included inside namespace llama2::LLAMA2_ISA_NS's files by gemv.h.
+// lanes come from the ISA's superblock_isums / mins_products (simd/*_kquant.h); everything
+// else is written once here. Rows do not depend on M. Included at the end of gemv.h.
 #pragma once
 
 #include <algorithm>
