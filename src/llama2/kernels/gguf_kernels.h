@@ -7,6 +7,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "core/blocks.h"
@@ -28,11 +30,29 @@ constexpr int64_t kQ4_0 = llama2::Q4_0, kQ4_1 = llama2::Q4_1, kQ8_0 = llama2::Q8
 // Bytes of one block of 32 values (0: a type the kernels do not take).
 constexpr int64_t gguf_block_bytes(int64_t qtype) { return llama2::block_bytes(qtype); }
 
-// The core kernels' parallel_for, on PyTorch's intra-op thread pool.
+// The core kernels' parallel_for, on PyTorch's intra-op thread pool, scheduled
+// dynamically: the range is cut into chunks of at least `grain` (3 per thread: long
+// sequential runs of weights still; 8 measured slower than a static split) that the threads
+// take in turn from a shared counter, so a thread slowed down (a vCPU stalled by its host, a
+// slower core) holds the others back by at most a chunk instead of half the work: the
+// default model's engine step 0.84-0.92x the time of the static split on 2 vCPUs. Which
+// thread computes a chunk does not change its results.
 struct AtParallel {
+  static constexpr int64_t kChunksPerThread = 3;
+
   template <class Fn>
   void operator()(int64_t begin, int64_t end, int64_t grain, const Fn& fn) const {
-    at::parallel_for(begin, end, grain, fn);
+    const int64_t range = end - begin, threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+    if (range <= 0) return;
+    const int64_t chunk = std::max<int64_t>({grain, 1, (range + threads * kChunksPerThread - 1) / (threads * kChunksPerThread)});
+    if (threads <= 1 || range <= chunk) return fn(begin, end);
+    const int64_t chunks = (range + chunk - 1) / chunk;
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min(threads, chunks), 1, [&](int64_t, int64_t) {
+      for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
+        fn(begin + c * chunk, std::min(end, begin + (c + 1) * chunk));
+      }
+    });
   }
 };
 
