@@ -1,8 +1,10 @@
 """Ours against llama.cpp and transformers on the same GGUF file, same threads, interleaved.
 
 Each engine runs in its own process per round (so load time and peak RSS are its own),
-rounds interleave the engines, and the medians over rounds are compared. Runs whose CPU
-time over wall time is near 1.0 on two threads (a stalled vCPU) are discarded.
+rounds interleave the engines, and the medians over rounds are compared, as well as the
+median of the per-round ratios (each ratio between runs of the same round, steadier when
+the host's speed drifts). Runs whose CPU time over wall time is near 1.0 on two threads (a
+stalled vCPU) are discarded.
 
     python benchmarks/peers.py [--model M] [--prompt-len 512] [--gen-len 128] [--threads 2]
         [--rounds 3] [--llamacpp-python /path/to/python-with-llama-cpp]
@@ -189,6 +191,19 @@ def stalled(run: dict, threads: int) -> bool:
     return threads >= 2 and run.get("cpu_over_wall", threads) < 1.15
 
 
+def print_paired_ratios(ours: dict[int, dict], peer: dict[int, dict], name: str) -> None:
+    """The median over rounds of ours / peer measured in the same round (and their range): on a
+    host whose speed drifts between rounds, a steadier estimate than the ratio of the medians."""
+    rounds = sorted(set(ours) & set(peer))
+    if not rounds:
+        return
+    parts = []
+    for metric, label in (("prompt_tokens_per_s", "prompt"), ("decode_tokens_per_s", "decode")):
+        ratios = [ours[r][metric] / peer[r][metric] for r in rounds]
+        parts.append(f"{label} x{statistics.median(ratios):.2f} ({min(ratios):.2f}..{max(ratios):.2f})")
+    print(f"ours/{name:<12} paired by round over {len(rounds)} rounds: " + "  ".join(parts))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="GGUF file (default: the default model's)")
@@ -219,7 +234,7 @@ def main() -> None:
 
     engines = args.engines.split(",")
     pythons = {engine: args.llamacpp_python if engine == "llamacpp" else sys.executable for engine in engines}
-    runs: dict[str, list[dict]] = {engine: [] for engine in engines}
+    runs: dict[str, dict[int, dict]] = {engine: {} for engine in engines}  # per engine: round -> run
     for round_index in range(args.rounds):
         for engine in engines:  # interleaved
             run = run_worker(pythons[engine], engine, args)
@@ -233,9 +248,9 @@ def main() -> None:
                 flush=True,
             )
             if not flag:
-                runs[engine].append(run)
+                runs[engine][round_index] = run
 
-    medians = {e: {m: statistics.median(r[m] for r in rs) for m in METRICS} for e, rs in runs.items() if rs}
+    medians = {e: {m: statistics.median(r[m] for r in rs.values()) for m in METRICS} for e, rs in runs.items() if rs}
     print(
         f"\nmodel {args.model}\nprompt {args.prompt_len} tokens, decode {args.gen_len} tokens, {args.threads} threads, "
         f"medians over {args.rounds} interleaved rounds"
@@ -254,6 +269,7 @@ def main() -> None:
                 f"decode x{o['decode_tokens_per_s'] / p['decode_tokens_per_s']:.2f}  "
                 f"peak RSS x{o['peak_rss_mb'] / p['peak_rss_mb']:.2f}"
             )
+            print_paired_ratios(runs["ours"], runs[peer], peer)
 
 
 if __name__ == "__main__":
