@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from tokenizers import pre_tokenizers
 
+from llama2.backends import inductor_cpu_simdlen
 from llama2.errors import Llama2Error
 from llama2.tokenizer import Tokenizer
 from llama2.weights import registry
@@ -18,6 +19,11 @@ from llama2.weights import registry
 # avx512 is supported"). oneDNN reads the cap on first use, after these imports.
 if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("avx2", "default"):
     os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+# and Inductor's vector width for the tests' own torch.compile calls (see inductor_cpu_simdlen).
+if inductor_cpu_simdlen():
+    import torch._inductor.config
+
+    torch._inductor.config.cpp.simdlen = inductor_cpu_simdlen()
 
 
 @pytest.fixture(scope="session")

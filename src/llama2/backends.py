@@ -9,6 +9,7 @@ positions (`step`: scoring, perplexity).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -104,6 +105,15 @@ class ModelSteps:
         return self.rows(ids, where, cache_slots=cache_slots, kv_len=kv_lens)[:, -1]
 
 
+def inductor_cpu_simdlen() -> int | None:
+    """The vector width (bits) Inductor's CPU code must use under `ATEN_CPU_CAPABILITY`, or
+    None to let it choose. With the capability capped below the CPU's (`avx2` on an AVX-512
+    machine), PyTorch 2.13's Inductor emits AVX2 code whose bfloat16 loops are tiled for
+    512-bit vectors unless `cpp.simdlen` names the width: wrong results (half the values
+    left unwritten), e.g. a compiled SiLU after an extern kernel."""
+    return {"avx2": 256, "avx512": 512}.get(os.environ.get("ATEN_CPU_CAPABILITY", "").lower())
+
+
 def compile_model(
     model: Transformer, matvec_as_reduction: bool = True, cuda_graphs: bool = True
 ) -> Callable[..., torch.Tensor]:
@@ -123,6 +133,8 @@ def compile_model(
     """
     if model.norm.weight.device.type == "cpu":
         options = {"cpp_wrapper": True, "freezing": True, "cpp.min_chunk_size": CPU_PARALLEL_MIN_CHUNK}
+        if inductor_cpu_simdlen():
+            options["cpp.simdlen"] = inductor_cpu_simdlen()
         return torch.compile(model, dynamic=True, options=options)
     options = {"triton.cudagraphs": cuda_graphs, "coordinate_descent_tuning": matvec_as_reduction}
     return torch.compile(model, options=options)
