@@ -64,17 +64,47 @@ inline I16 unpacked_isums(const int8_t* w, const int8_t* x, int cnt) {
   return join_halves(first, second);
 }
 
-// Sub-block b's integer scales as 16 int16 for vpmaddwd against its 16 pair sums (Q4_K /
-// Q5_K: scale b everywhere; Q6_K: scale 2b on values 0..15, 2b + 1 on values 16..31).
-template <int64_t QT>
-inline __m256i scale_words(__m128i scales, int b) {
-  if constexpr (QT == Q6_K) {
-    const __m128i pick = _mm_set_epi64x(0x0101010101010101ll * (2 * b + 1), 0x0101010101010101ll * (2 * b));
-    return _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pick));
-  } else {
-    return _mm256_cvtepu8_epi16(_mm_shuffle_epi8(scales, _mm_set1_epi8(static_cast<char>(b))));
+// vpshufb masks picking sub-block b's scale words out of ScaleWords' registers, per 128-bit
+// lane (bytes of word w: 2w, 2w + 1). Q4_K / Q5_K: word b in both lanes; Q6_K: word 2b % 8 in
+// the low lane and the next word in the high one.
+struct ScaleMasks {
+  alignas(32) uint8_t bytes[2][8][32];  // [Q6_K][b][byte]
+};
+constexpr ScaleMasks make_scale_masks() {
+  ScaleMasks masks{};
+  for (int b = 0; b < 8; ++b) {
+    for (int j = 0; j < 32; ++j) {
+      const int lane = j / 16, byte = j % 2;
+      masks.bytes[0][b][j] = static_cast<uint8_t>(2 * b + byte);
+      masks.bytes[1][b][j] = static_cast<uint8_t>(2 * ((2 * b) % 8 + lane) + byte);
+    }
   }
+  return masks;
 }
+inline constexpr ScaleMasks kScaleMasks = make_scale_masks();
+
+// A super-block's integer scales as int16 words, each 128-bit lane holding 8 of them (Q4_K /
+// Q5_K: the 8 scales; Q6_K: scales 0..7 in `low`, 8..15 in `high`), so that one vpshufb gives
+// a sub-block's 16 scale words for vpmaddwd (Q4_K / Q5_K: scale b everywhere; Q6_K: scale 2b
+// on values 0..15, 2b + 1 on values 16..31).
+template <int64_t QT>
+struct ScaleWords {
+  __m256i low, high;
+
+  explicit ScaleWords(const uint8_t* scale_bytes) {
+    const __m128i bytes = _mm_load_si128(reinterpret_cast<const __m128i*>(scale_bytes));
+    if constexpr (QT == Q6_K) {
+      low = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(bytes));
+      high = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_unpackhi_epi64(bytes, bytes)));
+    } else {
+      low = high = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(bytes));
+    }
+  }
+  __m256i operator[](int b) const {
+    const __m256i mask = _mm256_load_si256(reinterpret_cast<const __m256i*>(kScaleMasks.bytes[QT == Q6_K][b]));
+    return _mm256_shuffle_epi8(QT == Q6_K && b >= 4 ? high : low, mask);
+  }
+};
 
 // Sub-blocks 2c and 2c + 1 (values 64 c .. 64 c + 63) of a Q4_K / Q5_K / Q6_K super-block
 // as unsigned bytes (Q6_K: q, 0..63, its 32 taken off by the caller).
@@ -112,13 +142,13 @@ inline void chunk_weights(const uint8_t* sb, int c, __m256i& lo, __m256i& hi) {
 // weighed by the scale words and widened by vpmaddwd: lane l the 4 values 4l .. 4l + 3.
 template <int64_t QT, int MD>
 inline void superblock_isums(const uint8_t* sb, const uint8_t* scale_bytes, const int8_t* const* x, I16* out) {
-  const __m128i scales = _mm_load_si128(reinterpret_cast<const __m128i*>(scale_bytes));
+  const ScaleWords<QT> scales(scale_bytes);
   __m256i acc[MD][2];
   for (int md = 0; md < MD; ++md) acc[md][0] = acc[md][1] = _mm256_setzero_si256();
   for (int c = 0; c < 4; ++c) {
     __m256i w[2];
     chunk_weights<QT>(sb, c, w[0], w[1]);
-    const __m256i scale[2] = {scale_words<QT>(scales, 2 * c), scale_words<QT>(scales, 2 * c + 1)};
+    const __m256i scale[2] = {scales[2 * c], scales[2 * c + 1]};
     for (int md = 0; md < MD; ++md) {
       for (int h = 0; h < 2; ++h) {
         const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[md] + 64 * c + 32 * h));
