@@ -39,10 +39,26 @@ def parse_blocks(raw: np.ndarray, qtype: int, k: int):
     return d, m, q
 
 
-def quantize_acts(x: np.ndarray, block: int = 32):
-    """The kernel's activation quantization in numpy: per block of `block` values (32; 256
-    for the K-quants' super-blocks), d = amax / 127 (fp32), q = round_half_even(x * (1 / d))."""
+def quantize_acts_q8_k(x: np.ndarray):
+    """The K-quant kernels' activations in numpy, llama.cpp's Q8_K (quantize_row_q8_K_ref): per
+    256 values, max = the first of the largest magnitude, iscale = -127 / max (fp32),
+    q = min(127, round_half_even(iscale * x)), d = 1 / iscale; an all-zero block is 0."""
     mrows, k = x.shape
+    xb = x.astype(np.float32).reshape(mrows, k // 256, 256)
+    first = np.abs(xb).argmax(-1)[..., None]  # argmax: the first of equal magnitudes
+    peak = np.take_along_axis(xb, first, -1)[..., 0]
+    with np.errstate(divide="ignore"):
+        iscale = np.where(peak == 0, np.float32(0), np.float32(-127) / peak).astype(np.float32)
+        d = np.where(peak == 0, np.float32(0), np.float32(1) / iscale).astype(np.float32)
+    q = np.minimum(127, np.rint((iscale[..., None] * xb).astype(np.float32))).astype(np.int32)
+    return q, d
+
+
+def quantize_acts(x: np.ndarray):
+    """The kernel's activation quantization in numpy: per block of 32 values, d = amax / 127
+    (fp32), q = round_half_even(x * (1 / d))."""
+    mrows, k = x.shape
+    block = 32
     xb = x.astype(np.float32).reshape(mrows, k // block, block)
     d = (np.abs(xb).max(-1) / np.float32(127)).astype(np.float32)
     with np.errstate(divide="ignore"):

@@ -23,7 +23,7 @@ from llama2.kernels import (
 )
 from llama2.quant import GGUFLinear
 
-from gguf_kernel_helpers import quantize_acts
+from gguf_kernel_helpers import quantize_acts, quantize_acts_q8_k
 
 pytestmark = pytest.mark.skipif(not gguf_matmul_available(), reason="llama2's kernels are off or do not build here")
 ISAS = supported_isas(cpu_capabilities()) if gguf_matmul_available() else []
@@ -96,14 +96,15 @@ def reference_matmul(x: torch.Tensor, raw: np.ndarray, qtype: T, n: int, k: int)
 
     The kernels compute with exact integers and fp32 sums, per block of 32 (Q5_0, Q5_1)
     m32 * fp32(d_x * sumq) + fp32(d32 * d_x) * isum, per super-block of 256 (Q4_K, Q5_K, Q6_K,
-    activations quantized per 256 values as llama.cpp's Q8_K) fp32(d * d_x) * S -
+    activations quantized per 256 values exactly as llama.cpp's Q8_K) fp32(d * d_x) * S -
     fp32(dmin * d_x) * M; against the exact float64 product of the same quantized
     activations with gguf's fp32 values (themselves rounded once) that is a few fp32
     roundings of the terms' magnitudes per block. The magnitudes count the minimum apart
     from the scaled integers (they may cancel): gguf's values of the blocks with their
     integers zeroed are the minimums.
     """
-    q, d = quantize_acts(x.float().numpy(), block_geometry(qtype)[0])  # [M, nb, block], [M, nb]
+    quantize = quantize_acts_q8_k if block_geometry(qtype)[0] == 256 else quantize_acts
+    q, d = quantize(x.float().numpy())  # [M, nb, block], [M, nb]
     xq = torch.from_numpy(q.astype(np.float64) * d.astype(np.float64)[..., None]).reshape(x.shape[0], k)
     w = torch.from_numpy(gguf_values(raw, qtype)).double().reshape(n, k)
     minimum = torch.zeros_like(w)
@@ -123,7 +124,7 @@ def test_matmul_matches_gguf_values_within_fp32_rounding(qtype, k, m, isa):
     n = 37
     raw = random_blocks(qtype, n, k, seed=k + m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
-    x[0, :32] = 0  # an all-zero activation block
+    x[0, : block_geometry(qtype)[0]] = 0  # an all-zero activation block (K-quants: a whole super-block)
     y = ops(isa).gguf_matmul(x, torch.from_numpy(raw), int(qtype), n, k)
     expected, bound = reference_matmul(x, raw, qtype, n, k)
     assert y.shape == (m, n) and y.dtype == torch.float32

@@ -3,8 +3,8 @@
 // super-block instead of one per block of 32.
 //
 // Activations: every row quantized per super-block of 256 values to int8 with one fp32
-// scale (quantize_values: d_x = amax / 127, q = round-to-nearest-even(x / d_x)), plus the
-// exact sums of each 32 of them (sum32). A weight super-block's values w (Q4_K: the nibble,
+// scale exactly as llama.cpp's Q8_K (quantize_q8_k), plus the exact sums of each 32 of them
+// (sum32). A weight super-block's values w (Q4_K: the nibble,
 // Q5_K: nibble | 5th bit << 4, Q6_K: q - 32) times its integer scales sc (Q4_K / Q5_K: 8
 // of 6 bits, one per 32 values; Q6_K: 16 int8, one per 16 values) give, with the super-block
 // cut into 4 chunks of 64 values c and each chunk into halves h of 32,
@@ -46,12 +46,35 @@ struct SuperActs {
   int32_t* sum32(int64_t m) const { return reinterpret_cast<int32_t*>(d(m) + nsb); }
 };
 
+// 256 values -> int8 q, returns their scale d: llama.cpp's Q8_K exactly (quantize_row_q8_K_ref):
+// `max` the first value of the largest magnitude, iscale = -127 / max, q = min(127,
+// round-half-even(iscale * x)), d = 1 / iscale (all 0 for an all-zero block).
+template <typename T>
+inline float quantize_q8_k(const T* x, int8_t* q) {
+  float v[QK_K];
+  float amax = 0.f, max = 0.f;
+  for (int j = 0; j < QK_K; ++j) {
+    v[j] = to_f32(x[j]);
+    if (std::fabs(v[j]) > amax) {
+      amax = std::fabs(v[j]);
+      max = v[j];
+    }
+  }
+  if (amax == 0.f) {
+    std::memset(q, 0, QK_K);
+    return 0.f;
+  }
+  const float iscale = -127.f / max;
+  for (int j = 0; j < QK_K; ++j) q[j] = static_cast<int8_t>(std::min(127.f, std::nearbyint(iscale * v[j])));
+  return 1.f / iscale;
+}
+
 template <typename T>
 void quantize_super_row(const T* x, const SuperActs& acts, int64_t m) {
   int8_t* q = acts.q(m);
   int32_t* sum32 = acts.sum32(m);
   for (int64_t s = 0; s < acts.nsb; ++s) {
-    acts.d(m)[s] = quantize_values<QK_K>(x + s * QK_K, q + s * QK_K);
+    acts.d(m)[s] = quantize_q8_k(x + s * QK_K, q + s * QK_K);
     for (int b = 0; b < QK_K / QK; ++b) {
       int32_t sum = 0;
       for (int j = 0; j < QK; ++j) sum += q[s * QK_K + b * QK + j];
