@@ -44,7 +44,8 @@ struct AtParallel {
   void operator()(int64_t begin, int64_t end, int64_t grain, const Fn& fn) const {
     const int64_t range = end - begin, threads = at::in_parallel_region() ? 1 : at::get_num_threads();
     if (range <= 0) return;
-    const int64_t chunk = std::max<int64_t>({grain, 1, (range + threads * kChunksPerThread - 1) / (threads * kChunksPerThread)});
+    const int64_t wanted = threads * kChunksPerThread;
+    const int64_t chunk = std::max<int64_t>({grain, 1, (range + wanted - 1) / wanted});
     if (threads <= 1 || range <= chunk) return fn(begin, end);
     const int64_t chunks = (range + chunk - 1) / chunk;
     std::atomic<int64_t> next{0};

@@ -24,6 +24,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -47,24 +48,24 @@ struct SuperActs {
 };
 
 // 256 values -> int8 q, returns their scale d: llama.cpp's Q8_K exactly (quantize_row_q8_K_ref):
-// `max` the first value of the largest magnitude, iscale = -127 / max, q = min(127,
+// `peak` the first value of the largest magnitude, iscale = -127 / peak, q = min(127,
 // round-half-even(iscale * x)), d = 1 / iscale (all 0 for an all-zero block).
 template <typename T>
 inline float quantize_q8_k(const T* x, int8_t* q) {
   float v[QK_K];
-  float amax = 0.f, max = 0.f;
+  float amax = 0.f, peak = 0.f;
   for (int j = 0; j < QK_K; ++j) {
     v[j] = to_f32(x[j]);
     if (std::fabs(v[j]) > amax) {
       amax = std::fabs(v[j]);
-      max = v[j];
+      peak = v[j];
     }
   }
   if (amax == 0.f) {
     std::memset(q, 0, QK_K);
     return 0.f;
   }
-  const float iscale = -127.f / max;
+  const float iscale = -127.f / peak;
   for (int j = 0; j < QK_K; ++j) q[j] = static_cast<int8_t>(std::min(127.f, std::nearbyint(iscale * v[j])));
   return 1.f / iscale;
 }

@@ -1,8 +1,9 @@
 // unpacked_isums, superblock_isums and mins_products (see scalar_kquant.h) for the x86
 // variants, on 256-bit vectors: avx2 (vpmaddubsw + vpmaddwd), avx_vnni (AVX-VNNI's
 // vpdpbusd), avx512_vnni (AVX512-VNNI's vpdpbusd on ymm, the two halves joined into a zmm).
-// Signed weights go through the sign trick: |w| (unsigned) times x * sign(w); vpmaddubsw
-// cannot saturate, |w| <= 64.
+// unpacked_isums' signed weights go through the sign trick: |w| (unsigned) times x * sign(w);
+// vpmaddubsw cannot saturate, |w| <= 31. superblock_isums takes vpmaddubsw + vpmaddwd in
+// every x86 variant (the integer scales enter through vpmaddwd).
 #pragma once
 
 #include <immintrin.h>
@@ -112,7 +113,8 @@ template <int64_t QT>
 inline void chunk_weights(const uint8_t* sb, int c, __m256i& lo, __m256i& hi) {
   auto load = [](const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
   const __m256i low4 = _mm256_set1_epi8(0x0F);
-  if constexpr (QT == Q6_K) {  // value 128 j + 32 s + l: nibble s / 2 of ql[64 j + 32 (s % 2) + l], bits 2s of qh[32 j + l]
+  if constexpr (QT == Q6_K) {
+    // Value 128 j + 32 s + l: nibble s / 2 of ql[64 j + 32 (s % 2) + l], bits 2s of qh[32 j + l].
     const int j = c / 2, shift = 4 * (c % 2);
     const __m256i a = load(sb + offsetof(block_q6_K, ql) + 64 * j), b = load(sb + offsetof(block_q6_K, ql) + 64 * j + 32);
     const __m256i qh = _mm256_srl_epi16(load(sb + offsetof(block_q6_K, qh) + 32 * j), _mm_cvtsi32_si128(4 * (c % 2)));
