@@ -20,10 +20,10 @@ from llama2.weights import registry
 if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("avx2", "default"):
     os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 # and Inductor's vector width for the tests' own torch.compile calls (see inductor_cpu_simdlen).
-if inductor_cpu_simdlen():
+if simdlen := inductor_cpu_simdlen():
     import torch._inductor.config
 
-    torch._inductor.config.cpp.simdlen = inductor_cpu_simdlen()
+    torch._inductor.config.cpp.simdlen = simdlen
 
 
 @pytest.fixture(scope="session")

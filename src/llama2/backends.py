@@ -133,8 +133,9 @@ def compile_model(
     """
     if model.norm.weight.device.type == "cpu":
         options = {"cpp_wrapper": True, "freezing": True, "cpp.min_chunk_size": CPU_PARALLEL_MIN_CHUNK}
-        if inductor_cpu_simdlen():
-            options["cpp.simdlen"] = inductor_cpu_simdlen()
+        simdlen = inductor_cpu_simdlen()
+        if simdlen:
+            options["cpp.simdlen"] = simdlen
         return torch.compile(model, dynamic=True, options=options)
     options = {"triton.cudagraphs": cuda_graphs, "coordinate_descent_tuning": matvec_as_reduction}
     return torch.compile(model, options=options)

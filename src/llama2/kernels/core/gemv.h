@@ -166,26 +166,20 @@ struct QuantActs {
   ActRow row(int64_t m) const { return {q(m), d(m), xs(m), sumq(m), qq(m), noffq(m), qT(m), noffT(m)}; }
 };
 
-// N values -> int8 q, returns their scale d. Every path shares this arithmetic:
-// d = amax / 127, id = 1 / d (0 if d == 0), q = round_half_even(x * id), all in fp32.
-template <int N, typename T>
-inline float quantize_values(const T* x, int8_t* q) {
-  float v[N];
+// One block of 32 values -> int8 q, returns d; lane_sums[l] = q[4l] + ... + q[4l + 3].
+// Every path shares this arithmetic: d = amax / 127, id = 1 / d (0 if d == 0),
+// q = round_half_even(x * id), all in fp32.
+template <typename T>
+inline float quantize_block_scalar(const T* x, int8_t* q, int32_t* lane_sums) {
+  float v[QK];
   float amax = 0.f;
-  for (int j = 0; j < N; ++j) {
+  for (int j = 0; j < QK; ++j) {
     v[j] = to_f32(x[j]);
     amax = std::max(amax, std::fabs(v[j]));
   }
   const float d = amax / 127.f;
   const float id = d != 0.f ? 1.f / d : 0.f;
-  for (int j = 0; j < N; ++j) q[j] = static_cast<int8_t>(std::nearbyint(v[j] * id));  // ties to even
-  return d;
-}
-
-// One block of 32 values -> int8 q, returns d; lane_sums[l] = q[4l] + ... + q[4l + 3].
-template <typename T>
-inline float quantize_block_scalar(const T* x, int8_t* q, int32_t* lane_sums) {
-  const float d = quantize_values<QK>(x, q);
+  for (int j = 0; j < QK; ++j) q[j] = static_cast<int8_t>(std::nearbyint(v[j] * id));  // ties to even
   for (int l = 0; l < 8; ++l) lane_sums[l] = q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3];
   return d;
 }

@@ -3,7 +3,8 @@
 // zmm-specific layouts. Included by core/gemv.h inside namespace llama2::LLAMA2_ISA_NS.
 //
 // Output rows are processed in tiles of ROWS = 4 weight rows (the rows of a tile share
-// every activation load); the caller's parallel_for splits the tiles. Both paths end a
+// every activation load; a single activation row takes them one after another, one
+// sequential stream of weights); the caller's parallel_for splits the tiles. Both paths end a
 // GROUP of 16 blocks with the 16 exact block sums in one zmm (lane i = block i), then
 // acc += float(isum) * fp32(d_w * d_x) (after Q4_1's acc += m_w * xs): block b into partial
 // b % 16. store_sums reduces each row's partials with reduce_add's tree (simd/scalar.h).
