@@ -58,8 +58,7 @@ def quantize_acts(x: np.ndarray):
     """The kernel's activation quantization in numpy: per block of 32 values, d = amax / 127
     (fp32), q = round_half_even(x * (1 / d))."""
     mrows, k = x.shape
-    block = 32
-    xb = x.astype(np.float32).reshape(mrows, k // block, block)
+    xb = x.astype(np.float32).reshape(mrows, k // 32, 32)
     d = (np.abs(xb).max(-1) / np.float32(127)).astype(np.float32)
     with np.errstate(divide="ignore"):
         inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)

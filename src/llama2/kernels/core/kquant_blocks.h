@@ -282,6 +282,13 @@ inline void superblock_values(const uint8_t* sb, int8_t* w) {
   decode_block<QT>(sb, {w, slo, shi, d32, m32});
 }
 
+// The integer scale of value v of a super-block (scale_bytes as superblock_gemv.h's
+// SuperScales holds them).
+template <int64_t QT>
+inline int32_t value_scale(const uint8_t* scale_bytes, int v) {
+  return QT == Q6_K ? static_cast<int8_t>(scale_bytes[v / 16]) : scale_bytes[v / 32];
+}
+
 // Q2_K / Q3_K for the dequantizer: q[256] (offset applied), scale and additive minimum of
 // each 16 values, value = scale * q + minimum (Q3_K: no minimum, value = scale * q).
 inline void decode_q2_k(const uint8_t* blk, int8_t* q, float* scale, float* minimum) {

@@ -43,8 +43,7 @@ inline void superblock_isums(const uint8_t* sb, const uint8_t* scale_bytes, cons
     for (int c = 0; c < 4; ++c) {
       for (int q = 0; q < 4; ++q) {  // lanes 4q .. 4q + 3: values 64 c + 16 q ..
         const int v = 64 * c + 16 * q;
-        const int32_t scale = QT == Q6_K ? static_cast<int8_t>(scale_bytes[v / 16]) : scale_bytes[v / 32];
-        acc[q] = vmlaq_n_s32(acc[q], dot4_lanes(vld1q_s8(w + v), vld1q_s8(x[md] + v)), scale);
+        acc[q] = vmlaq_n_s32(acc[q], dot4_lanes(vld1q_s8(w + v), vld1q_s8(x[md] + v)), value_scale<QT>(scale_bytes, v));
       }
     }
     out[md] = {{acc[0], acc[1], acc[2], acc[3]}};

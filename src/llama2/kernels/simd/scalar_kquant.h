@@ -26,12 +26,6 @@ inline I16 unpacked_isums(const int8_t* w, const int8_t* x, int) {
   return out;
 }
 
-// The integer scale of value v of a super-block (scale_bytes as superblock_gemv.h's SuperScales).
-template <int64_t QT>
-inline int32_t value_scale(const uint8_t* scale_bytes, int v) {
-  return QT == Q6_K ? static_cast<int8_t>(scale_bytes[v / 16]) : scale_bytes[v / 32];
-}
-
 // superblock_gemv.h's S lanes of one super-block against MD activation rows x[md] (256 int8 each).
 template <int64_t QT, int MD>
 inline void superblock_isums(const uint8_t* sb, const uint8_t* scale_bytes, const int8_t* const* x, I16* out) {
